@@ -1,0 +1,294 @@
+"""``dropspy.record``: the front door. Lifecycle, framework detection, sampling policy."""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import sys
+import threading
+import warnings
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from dropspy.errors import DropspyWarning, RecordingError
+from dropspy.frameworks import find_adapter
+from dropspy.store import Record, RunWriter, SiteInfo
+
+__all__ = ["record", "Recording", "Session"]
+
+_ACTIVE: dict[int, Recording] = {}
+_ACTIVE_LOCK = threading.Lock()
+
+
+class Session:
+    """What an adapter sees of the recorder: declare sites, ask for steps, submit records.
+
+    Args:
+        writer: The run file writer.
+        every: Record every N-th step (step % every == 0).
+        steps: Steps to record (None: all), combined with ``every``.
+        sites: Glob patterns on site names or layer paths (None: all sites).
+    """
+
+    def __init__(
+        self,
+        writer: RunWriter,
+        *,
+        every: int = 1,
+        steps: Iterable[int] | None = None,
+        sites: Sequence[str] | None = None,
+    ) -> None:
+        self.writer = writer
+        self.every = every
+        self.steps = None if steps is None else _StepSet(steps)
+        self.patterns = None if sites is None else tuple(sites)
+        self._selected: dict[str, bool] = {}
+        self._warned_error = False
+        self.steps_seen = 0
+        self.steps_recorded = 0
+        self.excluded: list[str] = []
+
+    def declare_site(self, info: SiteInfo) -> bool:
+        """Declare a site; returns whether it is selected by the ``sites`` patterns.
+
+        Sites left out by the patterns are not written to the file; the run notes how many.
+        """
+        known = self._selected.get(info.name)
+        if known is not None:
+            if known:
+                self.writer.declare_site(info)
+            return known
+        selected = self.patterns is None or any(
+            fnmatch.fnmatchcase(info.name, p) or fnmatch.fnmatchcase(info.layer, p)
+            for p in self.patterns
+        )
+        self._selected[info.name] = selected
+        if selected:
+            self.writer.declare_site(info)
+        else:
+            self.excluded.append(info.name)
+        return selected
+
+    def want_step(self, step: int) -> bool:
+        """Whether records of ``step`` are wanted by the sampling policy."""
+        if step % self.every:
+            return False
+        return self.steps is None or step in self.steps
+
+    def submit(self, step: int, records: list[Record]) -> None:
+        """Hand over the records of one step (call once per recorded step)."""
+        self.steps_recorded += 1
+        if self.patterns is not None:
+            kept = [r for r in records if self._selected.get(r.site, False)]
+            if len(kept) != len(records):
+                self.writer.count_dropped("site_filter", len(records) - len(kept))
+            records = kept
+        self.writer.submit(records)
+        if self.writer.error is not None and not self._warned_error:
+            self._warned_error = True
+            warnings.warn(
+                f"dropspy stopped writing {self.writer.path}: {self.writer.error}. Training goes "
+                f"on; further records are counted as dropped (write_error) in the file.",
+                DropspyWarning,
+                stacklevel=2,
+            )
+
+    def count_dropped(self, cause: str, n: int = 1) -> None:
+        """Count records that were drawn but will not be written."""
+        self.writer.count_dropped(cause, n)
+
+    def note(self, message: str) -> None:
+        """Tell the user something about this recording (also stored in the file)."""
+        self.writer.note(message)
+        print(f"dropspy: {message}", file=sys.stderr)
+
+    def warn_perturbation(self, message: str) -> None:
+        """Say, before recording, that this path cannot keep training bit-identical."""
+        self.writer.note(f"perturbation: {message}")
+        warnings.warn(f"dropspy changes this training run: {message}", DropspyWarning, stacklevel=2)
+
+
+class _StepSet:
+    """Membership test for ``steps=`` (a range stays a range: no materialized set)."""
+
+    def __init__(self, steps: Iterable[int]) -> None:
+        if isinstance(steps, range):
+            self._steps: range | frozenset[int] = steps
+        else:
+            try:
+                self._steps = frozenset(int(s) for s in steps)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(
+                    f"Invalid value received for argument `steps`. Expected None, a range or an "
+                    f"iterable of ints. Received: steps={steps!r}"
+                ) from exc
+
+    def __contains__(self, step: int) -> bool:
+        return step in self._steps
+
+    def describe(self) -> str:
+        s = self._steps
+        if isinstance(s, range):
+            return f"range({s.start}, {s.stop}, {s.step})"
+        return repr(sorted(s))
+
+
+class Recording:
+    """A recording in progress; returned by :func:`record` and used as a context manager."""
+
+    def __init__(
+        self,
+        model: Any,
+        path: str | os.PathLike[str],
+        *,
+        every: int = 1,
+        steps: Iterable[int] | None = None,
+        sites: str | Sequence[str] | None = None,
+        max_bytes: int | None = None,
+        on_full: str = "block",
+    ) -> None:
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(
+                f"Invalid value received for argument `every`. Expected an int >= 1. "
+                f"Received: every={every!r}"
+            )
+        if isinstance(sites, str):
+            sites = [sites]
+        self.model = model
+        self.path = os.fspath(path)
+        self._options = dict(every=every, steps=steps, sites=sites)
+        self._max_bytes = max_bytes
+        self._on_full = on_full
+        self._adapter_cls = find_adapter(model)
+        self.adapter: Any = None
+        self.session: Session | None = None
+        self.writer: RunWriter | None = None
+        self._used = False
+
+    def __enter__(self) -> Recording:
+        if self._used:
+            raise RecordingError(
+                "This recording was already used; call dropspy.record(model, path) again "
+                "for a new one."
+            )
+        self._used = True
+        key = id(self.model)
+        with _ACTIVE_LOCK:
+            if key in _ACTIVE:
+                raise RecordingError(
+                    f"This model is already being recorded into {_ACTIVE[key].path}; "
+                    f"dropspy records one model into one file at a time. Received a second "
+                    f"record() into {self.path}."
+                )
+            _ACTIVE[key] = self
+        try:
+            self._start()
+        except BaseException:
+            self._stop(print_summary=False)
+            raise
+        return self
+
+    def _start(self) -> None:
+        steps = self._options["steps"]
+        config = {
+            "every": self._options["every"],
+            "steps": None if steps is None else _StepSet(steps).describe(),
+            "sites": self._options["sites"],
+            "max_bytes": self._max_bytes,
+            "on_full": self._on_full,
+        }
+        adapter_cls = self._adapter_cls
+        self.writer = RunWriter(self.path, {"config": config}, max_bytes=self._max_bytes,
+                                on_full=self._on_full)
+        self.session = Session(self.writer, **self._options)
+        self.adapter = adapter_cls(self.model, self.session)
+        self.writer.set_meta(self.adapter.meta())
+        self.adapter.attach()
+        if self.session.excluded:
+            self.writer.note(
+                f"{len(self.session.excluded)} site(s) left out by sites="
+                f"{self._options['sites']!r}: {', '.join(self.session.excluded)}"
+            )
+
+    def mark_step(self, step: int | None = None) -> None:
+        """Start a new step explicitly (torch loops without an optimizer in sight)."""
+        fn = getattr(self.adapter, "mark_step", None)
+        if fn is None:
+            raise RecordingError(
+                f"The {getattr(self.adapter, 'framework', '?')} adapter counts steps itself; "
+                f"mark_step() is not supported for it."
+            )
+        fn(step)
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        """Records written and dropped so far (see :attr:`RunWriter.stats`)."""
+        return self.writer.stats if self.writer is not None else {}
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop(print_summary=True)
+
+    def _stop(self, *, print_summary: bool) -> None:
+        try:
+            if self.adapter is not None:
+                self.adapter.detach()
+        finally:
+            try:
+                if self.writer is not None:
+                    self.writer.close()
+            finally:
+                with _ACTIVE_LOCK:
+                    if _ACTIVE.get(id(self.model)) is self:
+                        del _ACTIVE[id(self.model)]
+        if print_summary and self.writer is not None:
+            print(_summary_line(self.path, self.writer.stats), file=sys.stderr)
+
+
+def _summary_line(path: str, stats: dict[str, Any]) -> str:
+    dropped = {k: v for k, v in stats["records_dropped"].items() if v}
+    lost = sum(dropped.values())
+    why = f" ({', '.join(f'{k}: {v}' for k, v in sorted(dropped.items()))})" if lost else ""
+    line = (
+        f"dropspy: {path}: {stats['sites']} sites, {stats['records_written']} records, "
+        f"{stats['bytes'] / 1e6:.2f} MB of masks, {lost} records dropped{why}"
+    )
+    if stats["error"]:
+        line += f"; writing stopped: {stats['error']}"
+    return line
+
+
+def record(
+    model: Any,
+    path: str | os.PathLike[str],
+    *,
+    every: int = 1,
+    steps: Iterable[int] | None = None,
+    sites: str | Sequence[str] | None = None,
+    max_bytes: int | None = None,
+    on_full: str = "block",
+) -> Recording:
+    """Record every dropout mask ``model`` applies while it trains into ``path``.
+
+    Args:
+        model: A Keras 3 model or layer, or a ``torch.nn.Module``; its framework must be
+            imported already.
+        path: The run file to create (HDF5).
+        every: Record every N-th training step.
+        steps: Only these steps (a range or iterable of ints); None for all.
+        sites: Glob pattern(s) on site names or layer paths; None for every site.
+        max_bytes: Budget of packed mask bytes; records past it are counted as dropped.
+        on_full: When the writer falls behind: ``"block"`` training, or ``"drop"`` and count.
+
+    Returns:
+        A :class:`Recording`, to use as a context manager.
+
+    Raises:
+        UnsupportedModelError: No adapter claims the model.
+        RecordingError: The model is already being recorded.
+
+    Example:
+        >>> with dropspy.record(model, "run.h5"):   # doctest: +SKIP
+        ...     model.fit(x, y, epochs=1)
+    """
+    return Recording(model, path, every=every, steps=steps, sites=sites, max_bytes=max_bytes,
+                     on_full=on_full)
