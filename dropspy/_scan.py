@@ -1,0 +1,210 @@
+"""One streaming pass over a site's records: the raw facts the verdicts are drawn from.
+
+The scan looks at the drawn noise, never at broadcast masks: an axis where the noise has
+size 1 is shared by construction, and constancy along any other axis is decided on the noise
+itself. Once an axis is seen to vary it is never looked at again, so the common case
+(elementwise dropout) costs one count per record after the first.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+__all__ = ["SiteScan", "scan_site", "fingerprint", "noises_equal"]
+
+# A mask small enough to keep in memory until the next step, so that a suspected repeat is
+# verified at once instead of by re-reading the file afterwards.
+_KEEP_BYTES = 1 << 20
+_SAMPLE = 128
+
+
+def fingerprint(noise: np.ndarray) -> tuple[Any, ...]:
+    """A cheap summary of a mask: equal masks always have equal fingerprints.
+
+    Shape, number of kept elements, and the bits at a few hundred fixed positions (the first,
+    the last, and evenly spaced ones). Different fingerprints prove different masks; equal
+    fingerprints are verified element for element before anything is called identical.
+    """
+    flat = noise.reshape(-1)
+    n = flat.size
+    kept = int(np.count_nonzero(flat))
+    if n <= 3 * _SAMPLE:
+        sample = flat
+    else:
+        step = n // _SAMPLE
+        sample = np.concatenate((flat[:_SAMPLE], flat[::step][:_SAMPLE], flat[-_SAMPLE:]))
+    return (noise.shape, kept, np.packbits(sample).tobytes())
+
+
+def noises_equal(a: np.ndarray | None, b: np.ndarray | None) -> bool:
+    """True when two drawn masks are identical (same shape, same bits)."""
+    if a is None or b is None:
+        return a is b
+    return a.shape == b.shape and bool(np.array_equal(a, b))
+
+
+def _constant_along(noise: np.ndarray, k: int) -> bool:
+    """True when ``noise`` is constant along axis ``k`` at every index of the other axes."""
+    shape = noise.shape
+    n = shape[k]
+    pre = math.prod(shape[:k])
+    post = math.prod(shape[k + 1:])
+    a = np.ascontiguousarray(noise).reshape(pre, n, post)
+    if post == 1:
+        counts = np.count_nonzero(a.reshape(pre, n), axis=1)
+        return bool(np.all((counts == 0) | (counts == n)))
+    # Compare each slice with the first; whole-word compares when the rows allow it.
+    if post % 8 == 0:
+        a = a.view(np.uint64)
+    first = a[:, :1, :]
+    for j in range(1, n, 64):
+        if not np.array_equal(a[:, j:j + 64, :], np.broadcast_to(first, a[:, j:j + 64, :].shape)):
+            return False
+    return True
+
+
+@dataclass
+class _PairLog:
+    """Pairs of records compared for identity (freshness, calls within a step, gates)."""
+
+    compared: list[int] = field(default_factory=list)   # record index of the later mask
+    identical: list[int] = field(default_factory=list)
+    first_pair: tuple[int, int] | None = None            # first proven repeat (earlier, later)
+    deferred: list[tuple[int, int]] = field(default_factory=list)  # verify by re-reading
+
+    def note(self, earlier: int, later: int, fp_a: Any, fp_b: Any,
+             a: np.ndarray | None, b: np.ndarray | None) -> None:
+        self.compared.append(later)
+        if fp_a != fp_b:
+            return
+        if a is not None and b is not None:
+            if noises_equal(a, b):
+                self._repeat(earlier, later)
+        else:
+            self.deferred.append((earlier, later))
+
+    def _repeat(self, earlier: int, later: int) -> None:
+        self.identical.append(later)
+        if self.first_pair is None or later < self.first_pair[1]:
+            self.first_pair = (earlier, later)
+
+    def verify(self, read: Callable[[int], np.ndarray | None]) -> None:
+        for earlier, later in self.deferred:
+            if noises_equal(read(earlier), read(later)):
+                self._repeat(earlier, later)
+        self.deferred.clear()
+
+
+@dataclass
+class SiteScan:
+    """Facts gathered from one site's records in one pass.
+
+    Attributes:
+        rank: Number of axes.
+        used: Indices of the records the structure statistics come from (training records
+            that applied a mask; every applied record when the site has no training ones).
+        varies_at: Per axis, the first used record whose noise varies along it, or -1.
+        kept: Kept noise elements over used records.
+        elements: Noise elements over used records.
+        inference_dropping: Records with training=False that dropped at least one element.
+        fresh: Consecutive-step pairs of the same call (freshness).
+        calls: Pairs (call c, call 0) within one step.
+        digests: Record index -> fingerprint hash, for gate comparison (only when asked).
+        nbytes: Packed bytes of mask data read.
+    """
+
+    rank: int
+    used: np.ndarray
+    varies_at: list[int]
+    kept: int = 0
+    elements: int = 0
+    inference_dropping: list[int] = field(default_factory=list)
+    fresh: _PairLog = field(default_factory=_PairLog)
+    calls: _PairLog = field(default_factory=_PairLog)
+    digests: dict[int, int] = field(default_factory=dict)
+    nbytes: int = 0
+
+
+def scan_site(site: Any, *, want_digests: bool = False, max_bytes: int = 16 << 20,
+              progress: Callable[[int], None] | None = None) -> SiteScan:
+    """Stream every record of ``site`` once and gather the facts of :class:`SiteScan`.
+
+    Args:
+        site: A :class:`dropspy.store.Site` or anything with its reader API.
+        want_digests: Keep a fingerprint hash per used record (for gate comparison).
+        max_bytes: Packed bytes per block read from the file.
+        progress: Called with the packed bytes of each record as it is consumed.
+
+    Returns:
+        The :class:`SiteScan`.
+    """
+    rank = len(site.axes)
+    n = len(site)
+    applied = np.asarray(site.applied, dtype=bool)[:n]
+    training = np.asarray(site.training, dtype=bool)[:n]
+    steps = np.asarray(site.steps)[:n]
+    calls = np.asarray(site.calls)[:n]
+    use_mask = applied & training if (applied & training).any() else applied
+    scan = SiteScan(rank=rank, used=np.flatnonzero(use_mask), varies_at=[-1] * rank)
+    if n == 0 or not applied.any():
+        return scan
+    # Freshness: the last record of each call index, from the latest earlier step.
+    last_by_call: dict[int, tuple[int, int, Any, np.ndarray | None]] = {}
+    step_now: int | None = None
+    pending: dict[int, tuple[int, int, Any, np.ndarray | None]] = {}
+    call0: tuple[int, Any, np.ndarray | None] | None = None
+    undecided = list(range(rank))
+    for i, noise in _iter(site, max_bytes):
+        if noise is None:
+            continue
+        size = noise.size
+        nb = (size + 7) // 8
+        scan.nbytes += nb
+        kept = int(np.count_nonzero(noise))
+        if not training[i] and kept < size:
+            scan.inference_dropping.append(i)
+        if not use_mask[i]:
+            if progress is not None:
+                progress(nb)
+            continue
+        scan.kept += kept
+        scan.elements += size
+        if undecided:
+            for k in list(undecided):
+                if noise.shape[k] > 1 and not _constant_along(noise, k):
+                    scan.varies_at[k] = i
+                    undecided.remove(k)
+        fp = fingerprint(noise)
+        keep = noise if noise.nbytes <= _KEEP_BYTES else None
+        step, call = int(steps[i]), int(calls[i])
+        if step != step_now:
+            # A new step: what the previous step drew becomes "the previous step's mask".
+            last_by_call.update(pending)
+            pending = {}
+            step_now = step
+            call0 = None
+        prev = last_by_call.get(call)
+        if prev is not None and prev[0] != step:
+            scan.fresh.note(prev[1], i, prev[2], fp, prev[3], keep)
+        pending[call] = (step, i, fp, keep)
+        if call == 0:
+            call0 = (i, fp, keep)
+        elif call0 is not None:
+            scan.calls.note(call0[0], i, call0[1], fp, call0[2], keep)
+        if want_digests:
+            scan.digests[i] = hash(fp)
+        if progress is not None:
+            progress(nb)
+    return scan
+
+
+def _iter(site: Any, max_bytes: int) -> Iterator[tuple[int, np.ndarray | None]]:
+    iter_noise = getattr(site, "iter_noise", None)
+    if iter_noise is not None:
+        return iter_noise(max_bytes=max_bytes)
+    return ((i, site.noise(i)) for i in range(len(site)))

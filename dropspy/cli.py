@@ -1,0 +1,331 @@
+"""The ``dropspy`` command: inspect, check, diff, plot and validate run files.
+
+A thin layer: every command calls library functions that return data, then prints. Errors
+the user can fix (a missing file, a bad pattern, a malformed expectation) are one line on
+stderr and exit status 2, never a traceback.
+
+Exit status: 0 success; 1 a check failed / runs differ / file invalid; 2 usage or file error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from dropspy.analysis import THRESHOLD, RunAnalysis, Severity, SiteAnalysis, analyze_run, diff
+from dropspy.errors import DropspyError
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="dropspy",
+    help="Inspect the dropout masks recorded in a dropspy run file.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# Show a progress bar only when there is enough mask data for the wait to be noticeable.
+_PROGRESS_BYTES = 64 << 20
+
+RunPath = Annotated[Path, typer.Argument(help="Run file written by dropspy.record.",
+                                         show_default=False)]
+SiteOpt = Annotated[Optional[list[str]], typer.Option(
+    "--site", "-s", help="Only sites matching this glob (repeatable).")]
+ThresholdOpt = Annotated[float, typer.Option(
+    help="Largest chance of coincidence that still lets a structure be claimed.",
+    min=1e-300, max=0.5)]
+
+
+class _UserError(Exception):
+    """An error the user can fix: printed as one line, exit status 2."""
+
+
+def _out() -> Console:
+    console = Console(highlight=False, soft_wrap=False)
+    if not console.is_terminal:
+        # A pipe or a CI log: do not squeeze the table to 80 columns.
+        console = Console(highlight=False, width=200, soft_wrap=False)
+    return console
+
+
+@contextlib.contextmanager
+def _errors() -> Iterator[None]:
+    try:
+        yield
+    except (DropspyError, _UserError, OSError) as exc:
+        _die(str(exc))
+    except KeyError as exc:  # unknown site / glob matching nothing
+        _die(str(exc.args[0]) if exc.args else "unknown site")
+    except ValueError as exc:
+        _die(str(exc))
+
+
+def _die(message: str, code: int = 2) -> None:
+    line = " ".join(message.split())
+    typer.echo(f"dropspy: error: {line}", err=True)
+    raise typer.Exit(code=code)
+
+
+def _load(path: Path) -> Any:
+    from dropspy.store import load
+
+    return load(path)
+
+
+def _analyze(run: Any, sites: list[str] | None, threshold: float) -> RunAnalysis:
+    from dropspy.analysis import select_sites
+
+    names = select_sites(list(run.sites), sites)
+    total = 0
+    for n in names:
+        site = run[n]
+        if len(site):
+            sizes = site.noise_shapes.prod(axis=1)
+            total += int(((sizes + 7) // 8)[site.applied].sum())
+    err = Console(stderr=True)
+    if total < _PROGRESS_BYTES or not err.is_terminal:
+        return analyze_run(run, sites=sites, threshold=threshold)
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
+
+    with Progress("analysing", BarColumn(), DownloadColumn(), TimeRemainingColumn(),
+                  console=err, transient=True) as bar:
+        task = bar.add_task("masks", total=total)
+        return analyze_run(run, sites=sites, threshold=threshold,
+                           progress=lambda nb: bar.advance(task, nb))
+
+
+def _axes_text(s: SiteAnalysis) -> Text:
+    t = Text()
+    for k, a in enumerate(s.axes):
+        if k:
+            t.append(" ")
+        if a.verdict == "shared":
+            t.append(f"[{a.name}]" + ("" if a.by_construction else "*"), style="bold cyan")
+        elif a.verdict == "inconclusive":
+            t.append(f"{a.name}?", style="yellow")
+        else:
+            t.append(a.name)
+    return t
+
+
+def _rate_text(s: SiteAnalysis) -> Text:
+    r = s.rate
+    cfg = "?" if r.configured is None else f"{r.configured:g}"
+    if r.observed is None:
+        return Text(f"{cfg} / -")
+    style = {"ok": "green", "mismatch": "bold red"}.get(r.verdict, "")
+    return Text(f"{cfg} / {r.observed:.3f} [{r.low:.3f}, {r.high:.3f}]", style=style)
+
+
+def _verdict_text(s: SiteAnalysis) -> Text:
+    bad = [f for f in s.findings if f.severity != Severity.INFO]
+    if not bad:
+        return Text("ok", style="green")
+    codes = sorted({f.code for f in bad}, key=lambda c: c)
+    style = "bold red" if any(f.severity == Severity.ERROR for f in bad) else "yellow"
+    return Text(", ".join(codes), style=style)
+
+
+def _word(check: Any) -> str:
+    return "-" if check is None else check.verdict
+
+
+def _table(result: RunAnalysis) -> Table:
+    table = Table(title=f"{result.path or 'run'} ({result.framework})", title_justify="left")
+    for col in ("site", "class", "axes", "pattern", "rate cfg / obs [99.9%]", "gates",
+                "time", "fresh", "records", "verdict"):
+        table.add_column(col, overflow="fold")
+    for s in result.sites:
+        if s.opaque:
+            table.add_row(s.site, s.layer_class, " ".join(s.axis_names), "opaque", "-", "-", "-",
+                          "-", "0", Text("opaque", style="yellow"))
+            continue
+        table.add_row(s.site, s.layer_class, _axes_text(s), s.pattern, _rate_text(s),
+                      _word(s.gates), _word(s.over_time), _word(s.freshness),
+                      f"{s.records} ({s.steps} steps)", _verdict_text(s))
+    return table
+
+
+def _print_findings(console: Console, result: RunAnalysis, verbose: bool) -> None:
+    style = {Severity.ERROR: "bold red", Severity.WARNING: "yellow", Severity.INFO: "dim"}
+    for f in result.all_findings:
+        if f.severity == Severity.INFO and not verbose:
+            continue
+        where = f"{f.site}: " if f.site else ""
+        console.print(Text(f"{f.severity.value}: {where}{f.message} [{f.code}]",
+                           style=style[f.severity]))
+
+
+@app.command()
+def inspect(
+    path: RunPath,
+    site: SiteOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    threshold: ThresholdOpt = THRESHOLD,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Also list info findings.")] = False,
+) -> None:
+    """One table: every site, its axes (shared ones marked), pattern, rates and verdicts."""
+    with _errors():
+        with _load(path) as run:
+            result = _analyze(run, site or None, threshold)
+    if as_json:
+        from dropspy.report import to_json
+
+        typer.echo(to_json(result))
+        return
+    console = _out()
+    console.print(_table(result))
+    console.print(Text("axes: [x] shared by construction, [x]* shared (observed), "
+                       "x? inconclusive, x independent", style="dim"))
+    _print_findings(console, result, verbose)
+
+
+@app.command()
+def check(
+    path: RunPath,
+    expect: Annotated[Optional[list[str]], typer.Option(
+        "--expect", "-e",
+        help="'SITE: shared=time,batch rate=0.3 ...' (repeatable). Keys: shared, independent, "
+             "pattern, rate, tol, gates, over_time, fresh.")] = None,
+    spec: Annotated[Optional[Path], typer.Option(
+        help="Expectations file (TOML or JSON, schemas/expectations.schema.json).")] = None,
+    fail_on_errors: Annotated[Optional[bool], typer.Option(
+        "--fail-on-errors/--no-fail-on-errors",
+        help="Also fail on error findings (stale masks, dropout at inference, rate "
+             "mismatch). Default: on, or the spec file's fail_on_errors.")] = None,
+    threshold: ThresholdOpt = THRESHOLD,
+) -> None:
+    """Exit 0 when every expectation holds, 1 when any fails, 2 on usage or file errors."""
+    from dropspy.expectations import check_analysis, load_spec, parse_expectation
+
+    with _errors():
+        exps = [parse_expectation(e) for e in expect or ()]
+        spec_fail = True
+        if spec is not None:
+            loaded = load_spec(spec)
+            exps += loaded.expectations
+            spec_fail = loaded.fail_on_errors
+        with _load(path) as run:
+            result = _analyze(run, None, threshold)
+    fail_errors = spec_fail if fail_on_errors is None else fail_on_errors
+    failures = check_analysis(result, exps)
+    errors = [f for f in result.all_findings if f.severity == Severity.ERROR]
+    for f in failures:
+        typer.echo(f"FAIL {f}")
+    failed_exps = {id(f.expectation) for f in failures}
+    for e in exps:
+        if id(e) not in failed_exps:
+            typer.echo(f"ok   {e.text or e.site}")
+    for f in errors:
+        prefix = "FAIL" if fail_errors else "note"
+        typer.echo(f"{prefix} {f.site + ': ' if f.site else ''}{f.message} [{f.code}]")
+    failed = bool(failures) or (fail_errors and bool(errors))
+    n_err = len(errors) if fail_errors else 0
+    typer.echo(f"{'FAILED' if failed else 'PASSED'}: {len(exps) - len(failed_exps)}/{len(exps)} "
+               f"expectations hold, {n_err} error finding(s)")
+    raise typer.Exit(code=1 if failed else 0)
+
+
+@app.command(name="diff")
+def diff_cmd(
+    a: Annotated[Path, typer.Argument(help="First run file.", show_default=False)],
+    b: Annotated[Path, typer.Argument(help="Second run file.", show_default=False)],
+    site: SiteOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print differences as JSON.")] = False,
+    threshold: ThresholdOpt = THRESHOLD,
+) -> None:
+    """Site by site, where two runs' mask structure differs. Exit 1 when it does."""
+    with _errors():
+        with _load(a) as run_a, _load(b) as run_b:
+            ra = _analyze(run_a, _present(site, run_a, run_b), threshold)
+            rb = _analyze(run_b, _present(site, run_b, run_a), threshold)
+    diffs = diff(ra, rb)
+    if as_json:
+        typer.echo(json.dumps([{"site": d.site, "aspect": d.aspect, "a": d.a, "b": d.b}
+                               for d in diffs], indent=2))
+    elif not diffs:
+        typer.echo(f"no differences in mask structure ({len(ra.sites)} sites)")
+    else:
+        table = Table(title=f"A = {a}   B = {b}", title_justify="left")
+        for col in ("site", "aspect", "A", "B"):
+            table.add_column(col, overflow="fold")
+        for d in diffs:
+            table.add_row(d.site, d.aspect, d.a, d.b)
+        _out().print(table)
+    raise typer.Exit(code=1 if diffs else 0)
+
+
+def _present(patterns: list[str] | None, run: Any, other: Any) -> list[str] | None:
+    """The patterns of a diff that match in ``run``; each must match in one of the two runs."""
+    if not patterns:
+        return None
+    import fnmatch
+
+    def hits(r: Any, p: str) -> bool:
+        return any(fnmatch.fnmatchcase(n, p) for n in r.sites)
+
+    for p in patterns:
+        if not hits(run, p) and not hits(other, p):
+            raise _UserError(f"no site matches {p!r} in either run")
+    return [p for p in patterns if hits(run, p)]
+
+
+@app.command()
+def plot(
+    path: RunPath,
+    site: Annotated[str, typer.Option("--site", "-s", help="Site name (or a glob matching one).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="PNG file to write.")],
+    step: Annotated[Optional[int], typer.Option(help="Step to show (default: the first).")] = None,
+    call: Annotated[int, typer.Option(help="Call within the step.")] = 0,
+    samples: Annotated[int, typer.Option(help="Samples (batch rows) to show.", min=1, max=16)] = 4,
+) -> None:
+    """Image of one record's applied mask (named axes) and keep rate along each axis."""
+    with _errors():
+        try:
+            from dropspy.plot import plot_site
+        except ImportError as exc:
+            raise _UserError(f"plot needs matplotlib (pip install 'dropspy[plot]'): {exc}") from exc
+        with _load(path) as run:
+            from dropspy.analysis import select_sites
+
+            names = select_sites(list(run.sites), site)
+            if len(names) != 1:
+                raise _UserError(f"--site {site!r} matches {len(names)} sites "
+                                 f"({', '.join(names)}); give one")
+            written = plot_site(run, names[0], output, step=step, call=call, samples=samples)
+    typer.echo(f"wrote {written}")
+
+
+@app.command()
+def validate(path: RunPath) -> None:
+    """Check the file against schemas/run.schema.json. Exit 1 when it has problems."""
+    from dropspy.store import validate_file
+
+    with _errors():
+        problems = validate_file(path)
+    for p in problems:
+        typer.echo(p)
+    if problems:
+        typer.echo(f"{path}: {len(problems)} problem(s)")
+        raise typer.Exit(code=1)
+    typer.echo(f"{path}: valid run file")
+
+
+def main() -> None:
+    """Entry point of the ``dropspy`` console script."""
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
