@@ -1,0 +1,398 @@
+"""The PyTorch adapter: records the exact dropout masks an ``nn.Module`` applies.
+
+How it works (details in ``torch_capture``): a ``TorchFunctionMode`` catches the dropout entry
+points (``F.dropout`` and family, ``torch.dropout``, ``bernoulli``, the RNN layer stacks,
+attention) while a forward of the recorded module runs; inside such a call a short-lived
+``TorchDispatchMode`` copies the mask ATen draws. Module hooks keep the stack of running
+modules so each mask is attributed to its qualified module name.
+
+Steps: one optimizer step (global optimizer step hook) of the first optimizer that steps the
+recorded module's parameters; with no optimizer in sight, one top-level training-mode
+forward; or explicit ``Recording.mark_step()``. Records are handed to the session once per
+step, bit-packed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from dropspy.errors import RecordingError, UnsupportedModelError
+from dropspy.frameworks.torch_capture import Capture, Entry, Frame, FunctionMode
+from dropspy.frameworks.torch_pack import DeviceCopy, pack_host
+from dropspy.frameworks.torch_sites import SiteFacts, SiteKey, SiteRegistry
+from dropspy.store import Record
+
+__all__ = ["TorchAdapter"]
+
+# Under the "auto" clock, forwards are held until an optimizer steps (they all belong to its
+# step: gradient accumulation) or until this many pass without one (then each is a step).
+AUTO_MAX_FORWARDS = 16
+AUTO_MAX_BYTES = 64 << 20
+
+class TorchAdapter:
+    """Records the dropout masks of a ``torch.nn.Module``.
+
+    Args:
+        model: The module to record (not wrapped in DataParallel / DDP, not compiled).
+        session: The recorder's session.
+        cudnn_rnn: ``"opaque"`` (default) reports cuDNN's between-layer RNN dropout as an
+            opaque site; ``"exact"`` runs those RNN calls without cuDNN so their masks are
+            recorded, which changes the random stream (announced as a perturbation).
+
+    Raises:
+        UnsupportedModelError: The model is wrapped in ``DataParallel`` /
+            ``DistributedDataParallel`` or compiled with ``torch.compile``.
+    """
+
+    framework = "torch"
+
+    @classmethod
+    def claims(cls, model: Any) -> bool:
+        """Whether ``model`` is a ``torch.nn.Module``."""
+        return isinstance(model, torch.nn.Module)
+
+    def __init__(self, model: torch.nn.Module, session: Any, *, cudnn_rnn: str = "opaque") -> None:
+        if cudnn_rnn not in ("opaque", "exact"):
+            raise ValueError(f"Invalid value received for argument `cudnn_rnn`. Expected "
+                             f"'opaque' or 'exact'. Received: cudnn_rnn={cudnn_rnn!r}")
+        _refuse_wrappers(model)
+        self.model = model
+        self.session = session
+        self.cudnn_rnn = cudnn_rnn
+        self._capture: Capture | None = None
+        self._mode: FunctionMode | None = None
+        self._handles: list[Any] = []
+        self._attached = False
+        self._detached = False
+        self._thread = threading.get_ident()
+        self._step = 0
+        self._clock = "auto"
+        self._clock_optimizer: weakref.ref | None = None
+        self._held: list[list[Entry]] = []
+        self._held_bytes = 0
+        # A GPU step's masks on their way to the host: (copy, records, masked records, step).
+        self._inflight: tuple[DeviceCopy, list[Record], list[Record], int] | None = None
+        self._params: set[int] = {id(p) for p in model.parameters()}
+
+    # -- the Adapter contract ----------------------------------------------------------------
+
+    def meta(self) -> dict[str, Any]:
+        """Framework facts for the run file's root attributes."""
+        devices = sorted({str(t.device) for t in itertools.chain(self.model.parameters(),
+                                                                 self.model.buffers())})
+        devices = devices or ["cpu"]
+        kinds = {d.split(":")[0] for d in devices}
+        backend = "cuda" if "cuda" in kinds else sorted(kinds)[0]
+        meta: dict[str, Any] = {
+            "framework": "torch",
+            "framework_version": str(torch.__version__),  # TorchVersion is a str subclass h5py rejects
+            "backend": backend,
+            "devices": devices,
+            "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        }
+        if backend == "cuda":
+            meta["cudnn_enabled"] = torch.backends.cudnn.enabled
+            meta["cudnn_version"] = torch.backends.cudnn.version() or 0
+        return meta
+
+    def attach(self) -> None:
+        """Find sites, install the module hooks, the function mode and the step hook."""
+        if self._attached:
+            raise RecordingError("This TorchAdapter is already attached; create a new one.")
+        self._attached = True
+        model = self.model
+        paths = {}
+        for name, module in model.named_modules():
+            paths[id(module)] = name
+        registry = SiteRegistry(self.session.declare_site, paths.values(), _layout3(model))
+        self._capture = capture = Capture(registry, self.session.note, self.cudnn_rnn)
+        try:
+            for name, module in model.named_modules():
+                self._handles.append(module.register_forward_pre_hook(self._pre_hook(name)))
+                self._handles.append(module.register_forward_hook(self._post_hook(name),
+                                                                  always_call=True))
+            self._declare_static_sites(model, registry)
+            self._handles.append(register_optimizer_step_post_hook(
+                self._on_optimizer_step))
+            self._mode = FunctionMode(capture)
+            self._mode.__enter__()
+        except BaseException:
+            self.detach()
+            raise
+
+    def detach(self) -> None:
+        """Remove every hook and the mode, and hand over what is left. Idempotent."""
+        if self._detached:
+            return
+        self._detached = True
+        try:
+            self._remove_mode()
+        finally:
+            for handle in self._handles:
+                handle.remove()
+            self._handles.clear()
+            if self._capture is not None:
+                self._capture.stack.clear()
+                self._capture.taint.clear()
+                self._flush_all_at_exit()
+
+    def mark_step(self, step: int | None = None) -> None:
+        """End the current step here; the next records belong to ``step`` (default: next).
+
+        Once called, optimizer steps and forwards no longer advance the step.
+        """
+        cap = self._capture
+        if cap is None or self._detached:
+            raise RecordingError("mark_step() called on a recording that is not running")
+        if self._clock != "manual":
+            self.session.note("steps are marked explicitly with mark_step()")
+            self._clock = "manual"
+        entries = [e for group in self._held for e in group] + cap.entries
+        self._held, self._held_bytes, cap.entries = [], 0, []
+        self._flush(self._step, entries)
+        self._step = self._step + 1 if step is None else int(step)
+        cap.capturing = self.session.want_step(self._step)
+
+    # -- module hooks ------------------------------------------------------------------------
+
+    def _pre_hook(self, path: str) -> Callable:
+        def hook(module: torch.nn.Module, args: Any) -> None:
+            cap = self._capture
+            if not cap.stack:
+                self._begin_forward()
+            cap.stack.append(Frame(path, module))
+        return hook
+
+    def _post_hook(self, path: str) -> Callable:
+        def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
+            cap = self._capture
+            if cap.stack and cap.stack[-1].module is module:
+                cap.stack.pop()
+            if not cap.stack:
+                cap.end_module(None)
+                self._end_forward(module)
+        return hook
+
+    def _begin_forward(self) -> None:
+        if threading.get_ident() != self._thread:
+            raise RecordingError(
+                f"dropspy records the thread that entered record() (thread "
+                f"{self._thread}); this forward runs on thread {threading.get_ident()}. "
+                f"Enter record() on the thread that trains (torch modes are per thread).")
+        if self._clock == "forward" and torch._C._current_graph_task_id() == -1:
+            self._capture.capturing = self.session.want_step(self._step)
+
+    def _end_forward(self, module: torch.nn.Module) -> None:
+        cap = self._capture
+        if torch._C._current_graph_task_id() != -1:
+            return  # a checkpoint re-run during backward, not a forward of the training loop
+        if not (module.training or cap.applied_in_group):
+            return  # eval forwards without masks join the next step's records
+        cap.applied_in_group = False
+        if self._clock == "forward":
+            entries, cap.entries = cap.entries, []
+            self._flush(self._step, entries)
+            self._step += 1
+        elif self._clock == "auto":
+            group, cap.entries = cap.entries, []
+            self._held.append(group)
+            self._held_bytes += sum(e.noise.numel() for e in group if e.noise is not None)
+            if len(self._held) >= AUTO_MAX_FORWARDS or self._held_bytes >= AUTO_MAX_BYTES:
+                self._use_forward_clock()
+
+    def _use_forward_clock(self) -> None:
+        self.session.note(f"no optimizer step seen after {len(self._held)} training forwards: "
+                          f"one step is one top-level training forward of the module")
+        self._clock = "forward"
+        held, self._held, self._held_bytes = self._held, [], 0
+        for group in held:
+            self._flush(self._step, group)
+            self._step += 1
+        self._capture.capturing = self.session.want_step(self._step)
+
+    # -- optimizer steps ---------------------------------------------------------------------
+
+    def _on_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self._clock == "manual" or self._detached:
+            return
+        if self._clock_optimizer is None:
+            if self._params and not any(id(p) in self._params for group in
+                                        optimizer.param_groups for p in group["params"]):
+                return  # another model's optimizer (a GAN's other half)
+            self._clock_optimizer = weakref.ref(optimizer)
+        elif self._clock_optimizer() is not optimizer:
+            return
+        cap = self._capture
+        if self._clock != "optimizer":
+            if self._clock == "forward":
+                self.session.note("an optimizer stepped after forwards were counted as steps: "
+                                  "from here on one step is one optimizer step")
+            self._clock = "optimizer"
+        entries = [e for group in self._held for e in group] + cap.entries
+        self._held, self._held_bytes, cap.entries = [], 0, []
+        cap.applied_in_group = False
+        self._flush(self._step, entries)
+        self._step += 1
+        cap.capturing = self.session.want_step(self._step)
+
+    # -- handing records over ----------------------------------------------------------------
+
+    def _flush(self, step: int, entries: list[Entry]) -> None:
+        """Turn one step's entries into records: name sites, number calls, pack masks."""
+        self._collect_inflight()
+        if not entries or not self.session.want_step(step):
+            return
+        sites = self._capture.sites
+        records: list[Record] = []
+        masked: list[tuple[Record, torch.Tensor]] = []
+        calls: dict[str, int] = {}
+        filtered = 0
+        for e in entries:
+            name = sites.resolve(e.key, len(e.shape))
+            if name is None:
+                filtered += 1
+                continue
+            call = calls.get(name, 0)
+            calls[name] = call + 1
+            rec = Record(site=name, step=step, call=call, training=bool(e.training),
+                         shape=tuple(int(s) for s in e.shape))
+            records.append(rec)
+            if e.noise is not None:
+                rec.noise_shape = tuple(int(s) for s in e.noise.shape)
+                masked.append((rec, e.noise))
+        if filtered:
+            self.session.count_dropped("site_filter", filtered)
+        on_gpu = [m for _, m in masked if m.is_cuda]
+        if on_gpu and len(on_gpu) == len(masked):
+            self._inflight = (DeviceCopy([m for _, m in masked]), records,
+                              [r for r, _ in masked], step)
+            return
+        for rec, mask in masked:
+            rec.packed = pack_host(mask.cpu())
+        self.session.submit(step, records)
+
+    def _collect_inflight(self) -> None:
+        if self._inflight is None:
+            return
+        copy, records, masked, step = self._inflight
+        self._inflight = None
+        for rec, packed in zip(masked, copy.result()):
+            rec.packed = packed
+        self.session.submit(step, records)
+
+    def _flush_all_at_exit(self) -> None:
+        cap = self._capture
+        if self._clock == "auto" and self._held:
+            self._clock = "forward"
+            held, self._held = self._held, []
+            for group in held:
+                self._flush(self._step, group)
+                self._step += 1
+        entries = [e for group in self._held for e in group] + cap.entries
+        self._held, cap.entries = [], []
+        self._flush(self._step, entries)
+        self._collect_inflight()
+
+    # -- setup helpers -----------------------------------------------------------------------
+
+    def _declare_static_sites(self, model: torch.nn.Module, registry: SiteRegistry) -> None:
+        """Declare what is known before any forward: RNN between-layer sites, cuDNN opacity."""
+        for name, module in model.named_modules():
+            if not isinstance(module, torch.nn.RNNBase) or not module.dropout:
+                continue
+            on_cuda = any(p.is_cuda for p in module.parameters())
+            cudnn = on_cuda and torch.backends.cudnn.enabled
+            opaque = None
+            if cudnn and module.num_layers > 1:
+                if self.cudnn_rnn == "exact":
+                    self.session.warn_perturbation(
+                        f"{name or type(module).__name__}: runs without cuDNN so its between-"
+                        f"layer dropout masks can be recorded; this changes the random stream "
+                        f"and the kernels (cuDNN keeps its own dropout state)")
+                else:
+                    opaque = ("cuDNN applies the between-layer dropout inside its fused RNN "
+                              "kernel with its own random state; the mask cannot be observed")
+            gaps = max(module.num_layers - 1, 1)
+            for g in range(gaps):
+                kind = "between_layers" if gaps == 1 else f"between_layers/{g}"
+                key = SiteKey(name, kind, None)
+                extra: dict[str, Any] = {"after_layer": g, "num_layers": module.num_layers}
+                if module.num_layers == 1:
+                    extra["never_applied"] = ("num_layers=1: torch applies RNN dropout only "
+                                              "between stacked layers")
+                p = float(module.dropout)
+                registry.learn(key, lambda extra=extra, p=p, module=module, opaque=opaque:
+                               SiteFacts(layer_class=type(module).__name__, role="between_layers",
+                                         rate=p, scale=1.0 / (1.0 - p) if p < 1 else None,
+                                         opaque=opaque, extra=extra))
+                registry.resolve(key, 3)
+
+    def _remove_mode(self) -> None:
+        mode = self._mode
+        if mode is None:
+            return
+        mode.dead = True  # a mode left on another thread's stack passes everything through
+        self._mode = None
+        if threading.get_ident() != self._thread:
+            return
+        from torch.overrides import _get_current_function_mode_stack, _pop_mode, _push_mode
+
+        stack = _get_current_function_mode_stack()
+        if mode not in stack:
+            return
+        # Pop down to our mode and put back any mode pushed after it (record() contexts
+        # closed out of order must not take another recording's mode with them).
+        above = []
+        while True:
+            top = _pop_mode()
+            if top is mode:
+                break
+            above.append(top)
+        for other in reversed(above):
+            _push_mode(other)
+
+
+def _layout3(model: torch.nn.Module) -> tuple[str, ...] | None:
+    """Axis names of rank-3 activations, from the ``batch_first`` of the model's modules."""
+    flags = {bool(m.batch_first) for m in model.modules()
+             if isinstance(getattr(m, "batch_first", None), bool)}
+    if flags == {True}:
+        return ("batch", "time", "feature")
+    if flags == {False}:
+        return ("time", "batch", "feature")
+    return None
+
+
+def _refuse_wrappers(model: torch.nn.Module) -> None:
+    """Refuse DataParallel / DDP / compiled modules by name, saying what to do instead."""
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+    for name, module in model.named_modules():
+        where = f" (at {name!r})" if name else ""
+        if isinstance(module, DataParallel):
+            raise UnsupportedModelError(
+                f"dropspy cannot record a torch.nn.DataParallel module{where}: it runs replicas "
+                f"on other threads, where dropspy's capture is not active. Record the plain "
+                f"module on one device: dropspy.record(model.module, ...).")
+        if isinstance(module, DistributedDataParallel):
+            raise UnsupportedModelError(
+                f"dropspy cannot record a DistributedDataParallel wrapper{where}. Record the "
+                f"wrapped module in each process, one file per rank: "
+                f"dropspy.record(ddp_model.module, f'run-rank{{rank}}.h5').")
+        compiled = type(module).__name__ == "OptimizedModule" or getattr(
+            module, "_compiled_call_impl", None) is not None
+        if compiled:
+            raise UnsupportedModelError(
+                f"dropspy cannot record a torch.compile'd module{where}: Inductor draws its own "
+                f"random numbers (compiled masks differ from eager ones even without dropspy), "
+                f"and dropspy's capture would break the graph at every dropout site. Record "
+                f"the eager module (model._orig_mod) for the debugging run; to make compiled "
+                f"dropout use eager's random stream set "
+                f"torch._inductor.config.fallback_random = True.")

@@ -1,0 +1,604 @@
+"""Exact mask capture for torch: a function mode at the dropout entry points, and a short-lived
+dispatch mode inside them that copies the mask ATen itself draws.
+
+Why this shape:
+
+- Forward hooks see module boundaries only, and a mask guessed from ``output == 0`` is wrong
+  wherever the input was 0. So the mask is taken from the Bernoulli draw itself.
+- ATen draws the mask as ``noise.bernoulli_(1 - p)`` and then scales ``noise`` in place; the
+  draw is copied (as bool) the moment ``bernoulli_`` returns. On CUDA ``native_dropout``
+  returns the mask. Nothing is recomputed and no random number is drawn by dropspy, so the
+  random stream and every output stay bit-identical.
+- A ``TorchDispatchMode`` left on all the time would send every ATen op through Python; it is
+  entered only inside a dropout entry point or a composite that draws dropout inside
+  (``nn.LSTM``'s layer stack, ``F.multi_head_attention_forward``, ``F.scaled_dot_product_attention``).
+  The function mode is disabled inside its own handler, so those composites must be watched
+  at dispatch level.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import sys
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from dropspy.frameworks.torch_sites import (
+    ALPHA,
+    FEATURE,
+    SiteFacts,
+    SiteKey,
+    SiteRegistry,
+    alpha_coefficients,
+    dropout_scale,
+)
+
+_aten = torch.ops.aten
+_VF = torch._C._VariableFunctions
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+_DROPSPY_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+_SEEDED = torch.Tag.nondeterministic_seeded
+_MASK_OPS = {_aten.bernoulli_, _aten.bernoulli, _aten.native_dropout}
+
+
+class Entry:
+    """One call at one site, held until its step ends (the mask stays a torch bool tensor)."""
+
+    __slots__ = ("key", "training", "shape", "noise")
+
+    def __init__(self, key: SiteKey, training: bool, shape: tuple[int, ...],
+                 noise: torch.Tensor | None) -> None:
+        self.key = key
+        self.training = training
+        self.shape = shape
+        self.noise = noise
+
+
+class Frame:
+    """A module of the recorded model whose ``forward`` is running."""
+
+    __slots__ = ("path", "module", "drew")
+
+    def __init__(self, path: str, module: torch.nn.Module) -> None:
+        self.path = path
+        self.module = module
+        self.drew = False
+
+
+class Draw:
+    """A mask ATen drew while a :class:`Grabber` was active."""
+
+    __slots__ = ("op", "mask", "p", "dtype")
+
+    def __init__(self, op: str, mask: torch.Tensor, p: Any, dtype: torch.dtype) -> None:
+        self.op = op
+        self.mask = mask
+        self.p = p
+        self.dtype = dtype
+
+
+class Grabber(TorchDispatchMode):
+    """Copies every keep-mask ATen draws while active; lists other seeded (random) ops."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.draws: list[Draw] = []
+        self.other_random: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        packet = func.overloadpacket
+        if packet in _MASK_OPS:
+            if packet is _aten.native_dropout:
+                train = args[2] if len(args) > 2 else kwargs.get("train")
+                if train is not False:
+                    self.draws.append(Draw("native_dropout", out[1].clone(), args[1], args[0].dtype))
+            else:
+                # Copied now: ATen scales this very tensor in place right after.
+                p = args[1] if len(args) > 1 else kwargs.get("p")
+                self.draws.append(Draw(func.__name__, out != 0, p, out.dtype))
+        elif _SEEDED in func.tags:
+            self.other_random.append(str(packet))
+        return out
+
+
+_CALLERS: dict[tuple[Any, int], str] = {}
+
+
+def _caller() -> str:
+    """``"file.py:line:col"`` of the user's call (innermost frame outside torch and dropspy).
+
+    The column tells apart two calls on one line (``F.dropout(F.dropout(x))``).
+    """
+    f = sys._getframe(2)
+    while f is not None:
+        code = f.f_code
+        name = code.co_filename
+        if not name.startswith(_TORCH_DIR) and not name.startswith(_DROPSPY_DIR):
+            key = (code, f.f_lasti)
+            where = _CALLERS.get(key)
+            if where is None:
+                col = None
+                if hasattr(code, "co_positions"):
+                    positions = list(code.co_positions())
+                    index = f.f_lasti // 2
+                    if index < len(positions):
+                        col = positions[index][2]
+                where = f"{os.path.basename(name)}:{f.f_lineno}"
+                if col is not None:
+                    where += f":{col}"
+                _CALLERS[key] = where
+            return where
+        f = f.f_back
+    return "?"
+
+
+def _looks_like_dropout(module: torch.nn.Module) -> bool:
+    return isinstance(module, torch.nn.modules.dropout._DropoutNd) or (
+        "drop" in type(module).__name__.lower())
+
+
+class _DropoutSpec:
+    """How to read one dropout entry point's arguments."""
+
+    __slots__ = ("kind", "train_default", "unbatched_rank")
+
+    def __init__(self, kind: str, train_default: bool | None, unbatched_rank: int | None = None):
+        self.kind = kind
+        self.train_default = train_default  # None: positional and required (torch.dropout)
+        self.unbatched_rank = unbatched_rank  # F.dropout1d/3d add a batch dim of 1 to this rank
+
+    def parse(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, float, bool]:
+        x = args[0] if args else kwargs["input"]
+        p = args[1] if len(args) > 1 else kwargs.get("p", 0.5)
+        if len(args) > 2:
+            train = args[2]
+        else:
+            train = kwargs.get("training", kwargs.get("train", self.train_default))
+        return x, float(p), bool(train)
+
+
+def _dropout_specs() -> dict[Callable, _DropoutSpec]:
+    specs = {
+        F.dropout: _DropoutSpec("dropout", True),
+        F.alpha_dropout: _DropoutSpec("alpha_dropout", False),
+        F.dropout1d: _DropoutSpec("dropout1d", True, unbatched_rank=2),
+        F.dropout2d: _DropoutSpec("dropout2d", True),
+        F.dropout3d: _DropoutSpec("dropout3d", True, unbatched_rank=4),
+        F.feature_alpha_dropout: _DropoutSpec("feature_alpha_dropout", False),
+    }
+    for name, kind in (("dropout", "dropout"), ("alpha_dropout", "alpha_dropout"),
+                       ("feature_dropout", "feature_dropout"),
+                       ("feature_alpha_dropout", "feature_alpha_dropout")):
+        for suffix in ("", "_"):
+            fn = getattr(_VF, name + suffix, None)
+            if fn is not None:
+                specs[fn] = _DropoutSpec(kind, None)
+    return specs
+
+
+_DROPOUT_SPECS = _dropout_specs()
+_BERNOULLI = {_VF.bernoulli, torch.Tensor.bernoulli, torch.Tensor.bernoulli_}
+_RNN_FUNCS = {_VF.lstm: "LSTM", _VF.gru: "GRU", _VF.rnn_tanh: "RNN", _VF.rnn_relu: "RNN"}
+_RANDOM = {
+    _VF.rand, _VF.rand_like, _VF.randn, _VF.randn_like, _VF.randint, _VF.randint_like,
+    _VF.normal, _VF.multinomial, _VF.poisson, _VF.randperm,
+    torch.Tensor.uniform_, torch.Tensor.normal_, torch.Tensor.random_,
+    torch.Tensor.exponential_, torch.Tensor.geometric_, torch.Tensor.cauchy_,
+    torch.Tensor.log_normal_, torch.Tensor.multinomial,
+}
+_MUL = {torch.Tensor.mul, torch.Tensor.mul_, _VF.mul, torch.Tensor.multiply,
+        torch.Tensor.multiply_, _VF.multiply, torch.Tensor.__mul__, torch.Tensor.__rmul__,
+        torch.Tensor.__imul__, torch.Tensor.where, _VF.where, torch.Tensor.masked_fill,
+        torch.Tensor.masked_fill_, _VF.masked_fill}
+_MHA_SIG = inspect.signature(F.multi_head_attention_forward)
+_SDPA_NAMES = ("query", "key", "value", "attn_mask", "dropout_p")
+
+
+class Capture:
+    """The capture state one adapter owns: module stack, site registry, entries of a step.
+
+    Args:
+        sites: Names and declares sites.
+        note: ``Session.note``.
+        cudnn_rnn: ``"opaque"`` (default: cuDNN RNN dropout reported as opaque, training
+            untouched) or ``"exact"`` (run those RNN calls without cuDNN so the masks can be
+            recorded; this changes the random stream and is announced as a perturbation).
+    """
+
+    def __init__(self, sites: SiteRegistry, note: Callable[[str], None],
+                 cudnn_rnn: str = "opaque") -> None:
+        self.sites = sites
+        self.note = note
+        self.cudnn_rnn = cudnn_rnn
+        self.stack: list[Frame] = []
+        self.capturing = True
+        self.entries: list[Entry] = []
+        self.applied_in_group = False
+        self.draw_log: list[Draw] | None = None  # the RNG audit's view, off by default
+        self.taint: dict[int, tuple[weakref.ref, Entry]] = {}
+        self._noted: set[str] = set()
+        self.handlers: dict[Callable, Callable] = {}
+        for fn, spec in _DROPOUT_SPECS.items():
+            self.handlers[fn] = self._dropout_handler(spec)
+        self.handlers[_VF.native_dropout] = self._on_native_dropout
+        for fn in _BERNOULLI:
+            self.handlers[fn] = self._on_bernoulli
+        for fn in _RNN_FUNCS:
+            self.handlers[fn] = self._on_rnn
+        self.handlers[F.multi_head_attention_forward] = self._on_mha
+        self.handlers[F.scaled_dot_product_attention] = self._on_sdpa
+        for fn in _RANDOM:
+            self.handlers[fn] = self._on_random
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _frame(self) -> Frame | None:
+        """The innermost running module of the recorded model, if recording applies now."""
+        if not self.capturing or not self.stack:
+            return None
+        if torch._C._current_graph_task_id() != -1:
+            # Activation checkpointing re-runs forward during backward with the RNG state
+            # restored: the same masks again, already recorded in the forward.
+            self.note_once("checkpoint", "activation checkpointing re-runs forward during "
+                           "backward with the same masks; the re-runs are not recorded again")
+            return None
+        return self.stack[-1]
+
+    def note_once(self, tag: str, message: str) -> None:
+        """Tell the user ``message`` once per recording."""
+        if tag not in self._noted:
+            self._noted.add(tag)
+            self.note(message)
+
+    def add(self, key: SiteKey, training: bool, shape: tuple[int, ...],
+            noise: torch.Tensor | None) -> Entry:
+        entry = Entry(key, training, shape, noise)
+        self.entries.append(entry)
+        if noise is not None:
+            self.applied_in_group = True
+        return entry
+
+    def _log(self, draws: list[Draw]) -> None:
+        if self.draw_log is not None:
+            self.draw_log.extend(draws)
+
+    # -- the dropout family ------------------------------------------------------------------
+
+    def _dropout_handler(self, spec: _DropoutSpec) -> Callable:
+        def handler(func: Callable, args: tuple, kwargs: dict) -> Any:
+            frame = self._frame()
+            if frame is None:
+                return func(*args, **kwargs)
+            return self._on_dropout(spec, frame, func, args, kwargs)
+        return handler
+
+    def _on_dropout(self, spec: _DropoutSpec, frame: Frame, func: Callable, args: tuple,
+                    kwargs: dict) -> Any:
+        x, p, train = spec.parse(args, kwargs)
+        shape = tuple(x.shape)
+        if spec.unbatched_rank is not None and len(shape) == spec.unbatched_rank:
+            shape = (1,) + shape  # F.dropout1d/3d unsqueeze unbatched input; ATen sees this
+        module = frame.module
+        own = isinstance(module, torch.nn.modules.dropout._DropoutNd)
+        key = SiteKey(frame.path, spec.kind, None if own else _caller())
+        self.sites.learn(key, lambda: self._dropout_facts(spec.kind, module, p, own))
+        if not train:
+            out = func(*args, **kwargs)
+            self.add(key, module.training, shape, None)
+            return out
+        if 0.0 < p < 1.0 and x.numel() > 0:
+            with Grabber() as g:
+                out = func(*args, **kwargs)
+            self._log(g.draws)
+            if len(g.draws) != 1:
+                self._unexpected(key, f"{len(g.draws)} masks drawn, expected 1")
+                return out
+            noise = g.draws[0].mask
+        else:
+            # p == 0 keeps everything and p == 1 drops everything without any draw.
+            out = func(*args, **kwargs)
+            nshape = shape if spec.kind not in FEATURE else shape[:2] + (1,) * (len(shape) - 2)
+            noise = torch.full(nshape, p < 1.0, dtype=torch.bool, device=x.device)
+        if noise.dim() < len(shape):
+            noise = noise.reshape((1,) * (len(shape) - noise.dim()) + tuple(noise.shape))
+        frame.drew = True
+        self.add(key, module.training, shape, noise)
+        return out
+
+    def _dropout_facts(self, kind: str, module: torch.nn.Module, p: float, own: bool) -> SiteFacts:
+        extra: dict[str, Any] = {}
+        if kind in ALPHA:
+            extra["alpha_dropout"] = alpha_coefficients(p)
+        return SiteFacts(layer_class=type(module).__name__, role="output", rate=p, own=own,
+                         scale=dropout_scale(kind, p), extra=extra)
+
+    def _on_native_dropout(self, func: Callable, args: tuple, kwargs: dict) -> Any:
+        frame = self._frame()
+        out = func(*args, **kwargs)
+        if frame is None:
+            return out
+        x = args[0] if args else kwargs["input"]
+        p = float(args[1] if len(args) > 1 else kwargs["p"])
+        train = args[2] if len(args) > 2 else kwargs.get("train")
+        key = SiteKey(frame.path, "native_dropout", _caller())
+        self.sites.learn(key, lambda: self._dropout_facts("dropout", frame.module, p, False))
+        noise = out[1].clone() if train is not False else None
+        self.add(key, frame.module.training, tuple(x.shape), noise)
+        return out
+
+    def _unexpected(self, key: SiteKey, what: str) -> None:
+        self.note_once(f"unexpected:{key}", f"site {key.path or '<root>'} ({key.kind}): {what}; "
+                       "this call is not recorded")
+
+    # -- hand-made masks -----------------------------------------------------------------------
+
+    def _on_bernoulli(self, func: Callable, args: tuple, kwargs: dict) -> Any:
+        frame = self._frame()
+        out = func(*args, **kwargs)
+        if frame is None:
+            return out
+        mask = out != 0
+        if func is torch.Tensor.bernoulli_:
+            p = args[1] if len(args) > 1 else kwargs.get("p", 0.5)
+        else:
+            p = args[1] if len(args) > 1 else kwargs.get("p", args[0] if args else kwargs["input"])
+        module = frame.module
+        key = SiteKey(frame.path, "bernoulli", _caller())
+        self.sites.learn(key, lambda: SiteFacts(
+            layer_class=type(module).__name__, role="custom", rate=_rate_of(p),
+            own=_looks_like_dropout(module),
+            extra={"mask_source": "bernoulli draw, 1 = kept; applied shape from the first "
+                   "multiplication by the mask"}))
+        self._log([Draw(func.__name__, mask, p, out.dtype)])
+        frame.drew = True
+        entry = self.add(key, module.training, tuple(mask.shape), mask)
+        self.taint[id(out)] = (weakref.ref(out), entry)
+        return out
+
+    def propagate(self, func: Callable, args: tuple, kwargs: dict, out: Any) -> None:
+        """Follow a hand-made mask to the multiplication that applies it (its applied shape)."""
+        tainted: Entry | None = None
+        others: list[torch.Tensor] = []
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                hit = self.taint.get(id(a))
+                if hit is not None and hit[0]() is a:
+                    tainted = hit[1]
+                else:
+                    others.append(a)
+        if tainted is None:
+            return
+        if func in _MUL and others:
+            shape = torch.broadcast_shapes(tainted.shape, *(o.shape for o in others))
+            shape = tuple(shape)
+            if len(shape) > len(tainted.noise.shape):
+                tainted.noise = tainted.noise.reshape(
+                    (1,) * (len(shape) - tainted.noise.dim()) + tuple(tainted.noise.shape))
+            tainted.shape = shape
+            for k in [k for k, (_, e) in self.taint.items() if e is tainted]:
+                del self.taint[k]
+            return
+        if isinstance(out, torch.Tensor):
+            if out.numel() != tainted.noise.numel() and tuple(out.shape) != tainted.shape:
+                # expand / view keep the mask's values; anything that changes the element
+                # count (indexing, reductions) is not the mask any more.
+                if not (func in (torch.Tensor.expand, torch.Tensor.expand_as)):
+                    return
+            self.taint[id(out)] = (weakref.ref(out), tainted)
+
+    def end_module(self, frame: Frame) -> None:
+        """Drop the taint of masks drawn by a module once its forward returns."""
+        if self.taint and not self.stack:
+            self.taint.clear()
+
+    # -- composites: RNN layer stacks and attention --------------------------------------------
+
+    def _on_rnn(self, func: Callable, args: tuple, kwargs: dict) -> Any:
+        frame = self._frame()
+        if frame is None:
+            return func(*args, **kwargs)
+        packed = len(args) > 3 and isinstance(args[3], (list, tuple))
+        off = 1 if packed else 0
+        num_layers, p, train = int(args[4 + off]), float(args[5 + off]), bool(args[6 + off])
+        if p == 0.0:
+            return func(*args, **kwargs)
+        x = args[0]
+        module = frame.module
+        gaps = max(num_layers - 1, 1)
+        keys = [SiteKey(frame.path, "between_layers" if gaps == 1 else f"between_layers/{g}",
+                        None if isinstance(module, torch.nn.RNNBase) else _caller())
+                for g in range(gaps)]
+        cls = _RNN_FUNCS[func]
+        opaque = None
+        cudnn = x.is_cuda and torch.backends.cudnn.enabled and torch.backends.cudnn.is_acceptable(x)
+        if cudnn and num_layers > 1 and self.cudnn_rnn != "exact":
+            opaque = ("cuDNN applies the between-layer dropout inside its fused RNN kernel with "
+                      "its own random state; the mask cannot be observed")
+        for g, key in enumerate(keys):
+            extra: dict[str, Any] = {"after_layer": g, "num_layers": num_layers}
+            if num_layers == 1:
+                extra["never_applied"] = ("num_layers=1: torch applies RNN dropout only between "
+                                          "stacked layers")
+            self.sites.learn(key, lambda extra=extra: SiteFacts(
+                layer_class=type(module).__name__ if isinstance(module, torch.nn.RNNBase) else cls,
+                role="between_layers", rate=p, scale=dropout_scale("dropout", p), opaque=opaque,
+                extra=extra))
+        if opaque is not None:
+            self.sites.resolve(keys[0], 3)
+            for key in keys[1:]:
+                self.sites.resolve(key, 3)
+            return func(*args, **kwargs)
+        apply = train and num_layers > 1
+        if apply and 0.0 < p < 1.0 and x.numel() > 0:
+            with Grabber() as g:
+                if cudnn:
+                    with torch.backends.cudnn.flags(enabled=False):
+                        out = func(*args, **kwargs)
+                else:
+                    out = func(*args, **kwargs)
+            self._log(g.draws)
+            if len(g.draws) != len(keys):
+                self._unexpected(keys[0], f"{len(g.draws)} masks drawn for {len(keys)} gaps")
+                return out
+            for key, d in zip(keys, g.draws):
+                self.add(key, module.training, tuple(d.mask.shape), d.mask)
+            frame.drew = True
+            return out
+        out = func(*args, **kwargs)
+        shape = _layer_output_shape(out[0], packed, args, off)
+        for key in keys:
+            if apply:  # p == 1 zeroes every layer output without drawing
+                noise = torch.full(shape, p < 1.0, dtype=torch.bool, device=x.device)
+                self.add(key, module.training, shape, noise)
+            else:
+                self.add(key, module.training, shape, None)
+        return out
+
+    def _on_mha(self, func: Callable, args: tuple, kwargs: dict) -> Any:
+        frame = self._frame()
+        if frame is None:
+            return func(*args, **kwargs)
+        bound = _MHA_SIG.bind(*args, **kwargs)
+        a = bound.arguments
+        p = float(a["dropout_p"])
+        if p == 0.0:
+            return func(*args, **kwargs)
+        training = a.get("training", True)
+        heads = int(a["num_heads"])
+        q, k = a["query"], a["key"]
+        batch = q.shape[1] if q.dim() == 3 else 1
+        src = k.shape[0] + (a.get("bias_k") is not None) + bool(a.get("add_zero_attn", False))
+        shape = (batch, heads, q.shape[0], src)
+        return self._attention(frame, func, args, kwargs, p, training, shape, heads)
+
+    def _on_sdpa(self, func: Callable, args: tuple, kwargs: dict) -> Any:
+        frame = self._frame()
+        if frame is None:
+            return func(*args, **kwargs)
+        a = dict(zip(_SDPA_NAMES, args))
+        a.update(kwargs)
+        p = float(a.get("dropout_p", 0.0))
+        q, k = a["query"], a["key"]
+        shape = tuple(torch.broadcast_shapes(q.shape[:-2], k.shape[:-2])) + (q.shape[-2], k.shape[-2])
+        if p == 0.0:
+            key = SiteKey(frame.path, "attention", self._attention_where(frame))
+            if self.sites.facts(key) is not None:
+                self.add(key, frame.module.training, shape, None)
+            return func(*args, **kwargs)
+        return self._attention(frame, func, args, kwargs, p, True, shape, None)
+
+    def _attention_where(self, frame: Frame) -> str | None:
+        own = isinstance(frame.module, torch.nn.MultiheadAttention)
+        return None if own else _caller()
+
+    def _attention(self, frame: Frame, func: Callable, args: tuple, kwargs: dict, p: float,
+                   training: bool, shape: tuple[int, ...], heads: int | None) -> Any:
+        module = frame.module
+        key = SiteKey(frame.path, "attention", self._attention_where(frame))
+        self.sites.learn(key, lambda: SiteFacts(
+            layer_class=type(module).__name__, role="attention", rate=p,
+            scale=dropout_scale("dropout", p),
+            extra={"layout": "(batch, head, target, source)"}))
+        if not training:
+            out = func(*args, **kwargs)
+            self.add(key, module.training, shape, None)
+            return out
+        with Grabber() as g:
+            out = func(*args, **kwargs)
+        self._log(g.draws)
+        if not g.draws and g.other_random:
+            self._opaque_attention(key, module, p, g.other_random)
+            return out
+        if len(g.draws) != 1:
+            self._unexpected(key, f"{len(g.draws)} masks drawn, expected 1")
+            return out
+        mask = g.draws[0].mask
+        if mask.dim() == 3 and heads and mask.shape[0] % heads == 0:
+            # The need_weights path drops on (batch * heads, target, source): same elements,
+            # same order, recorded with heads split out so every call has one layout.
+            mask = mask.reshape(mask.shape[0] // heads, heads, *mask.shape[1:])
+        frame.drew = True
+        self.add(key, module.training, tuple(mask.shape), mask)
+        return out
+
+    def _opaque_attention(self, key: SiteKey, module: torch.nn.Module, p: float,
+                          ops: list[str]) -> None:
+        okey = SiteKey(key.path, "attention_fused", key.where)
+        reason = (f"a fused attention kernel ({', '.join(sorted(set(ops)))}) applies dropout "
+                  "inside the kernel; the mask cannot be observed")
+        self.sites.learn(okey, lambda: SiteFacts(layer_class=type(module).__name__,
+                                                 role="attention", rate=p, opaque=reason))
+        self.sites.resolve(okey, 4)
+
+    # -- random draws that are not masks -------------------------------------------------------
+
+    def _on_random(self, func: Callable, args: tuple, kwargs: dict) -> Any:
+        frame = self._frame()
+        if frame is not None and _looks_like_dropout(frame.module):
+            module = frame.module
+            name = getattr(func, "__name__", str(func))
+            key = SiteKey(frame.path, "untracked", _caller())
+            if self.sites.facts(key) is None:
+                reason = (f"{type(module).__name__} draws random numbers with {name}, which "
+                          "dropspy cannot turn into a mask (only Bernoulli draws and torch's "
+                          "dropout calls are recorded)")
+                self.sites.learn(key, lambda: SiteFacts(
+                    layer_class=type(module).__name__, role="custom", rate=None, opaque=reason))
+                name_ = self.sites.resolve(key, 1)
+                self.note(f"untracked random draw at {name_ or frame.path}: {reason}")
+        return func(*args, **kwargs)
+
+
+def _rate_of(p: Any) -> float | None:
+    """Drop rate from a Bernoulli keep-probability (a float, or a constant tensor)."""
+    if isinstance(p, (int, float)):
+        return 1.0 - float(p)
+    if isinstance(p, torch.Tensor) and p.numel() > 0:
+        flat = p.reshape(-1)
+        if bool((flat == flat[0]).all()):
+            return 1.0 - float(flat[0])
+    return None
+
+
+def _layer_output_shape(output: torch.Tensor, packed: bool, args: tuple, off: int) -> tuple[int, ...]:
+    """Shape of an RNN layer's output as the layer stack sees it (time-major or packed)."""
+    if packed:
+        return tuple(output.shape)
+    batch_first = bool(args[8]) if len(args) > 8 else False
+    if output.dim() == 3 and batch_first:
+        return (output.shape[1], output.shape[0], output.shape[2])
+    if output.dim() == 2:  # unbatched input: ATen adds a batch dim of 1
+        return (output.shape[0], 1, output.shape[1])
+    return tuple(output.shape)
+
+
+class FunctionMode(TorchFunctionMode):
+    """Routes the dropout entry points to :class:`Capture`; every other call passes through."""
+
+    def __init__(self, capture: Capture) -> None:
+        super().__init__()
+        self.capture = capture
+        self.handlers = capture.handlers
+        self.dead = False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        if kwargs is None:
+            kwargs = {}
+        if self.dead:
+            return func(*args, **kwargs)
+        handler = self.handlers.get(func)
+        if handler is not None:
+            return handler(func, args, kwargs)
+        out = func(*args, **kwargs)
+        if self.capture.taint:
+            self.capture.propagate(func, args, kwargs, out)
+        return out
