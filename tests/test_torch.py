@@ -1,0 +1,383 @@
+"""The torch adapter's lifecycle, steps, attribution, refusals and metadata."""
+
+from __future__ import annotations
+
+import threading
+import warnings
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+F = torch.nn.functional
+
+import dropspy  # noqa: E402
+from dropspy.errors import RecordingError, UnsupportedModelError  # noqa: E402
+from dropspy.frameworks.torch import AUTO_MAX_FORWARDS, TorchAdapter  # noqa: E402
+from dropspy.frameworks.torch_pack import pack_torch  # noqa: E402
+
+
+def _mlp(p: float = 0.5) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 6), nn.Dropout(p), nn.Linear(6, 1))
+
+
+def _function_modes() -> int:
+    return torch._C._len_torch_function_stack()
+
+
+def _hook_counts(model: nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def _global_optimizer_hooks() -> int:
+    from torch.optim import optimizer
+
+    return len(optimizer._global_optimizer_post_hooks)
+
+
+def test_claims_torch_modules_only():
+    assert TorchAdapter.claims(nn.Linear(2, 2))
+    assert not TorchAdapter.claims(object())
+
+
+def test_meta_names_framework_backend_and_devices(tmp_path):
+    with dropspy.record(_mlp(), tmp_path / "run.h5") as rec:
+        meta = rec.adapter.meta()
+    assert meta["framework"] == "torch" and meta["framework_version"] == str(torch.__version__)
+    assert meta["backend"] == "cpu" and meta["devices"] == ["cpu"]
+    run = dropspy.load(tmp_path / "run.h5")
+    assert run.framework == "torch" and run.attrs["backend"] == "cpu"
+
+
+def test_detach_removes_every_hook_and_mode(tmp_path):
+    model = _mlp()
+    modes, opt_hooks = _function_modes(), _global_optimizer_hooks()
+    with dropspy.record(model, tmp_path / "run.h5"):
+        assert _function_modes() == modes + 1 and _hook_counts(model) > 0
+        model(torch.randn(3, 4))
+    assert _function_modes() == modes
+    assert _hook_counts(model) == 0 and _global_optimizer_hooks() == opt_hooks
+
+
+def test_detach_cleans_up_when_training_raises_and_keeps_earlier_records(tmp_path):
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    modes = _function_modes()
+    with pytest.raises(ZeroDivisionError):
+        with dropspy.record(model, tmp_path / "run.h5"):
+            for step in range(3):
+                opt.zero_grad()
+                model(torch.randn(3, 4)).sum().backward()
+                opt.step()
+                if step == 1:
+                    1 / 0
+    assert _function_modes() == modes and _hook_counts(model) == 0
+    run = dropspy.load(tmp_path / "run.h5")
+    assert run.complete and run["1"].steps.tolist() == [0, 1]
+
+
+def test_detach_when_a_forward_raises_midway(tmp_path):
+    class Boom(nn.Module):
+        def forward(self, x):
+            raise ValueError("boom")
+
+    model = nn.Sequential(nn.Dropout(0.5), Boom())
+    modes = _function_modes()
+    with pytest.raises(ValueError):
+        with dropspy.record(model, tmp_path / "run.h5"):
+            model(torch.randn(2, 3))
+    assert _function_modes() == modes and _hook_counts(model) == 0
+    assert len(dropspy.load(tmp_path / "run.h5")["0"]) == 1
+
+
+def test_recording_the_same_model_twice_at_once_is_refused(tmp_path):
+    model = _mlp()
+    with dropspy.record(model, tmp_path / "a.h5"):
+        with pytest.raises(RecordingError, match="already being recorded"):
+            with dropspy.record(model, tmp_path / "b.h5"):
+                pass
+
+
+def test_nested_recordings_of_model_and_submodule_both_see_the_same_mask(tmp_path):
+    inner = nn.Sequential(nn.Dropout(0.5))
+    model = nn.Sequential(nn.Linear(4, 4), inner)
+    with dropspy.record(model, tmp_path / "outer.h5"):
+        with dropspy.record(inner, tmp_path / "inner.h5"):
+            model(torch.randn(3, 4))
+    outer, nested = dropspy.load(tmp_path / "outer.h5"), dropspy.load(tmp_path / "inner.h5")
+    assert np.array_equal(outer["1.0"].mask(0), nested["0"].mask(0))
+
+
+def test_recordings_closed_out_of_order_leave_the_other_mode_in_place(tmp_path):
+    a, b = _mlp(), _mlp()
+    modes = _function_modes()
+    rec_a = dropspy.record(a, tmp_path / "a.h5").__enter__()
+    rec_b = dropspy.record(b, tmp_path / "b.h5").__enter__()
+    rec_a.__exit__(None, None, None)
+    assert _function_modes() == modes + 1
+    b(torch.randn(2, 4))
+    rec_b.__exit__(None, None, None)
+    assert _function_modes() == modes
+    assert len(dropspy.load(tmp_path / "b.h5")["1"]) == 1
+
+
+def test_sequential_re_entry_records_into_each_file(tmp_path):
+    model = _mlp()
+    for name in ("a.h5", "b.h5"):
+        with dropspy.record(model, tmp_path / name):
+            model(torch.randn(2, 4))
+    assert len(dropspy.load(tmp_path / "a.h5")["1"]) == len(dropspy.load(tmp_path / "b.h5")["1"]) == 1
+
+
+def test_data_parallel_is_refused_by_name(tmp_path):
+    with pytest.raises(UnsupportedModelError, match="DataParallel.*model.module"):
+        dropspy.record(nn.DataParallel(_mlp()), tmp_path / "run.h5").__enter__()
+
+
+def test_distributed_data_parallel_is_refused_by_name(tmp_path):
+    from torch.nn.parallel import DistributedDataParallel
+
+    ddp = DistributedDataParallel.__new__(DistributedDataParallel)
+    nn.Module.__init__(ddp)
+    with pytest.raises(UnsupportedModelError, match="DistributedDataParallel.*one file per rank"):
+        dropspy.record(ddp, tmp_path / "run.h5").__enter__()
+
+
+def test_compiled_model_is_refused_with_the_way_forward(tmp_path):
+    model = _mlp()
+    model.compile()  # lazily compiled: nothing is traced until the first call
+    with pytest.raises(UnsupportedModelError, match="fallback_random"):
+        dropspy.record(model, tmp_path / "run.h5").__enter__()
+
+
+def test_forward_on_another_thread_is_refused_by_name(tmp_path):
+    model = _mlp()
+    errors = []
+
+    def worker():
+        try:
+            model(torch.randn(2, 4))
+        except RecordingError as exc:
+            errors.append(exc)
+
+    with dropspy.record(model, tmp_path / "run.h5"):
+        t = threading.Thread(target=worker)
+        t.start()
+        t.join()
+    assert errors and "thread" in str(errors[0])
+
+
+def test_eval_calls_are_recorded_as_not_applied(tmp_path):
+    model = _mlp()
+    model.eval()
+    with dropspy.record(model, tmp_path / "run.h5"):
+        model(torch.randn(2, 4))
+    site = dropspy.load(tmp_path / "run.h5")["1"]
+    assert len(site) == 1 and not site.applied[0] and not site.training[0]
+    assert site.mask(0) is None
+
+
+def test_dropout_forced_on_in_eval_is_recorded_with_training_false(tmp_path):
+    class MCDropout(nn.Module):
+        def forward(self, x):
+            return F.dropout(x, 0.5, training=True)
+
+    model = MCDropout().eval()
+    with dropspy.record(model, tmp_path / "run.h5"):
+        model(torch.randn(4, 4))
+    site = dropspy.load(tmp_path / "run.h5")["dropout"]
+    assert site.applied[0] and not site.training[0] and site.mask(0).shape == (4, 4)
+
+
+def test_single_layer_rnn_dropout_is_configured_but_never_applied(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch warns about this very config
+        lstm = nn.LSTM(3, 4, num_layers=1, dropout=0.5)
+    with dropspy.record(lstm, tmp_path / "run.h5"):
+        lstm(torch.randn(5, 2, 3))
+    site = dropspy.load(tmp_path / "run.h5")["between_layers"]
+    assert site.rate == 0.5 and "num_layers=1" in site.extra["never_applied"]
+    assert len(site) == 1 and not site.applied.any()
+
+
+def test_step_is_one_optimizer_step_with_gradient_accumulation(tmp_path):
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with dropspy.record(model, tmp_path / "run.h5"):
+        for _ in range(3):
+            for _ in range(2):
+                model(torch.randn(2, 4)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+    site = dropspy.load(tmp_path / "run.h5")["1"]
+    assert site.steps.tolist() == [0, 0, 1, 1, 2, 2]
+    assert site.calls.tolist() == [0, 1, 0, 1, 0, 1]
+
+
+def test_another_models_optimizer_does_not_advance_the_step(tmp_path):
+    model, other = _mlp(), _mlp()
+    opt, other_opt = (torch.optim.SGD(m.parameters(), lr=0.1) for m in (model, other))
+    with dropspy.record(model, tmp_path / "run.h5"):
+        for _ in range(2):
+            model(torch.randn(2, 4)).sum().backward()
+            other(torch.randn(2, 4)).sum().backward()
+            other_opt.step()
+            opt.step()
+    assert dropspy.load(tmp_path / "run.h5")["1"].steps.tolist() == [0, 1]
+
+
+def test_without_optimizer_each_training_forward_is_a_step(tmp_path):
+    model = _mlp()
+    n = AUTO_MAX_FORWARDS + 3
+    with dropspy.record(model, tmp_path / "run.h5"):
+        for _ in range(n):
+            model(torch.randn(2, 4))
+    run = dropspy.load(tmp_path / "run.h5")
+    assert run["1"].steps.tolist() == list(range(n))
+    assert any("one top-level training forward" in note for note in run.notes)
+
+
+def test_few_forwards_without_optimizer_are_steps_at_exit(tmp_path):
+    model = _mlp()
+    with dropspy.record(model, tmp_path / "run.h5"):
+        for _ in range(3):
+            model(torch.randn(2, 4))
+    assert dropspy.load(tmp_path / "run.h5")["1"].steps.tolist() == [0, 1, 2]
+
+
+def test_mark_step_sets_steps_explicitly(tmp_path):
+    model = _mlp()
+    with dropspy.record(model, tmp_path / "run.h5") as rec:
+        model(torch.randn(2, 4))
+        model(torch.randn(2, 4))
+        rec.mark_step()
+        model(torch.randn(2, 4))
+        rec.mark_step(10)
+        model(torch.randn(2, 4))
+    site = dropspy.load(tmp_path / "run.h5")["1"]
+    assert site.steps.tolist() == [0, 0, 1, 10] and site.calls.tolist() == [0, 1, 0, 0]
+
+
+def test_sampled_out_steps_are_not_captured(tmp_path):
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with dropspy.record(model, tmp_path / "run.h5", steps=[1, 3]) as rec:
+        capture = rec.adapter._capture
+        for step in range(5):
+            model(torch.randn(2, 4)).sum().backward()
+            if step in (2, 4):
+                assert not capture.entries  # an unsampled step holds nothing
+            opt.step()
+            assert capture.capturing == (step + 1 in (1, 3))
+    assert dropspy.load(tmp_path / "run.h5")["1"].steps.tolist() == [1, 3]
+
+
+def test_site_filter_leaves_unselected_sites_out(tmp_path):
+    model = nn.Sequential(nn.Dropout(0.5), nn.Dropout(0.5))
+    with dropspy.record(model, tmp_path / "run.h5", sites=["1"]):
+        model(torch.randn(2, 4))
+    run = dropspy.load(tmp_path / "run.h5")
+    assert run.sites == ("1",)
+
+
+def test_random_draws_in_a_dropout_like_module_are_reported_untracked(tmp_path):
+    class HandDropout(nn.Module):
+        def forward(self, x):
+            return x * (torch.rand_like(x) > 0.5)
+
+    model = nn.Sequential(HandDropout())
+    with dropspy.record(model, tmp_path / "run.h5"):
+        model(torch.randn(2, 4))
+    run = dropspy.load(tmp_path / "run.h5")
+    (name,) = run.sites
+    assert "rand_like" in run[name].opaque and run[name].role == "custom"
+    assert any("untracked" in note for note in run.notes)
+
+
+def test_activation_checkpointing_re_runs_are_not_recorded_twice(tmp_path):
+    from torch.utils.checkpoint import checkpoint
+
+    block = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = block
+
+        def forward(self, x):
+            return checkpoint(self.block, x, use_reentrant=False)
+
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with dropspy.record(model, tmp_path / "run.h5"):
+        for _ in range(2):
+            model(torch.randn(3, 4, requires_grad=True)).sum().backward()
+            opt.step()
+    site = dropspy.load(tmp_path / "run.h5")["block.1"]
+    assert site.steps.tolist() == [0, 1]
+
+
+def test_rank_change_at_a_site_gets_its_own_site(tmp_path):
+    model = nn.Sequential(nn.Dropout(0.5))
+    with dropspy.record(model, tmp_path / "run.h5"):
+        model(torch.randn(2, 4))
+        model(torch.randn(2, 3, 4))
+    assert dropspy.load(tmp_path / "run.h5").sites == ("0", "0@3d")
+
+
+@pytest.mark.parametrize("sizes", [[1], [8], [13, 3], [0, 5, 64, 7]])
+def test_torch_bit_packing_matches_numpy(sizes):
+    g = torch.Generator().manual_seed(1)
+    masks = [torch.rand(n, generator=g) > 0.5 for n in sizes]
+    packed, offsets = pack_torch(masks)
+    for m, a, b in zip(masks, offsets[:-1], offsets[1:]):
+        assert np.array_equal(packed[a:b].numpy(), np.packbits(m.numpy()))
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.gpu
+@cuda
+def test_cuda_dropout_mask_reproduces_output(tmp_path):
+    layer = nn.Dropout(0.3).cuda()
+    x = torch.randn(64, 33, device="cuda")
+    x[:, ::3] = 0
+    seen = {}
+    layer.register_forward_hook(lambda m, a, out: seen.update(out=out.clone()))
+    model = nn.Sequential(layer)
+    with dropspy.record(model, tmp_path / "run.h5"):
+        model(x)
+    run = dropspy.load(tmp_path / "run.h5")
+    assert run.attrs["backend"] == "cuda"
+    mask = torch.from_numpy(run["0"].mask(0)).cuda()
+    # CUDA's fused native_dropout computes input * mask * scale in one kernel.
+    assert torch.equal(x * mask * (1.0 / 0.7), seen["out"])
+
+
+@pytest.mark.gpu
+@cuda
+def test_cudnn_lstm_between_layer_dropout_is_opaque(tmp_path):
+    lstm = nn.LSTM(8, 8, num_layers=2, dropout=0.5).cuda()
+    with dropspy.record(lstm, tmp_path / "run.h5"):
+        lstm(torch.randn(5, 3, 8, device="cuda"))
+    site = dropspy.load(tmp_path / "run.h5")["between_layers"]
+    assert "cuDNN" in site.opaque and len(site) == 0
+
+
+@pytest.mark.gpu
+@cuda
+def test_fused_sdpa_dropout_is_opaque_on_cuda(tmp_path):
+    class Attn(nn.Module):
+        def forward(self, x):
+            return F.scaled_dot_product_attention(x, x, x, dropout_p=0.5)
+
+    model = Attn()
+    x = torch.randn(2, 4, 16, 64, device="cuda", dtype=torch.float16)
+    with dropspy.record(model, tmp_path / "run.h5"):
+        model(x)
+    run = dropspy.load(tmp_path / "run.h5")
+    (name,) = run.sites
+    assert "fused attention kernel" in run[name].opaque and len(run[name]) == 0
