@@ -83,6 +83,7 @@ def plot_site(run: Any, site: str, output: str | os.PathLike[str], *, step: int 
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     main = run[site]
     i = find_record(main, step, call)
@@ -105,14 +106,16 @@ def plot_site(run: Any, site: str, output: str | os.PathLike[str], *, step: int 
     batched = bool(axes) and axes[0] == "batch" and mask0.ndim >= 3
     rows = min(samples, mask0.shape[0]) if batched else 1
     ncols = len(columns)
-    fig = Figure(figsize=(3.2 * max(ncols, mask0.ndim), 2.4 * (rows + 1)), layout="constrained")
+    # One gate: samples side by side in one row; several gates: a row per sample.
+    grid_rows, grid_cols = (2, max(rows, mask0.ndim)) if ncols == 1 else (rows + 1, max(ncols, mask0.ndim))
+    fig = Figure(figsize=(3.2 * grid_cols, 2.6 * grid_rows), layout="constrained")
     FigureCanvasAgg(fig)
-    grid = fig.add_gridspec(rows + 1, max(ncols, mask0.ndim))
+    grid = fig.add_gridspec(grid_rows, grid_cols)
     for c, (gate, mask) in enumerate(columns):
         for r in range(rows):
             img, ylab, xlab, note = _panel(mask, axes, r if batched else None)
             cut = img[:_MAX_CELLS, :_MAX_CELLS]
-            ax = fig.add_subplot(grid[r, c])
+            ax = fig.add_subplot(grid[0, r] if ncols == 1 else grid[r, c])
             ax.imshow(cut, cmap="gray", vmin=0, vmax=1, interpolation="nearest", aspect="auto")
             title = f"gate {gate}, " if gate else ""
             title += f"sample {r}" if batched else "mask"
@@ -122,10 +125,11 @@ def plot_site(run: Any, site: str, output: str | os.PathLike[str], *, step: int 
             ax.set_xlabel(xlab)
             ax.set_ylabel(ylab)
     for k, name in enumerate(axes):
-        ax = fig.add_subplot(grid[rows, k])
+        ax = fig.add_subplot(grid[grid_rows - 1, k])
         keep = mask0.mean(axis=tuple(j for j in range(mask0.ndim) if j != k))
         ax.plot(np.arange(keep.size), keep, marker="." if keep.size <= 64 else None, lw=1)
         ax.set_ylim(-0.05, 1.05)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel(f"{name} index")
         ax.set_ylabel("kept fraction")
         ax.set_title(f"keep rate along {name}", fontsize=9)
