@@ -191,6 +191,40 @@ def test_dropout_forced_on_in_eval_is_recorded_with_training_false(tmp_path):
     assert site.applied[0] and not site.training[0] and site.mask(0).shape == (4, 4)
 
 
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_eval_transformer_keeps_its_fast_path_and_bitwise_output(tmp_path, grad):
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.1, batch_first=True)
+    model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    x = torch.randn(3, 7, 16)
+    with torch.set_grad_enabled(grad):
+        plain = model(x)
+        with dropspy.record(model, tmp_path / "run.h5"):
+            recorded = model(x)
+    assert torch.equal(plain, recorded)
+    run = dropspy.load(tmp_path / "run.h5")
+    assert "layers.0.self_attn/attention" in run.sites
+    assert all(len(run[n]) == 1 and not run[n].applied.any() for n in run.sites)
+
+
+def test_hand_made_dropout_in_eval_is_recorded_as_not_applied(tmp_path):
+    class LockedDropout(nn.Module):
+        def forward(self, x):
+            if not self.training:
+                return x
+            return x * x.new_empty(1, *x.shape[1:]).bernoulli_(0.5) / 0.5
+
+    model = nn.Sequential(LockedDropout())
+    with dropspy.record(model, tmp_path / "run.h5") as rec:
+        model(torch.randn(4, 2, 3))
+        rec.mark_step()
+        model.eval()
+        model(torch.randn(4, 2, 3))
+    site = dropspy.load(tmp_path / "run.h5")["0"]
+    assert site.applied.tolist() == [True, False] and site.training.tolist() == [True, False]
+    assert [tuple(s) for s in site.shapes] == [(4, 2, 3), (4, 2, 3)]
+
+
 def test_single_layer_rnn_dropout_is_configured_but_never_applied(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # torch warns about this very config

@@ -24,7 +24,7 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from dropspy.errors import RecordingError, UnsupportedModelError
-from dropspy.frameworks.torch_capture import Capture, Entry, Frame, FunctionMode
+from dropspy.frameworks.torch_capture import FAST_PATH_MODULES, Capture, Entry, Frame, FunctionMode
 from dropspy.frameworks.torch_pack import DeviceCopy, pack_host
 from dropspy.frameworks.torch_sites import SiteFacts, SiteKey, SiteRegistry
 from dropspy.store import Record
@@ -163,22 +163,59 @@ class TorchAdapter:
     # -- module hooks ------------------------------------------------------------------------
 
     def _pre_hook(self, path: str) -> Callable:
+        fast_path = isinstance(self._module_at(path), FAST_PATH_MODULES)
+
         def hook(module: torch.nn.Module, args: Any) -> None:
             cap = self._capture
             if not cap.stack:
                 self._begin_forward()
-            cap.stack.append(Frame(path, module))
+            frame = Frame(path, module)
+            cap.stack.append(frame)
+            if cap.bypassed:
+                if not module.training and cap.capturing:
+                    if isinstance(module, torch.nn.MultiheadAttention):
+                        cap.mha_while_bypassed(frame, args)
+                    else:
+                        cap.module_while_bypassed(frame, args)
+            elif fast_path and not module.training and self._step_aside():
+                frame.bypass = True
+                cap.bypassed += 1
+                if cap.capturing and isinstance(module, torch.nn.MultiheadAttention):
+                    cap.mha_while_bypassed(frame, args)
         return hook
 
     def _post_hook(self, path: str) -> Callable:
         def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
             cap = self._capture
-            if cap.stack and cap.stack[-1].module is module:
-                cap.stack.pop()
+            if not cap.stack or cap.stack[-1].module is not module:
+                return
+            frame = cap.stack.pop()
+            if frame.bypass:
+                cap.bypassed -= 1
+                self._step_back()
+            cap.end_module(frame)
             if not cap.stack:
-                cap.end_module(None)
                 self._end_forward(module)
         return hook
+
+    def _module_at(self, path: str) -> torch.nn.Module:
+        return self.model.get_submodule(path) if path else self.model
+
+    def _step_aside(self) -> bool:
+        """Take the function mode off the stack (it must be on top) for a fast-path call."""
+        from torch.overrides import _get_current_function_mode_stack, _pop_mode
+
+        stack = _get_current_function_mode_stack()
+        if not stack or stack[-1] is not self._mode:
+            return False
+        _pop_mode()
+        return True
+
+    def _step_back(self) -> None:
+        from torch.overrides import _push_mode
+
+        if self._mode is not None:
+            _push_mode(self._mode)
 
     def _begin_forward(self) -> None:
         if threading.get_ident() != self._thread:

@@ -64,12 +64,13 @@ class Entry:
 class Frame:
     """A module of the recorded model whose ``forward`` is running."""
 
-    __slots__ = ("path", "module", "drew")
+    __slots__ = ("path", "module", "drew", "bypass")
 
     def __init__(self, path: str, module: torch.nn.Module) -> None:
         self.path = path
         self.module = module
-        self.drew = False
+        self.drew = False  # drew a mask during this call
+        self.bypass = False  # the function mode stepped aside for this call (eval fast path)
 
 
 class Draw:
@@ -199,6 +200,15 @@ _MUL = {torch.Tensor.mul, torch.Tensor.mul_, _VF.mul, torch.Tensor.multiply,
         torch.Tensor.multiply_, _VF.multiply, torch.Tensor.__mul__, torch.Tensor.__rmul__,
         torch.Tensor.__imul__, torch.Tensor.where, _VF.where, torch.Tensor.masked_fill,
         torch.Tensor.masked_fill_, _VF.masked_fill}
+_MODULE_KINDS = {
+    torch.nn.Dropout: "dropout", torch.nn.Dropout1d: "dropout1d", torch.nn.Dropout2d: "dropout2d",
+    torch.nn.Dropout3d: "dropout3d", torch.nn.AlphaDropout: "alpha_dropout",
+    torch.nn.FeatureAlphaDropout: "feature_alpha_dropout",
+}
+# Modules with an inference fast path that a function mode disables (has_torch_function):
+# in eval the mode steps aside during their forward, so outputs stay bit-identical.
+FAST_PATH_MODULES = (torch.nn.MultiheadAttention, torch.nn.TransformerEncoderLayer,
+                     torch.nn.TransformerEncoder)
 _MHA_SIG = inspect.signature(F.multi_head_attention_forward)
 _SDPA_NAMES = ("query", "key", "value", "attn_mask", "dropout_p")
 
@@ -225,6 +235,10 @@ class Capture:
         self.applied_in_group = False
         self.draw_log: list[Draw] | None = None  # the RNG audit's view, off by default
         self.taint: dict[int, tuple[weakref.ref, Entry]] = {}
+        # Dropout-like modules that make their own masks: path -> {key: last entry}, so a
+        # call that draws nothing (eval) is recorded as not applied.
+        self.handmade: dict[str, dict[SiteKey, Entry]] = {}
+        self.bypassed = 0
         self._noted: set[str] = set()
         self.handlers: dict[Callable, Callable] = {}
         for fn, spec in _DROPOUT_SPECS.items():
@@ -362,6 +376,8 @@ class Capture:
         frame.drew = True
         entry = self.add(key, module.training, tuple(mask.shape), mask)
         self.taint[id(out)] = (weakref.ref(out), entry)
+        if self.sites.facts(key).own:
+            self.handmade.setdefault(frame.path, {})[key] = entry
         return out
 
     def propagate(self, func: Callable, args: tuple, kwargs: dict, out: Any) -> None:
@@ -396,9 +412,46 @@ class Capture:
             self.taint[id(out)] = (weakref.ref(out), tainted)
 
     def end_module(self, frame: Frame) -> None:
-        """Drop the taint of masks drawn by a module once its forward returns."""
+        """Close one module call: eval calls of hand-made dropout, taint of finished forwards."""
+        if self.handmade and not frame.drew and self.capturing:
+            known = self.handmade.get(frame.path)
+            if known:
+                for key, last in known.items():
+                    self.add(key, frame.module.training, last.shape, None)
         if self.taint and not self.stack:
             self.taint.clear()
+
+    def module_while_bypassed(self, frame: Frame, args: tuple) -> None:
+        """Record an eval call of a dropout module that the mode cannot see (fast path)."""
+        module = frame.module
+        kind = _MODULE_KINDS.get(type(module))
+        if kind is None or not args or not isinstance(args[0], torch.Tensor):
+            return
+        shape = tuple(args[0].shape)
+        if kind in ("dropout1d", "dropout3d") and len(shape) == (2 if kind == "dropout1d" else 4):
+            shape = (1,) + shape
+        key = SiteKey(frame.path, kind, None)
+        self.sites.learn(key, lambda: self._dropout_facts(kind, module, float(module.p), True))
+        self.add(key, module.training, shape, None)
+
+    def mha_while_bypassed(self, frame: Frame, args: tuple) -> None:
+        """Record an eval call of ``nn.MultiheadAttention`` taking its fast path."""
+        mha = frame.module
+        if not mha.dropout or len(args) < 2:
+            return
+        q, k = args[0], args[1]
+        if q.dim() == 3:
+            batch, tgt, src = ((q.shape[0], q.shape[1], k.shape[1]) if mha.batch_first
+                               else (q.shape[1], q.shape[0], k.shape[0]))
+        else:
+            batch, tgt, src = 1, q.shape[0], k.shape[0]
+        src += (mha.bias_k is not None) + bool(mha.add_zero_attn)
+        key = SiteKey(frame.path, "attention", None)
+        p = float(mha.dropout)
+        self.sites.learn(key, lambda: SiteFacts(
+            layer_class=type(mha).__name__, role="attention", rate=p,
+            scale=dropout_scale("dropout", p), extra={"layout": "(batch, head, target, source)"}))
+        self.add(key, mha.training, (batch, mha.num_heads, tgt, src), None)
 
     # -- composites: RNN layer stacks and attention --------------------------------------------
 
