@@ -302,3 +302,28 @@ def test_scaled_dot_product_attention_dropout_is_recorded_on_cpu(tmp_path):
     mask = torch.from_numpy(site.mask(0))
     assert torch.equal(mask, noise != 0)
     assert torch.equal(weights * (mask.to(weights.dtype) / 0.5), out)
+
+
+def test_packed_sequence_between_layer_mask_has_packed_layout(tmp_path):
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    torch.manual_seed(0)
+    lstm = nn.LSTM(3, 4, num_layers=2, dropout=0.5)
+    x = _with_zeros(5, 3, 3)
+    packed = pack_padded_sequence(x, [5, 4, 2])
+    with dropspy.record(lstm, tmp_path / "run.h5"):
+        out, _ = lstm(packed)
+    run = dropspy.load(tmp_path / "run.h5")
+    site = run["between_layers"]
+    assert site.axes == ("axis0", "feature") and tuple(site.shapes[0]) == (11, 4)
+    first = nn.LSTM(3, 4)
+    second = nn.LSTM(4, 4)
+    with torch.no_grad():
+        for w in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            getattr(first, f"{w}_l0").copy_(getattr(lstm, f"{w}_l0"))
+            getattr(second, f"{w}_l0").copy_(getattr(lstm, f"{w}_l1"))
+    h, _ = first(packed)
+    mask = torch.from_numpy(site.mask(0))
+    h = h._replace(data=h.data * (mask.to(h.data.dtype) / 0.5))
+    rebuilt, _ = second(h)
+    assert torch.equal(rebuilt.data, out.data)

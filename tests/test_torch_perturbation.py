@@ -131,3 +131,49 @@ def test_every_zoo_site_is_recorded_with_masks(tmp_path):
     for name in run.sites:
         site = run[name]
         assert len(site) == 2 and site.applied.all(), name
+
+
+def test_rng_audit_catches_a_draw_that_is_not_a_mask(tmp_path):
+    class HandDropout(nn.Module):
+        def forward(self, x):
+            return x * (torch.rand_like(x) > 0.3) / 0.7
+
+    model = nn.Sequential(nn.Dropout(0.5), HandDropout())
+    with dropspy.record(model, tmp_path / "run.h5") as rec:
+        log = rec.adapter._capture.draw_log = []
+        torch.manual_seed(5)
+        model(torch.randn(4, 4))
+        after = torch.get_rng_state()
+    torch.manual_seed(5)
+    for draw in log:
+        torch.empty_like(draw.mask, dtype=draw.dtype).bernoulli_(draw.p)
+    assert len(log) == 1 and not torch.equal(torch.get_rng_state(), after)
+    run = dropspy.load(tmp_path / "run.h5")
+    assert run["1/untracked"].opaque
+
+
+def test_cpu_autocast_training_is_bit_identical(tmp_path):
+    def train(path=None):
+        torch.manual_seed(3)
+        model = nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.3), nn.LSTM(8, 8, 2, dropout=0.3))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        x = torch.randn(5, 2, 8)
+
+        def loop():
+            for _ in range(3):
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    out = model(x)[0]
+                out.float().sum().backward()
+                opt.step()
+
+        if path is None:
+            loop()
+        else:
+            with dropspy.record(model, path):
+                loop()
+        return [p.detach().clone() for p in model.parameters()], torch.get_rng_state()
+
+    (plain, plain_rng), (rec, rec_rng) = train(), train(tmp_path / "run.h5")
+    assert torch.equal(plain_rng, rec_rng)
+    assert all(torch.equal(a, b) for a, b in zip(plain, rec))
+    assert len(dropspy.load(tmp_path / "run.h5")["2/between_layers"]) == 3

@@ -369,7 +369,11 @@ class TorchAdapter:
                                SiteFacts(layer_class=type(module).__name__, role="between_layers",
                                          rate=p, scale=1.0 / (1.0 - p) if p < 1 else None,
                                          opaque=opaque, extra=extra))
-                registry.resolve(key, 3)
+                if opaque is not None:
+                    # No call will ever produce a record here: declare it now. Observable
+                    # sites are declared at first use, so their first layout (padded or
+                    # packed) gets the plain name.
+                    registry.resolve(key, 3)
 
     def _remove_mode(self) -> None:
         mode = self._mode

@@ -104,7 +104,11 @@ class Grabber(TorchDispatchMode):
                     self.draws.append(Draw("native_dropout", out[1].clone(), args[1], args[0].dtype))
             else:
                 # Copied now: ATen scales this very tensor in place right after.
-                p = args[1] if len(args) > 1 else kwargs.get("p")
+                if func is _aten.bernoulli.default:
+                    p = args[0]  # a tensor of probabilities
+                else:
+                    # The dispatcher drops arguments equal to their default (p=0.5).
+                    p = args[1] if len(args) > 1 else kwargs.get("p", 0.5)
                 self.draws.append(Draw(func.__name__, out != 0, p, out.dtype))
         elif _SEEDED in func.tags:
             self.other_random.append(str(packet))
