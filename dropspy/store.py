@@ -239,6 +239,7 @@ class RunWriter:
         self._lock = threading.Lock()
         self._dropped = dict.fromkeys(_DROP_CAUSES, 0)
         self._written = 0
+        self._flushed = 0
         self._bytes = 0
         self._error: str | None = None
         self._warned = False
@@ -335,6 +336,7 @@ class RunWriter:
         with self._lock:
             return {
                 "records_written": self._written,
+                "records_flushed": self._flushed,
                 "records_dropped": dict(self._dropped),
                 "bytes": self._bytes,
                 "sites": len(self._sites),
@@ -349,6 +351,12 @@ class RunWriter:
         self._queue.put(None)
         self._thread.join()
         _OPEN_WRITERS.discard(self)
+
+    def __enter__(self) -> RunWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # -- the writer thread --------------------------------------------------------------
 
@@ -372,6 +380,7 @@ class RunWriter:
                     self._append_all()
                     self._write_status(closed=False)
                     self._file.flush()
+                    self._flushed = self._written
                     buffered = 0
                     last_flush = time.monotonic()
             except Exception as exc:  # noqa: BLE001 - a write error must never reach training
@@ -428,11 +437,18 @@ class RunWriter:
         if self._pending_sites:
             self._declare_pending()
         added = 0
-        for rec in batch:
+        for k, rec in enumerate(batch):
             buf = self._buffers.get(rec.site)
-            if buf is None:
-                raise ValueError(f"Record for undeclared site {rec.site!r}: declare_site() it first")
-            nshape, packed = _check_record(rec, buf.rank)
+            try:
+                if buf is None:
+                    raise ValueError(
+                        f"Record for undeclared site {rec.site!r}: declare_site() it first"
+                    )
+                nshape, packed = _check_record(rec, buf.rank)
+            except ValueError:
+                self.count_dropped("write_error", len(batch) - k)
+                self._bytes += added
+                raise
             if self.max_bytes is not None and self._bytes + added + packed.size > self.max_bytes:
                 self.count_dropped("max_bytes")
                 continue
@@ -449,7 +465,6 @@ class RunWriter:
     def _append_all(self) -> None:
         if self._pending_sites:
             self._declare_pending()
-        written = 0
         for buf in self._buffers.values():
             if not buf.rows:
                 continue
@@ -482,9 +497,8 @@ class RunWriter:
             buf.rows.clear()
             buf.chunks.clear()
             buf.nbytes = 0
-            written += n
-        with self._lock:
-            self._written += written
+            with self._lock:
+                self._written += n
 
     def _write_status(self, *, closed: bool) -> None:
         with self._lock:
@@ -689,18 +703,7 @@ class Run(Mapping[str, Site]):
             raise RunFileError(f"{self.path}: damaged run file: {exc}") from exc
 
     def _check_root(self) -> None:
-        fmt = self.attrs.get("format")
-        if fmt != FORMAT_NAME:
-            raise RunFileError(
-                f"{self.path}: not a dropspy run file (HDF5 root attribute 'format' is "
-                f"{fmt!r}, expected {FORMAT_NAME!r})"
-            )
-        version = self.attrs.get("format_version")
-        if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
-            raise RunFileError(
-                f"{self.path}: run file format version {version!r} is not supported by dropspy "
-                f"{__version__} (it reads versions 1 to {FORMAT_VERSION}); upgrade dropspy"
-            )
+        _check_format(self._file, self.path)
         if "sites" not in self._file:
             raise RunFileError(f"{self.path}: run file has no 'sites' group")
         self.records_dropped: dict[str, int] = _json_attr(self.attrs, "records_dropped", self.path, {})
@@ -774,14 +777,34 @@ def _open_run_file(path: Path) -> h5py.File:
     if not is_hdf5:
         raise RunFileError(f"{path}: not an HDF5 file, expected a dropspy run file")
     try:
-        # swmr=True opens files whose SWMR writer died without clearing its status flag.
-        return h5py.File(path, "r", libver="latest", swmr=True)
-    except OSError:
-        pass
-    try:
         return h5py.File(path, "r")
     except OSError as exc:
-        raise RunFileError(f"{path}: HDF5 file cannot be opened (truncated or damaged?): {exc}") from exc
+        first = exc
+    if "open for write" in str(first):
+        # A writer that died outside SWMR mode leaves its status flag set; an SWMR reader
+        # ignores it. Only here: on a damaged file an SWMR reader retries reads for minutes.
+        try:
+            return h5py.File(path, "r", libver="latest", swmr=True)
+        except OSError:
+            pass
+    raise RunFileError(
+        f"{path}: HDF5 file cannot be opened (truncated or damaged?): {first}"
+    ) from first
+
+
+def _check_format(f: h5py.File, path: Path) -> None:
+    fmt = _decode(f.attrs.get("format"))
+    if fmt != FORMAT_NAME:
+        raise RunFileError(
+            f"{path}: not a dropspy run file (HDF5 root attribute 'format' is {fmt!r}, "
+            f"expected {FORMAT_NAME!r})"
+        )
+    version = _decode(f.attrs.get("format_version"))
+    if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
+        raise RunFileError(
+            f"{path}: run file format version {version!r} is not supported by dropspy "
+            f"{__version__} (it reads versions 1 to {FORMAT_VERSION}); upgrade dropspy"
+        )
 
 
 def load(path: str | os.PathLike[str]) -> Run:
@@ -811,5 +834,13 @@ def validate_file(path: str | os.PathLike[str]) -> list[str]:
     """
     from dropspy._schema import check_run_layout
 
-    with load(path) as run:
-        return check_run_layout(run._file)
+    path = Path(path)
+    f = _open_run_file(path)
+    try:
+        _check_format(f, path)
+        try:
+            return check_run_layout(f)
+        except (OSError, KeyError) as exc:
+            raise RunFileError(f"{path}: damaged run file: {exc}") from exc
+    finally:
+        f.close()

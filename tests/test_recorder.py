@@ -1,0 +1,143 @@
+"""record(): detection, sampling policy, lifecycle, summary, errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from fake_adapter import FakeAdapter, FakeModel
+
+import dropspy
+from dropspy.errors import RecordingError, UnsupportedModelError
+from dropspy.frameworks import _REGISTRY, register_adapter
+
+
+@pytest.fixture(autouse=True)
+def _fake_adapter():
+    # "dropspy" is always imported, so the fake adapter is always a candidate.
+    entry = ("dropspy", "fake_adapter", "FakeAdapter")
+    register_adapter(*entry)
+    yield
+    _REGISTRY.remove(entry)
+
+
+def test_records_every_mask_exactly(tmp_path):
+    model = FakeModel()
+    with dropspy.record(model, tmp_path / "r.h5"):
+        for _ in range(5):
+            model.train_step()
+    run = dropspy.load(tmp_path / "r.h5")
+    assert run.sites == ("enc.dropout", "dec.dropout")
+    assert run.framework == "fake" and run.attrs["framework_version"] == "1.0"
+    assert run.complete and run.records_written == 10
+    for name in run.sites:
+        site = run[name]
+        assert site.steps.tolist() == [0, 1, 2, 3, 4]
+        for i, step in enumerate(site.steps):
+            assert np.array_equal(site.mask(i), model.drawn[(name, int(step))])
+
+
+@pytest.mark.parametrize(
+    "kwargs, steps",
+    [
+        (dict(every=3), [0, 3, 6, 9]),
+        (dict(steps=range(2, 5)), [2, 3, 4]),
+        (dict(steps=[1, 7], every=1), [1, 7]),
+        (dict(every=2, steps=range(3, 9)), [4, 6, 8]),
+        (dict(steps=[]), []),
+    ],
+)
+def test_sampling_policy_picks_the_steps(tmp_path, kwargs, steps):
+    model = FakeModel()
+    with dropspy.record(model, tmp_path / "s.h5", **kwargs):
+        for _ in range(10):
+            model.train_step()
+    run = dropspy.load(tmp_path / "s.h5")
+    assert run["enc.dropout"].steps.tolist() == steps
+
+
+def test_site_globs_leave_other_sites_out_and_say_so(tmp_path):
+    model = FakeModel()
+    with dropspy.record(model, tmp_path / "g.h5", sites="enc.*"):
+        model.train_step()
+    run = dropspy.load(tmp_path / "g.h5")
+    assert run.sites == ("enc.dropout",)
+    assert any("dec.dropout" in n for n in run.notes)
+    assert run.records_dropped["site_filter"] == 1
+
+
+def test_summary_line_on_exit(tmp_path, capsys):
+    model = FakeModel()
+    with dropspy.record(model, tmp_path / "x.h5"):
+        model.train_step()
+    err = capsys.readouterr().err
+    assert "2 sites, 2 records" in err and "0 records dropped" in err
+
+
+def test_detaches_when_training_raises(tmp_path):
+    model = FakeModel()
+    before = FakeAdapter.detached
+    with pytest.raises(ZeroDivisionError):
+        with dropspy.record(model, tmp_path / "e.h5"):
+            model.train_step()
+            1 / 0
+    assert FakeAdapter.detached == before + 1 and model.hook is None
+    run = dropspy.load(tmp_path / "e.h5")
+    assert run.complete and len(run["enc.dropout"]) == 1
+
+
+def test_nesting_on_one_model_is_refused_and_sequential_use_works(tmp_path):
+    model = FakeModel()
+    with dropspy.record(model, tmp_path / "a.h5"):
+        with pytest.raises(RecordingError, match="already being recorded"):
+            with dropspy.record(model, tmp_path / "b.h5"):
+                pass
+        model.train_step()
+    rec = dropspy.record(model, tmp_path / "c.h5")
+    with rec:
+        model.train_step()
+    with pytest.raises(RecordingError, match="already used"):
+        with rec:
+            pass
+    assert len(dropspy.load(tmp_path / "a.h5")["enc.dropout"]) == 1
+    assert dropspy.load(tmp_path / "c.h5")["enc.dropout"].steps.tolist() == [1]
+
+
+def test_two_models_record_side_by_side(tmp_path):
+    a, b = FakeModel(1), FakeModel(2)
+    with dropspy.record(a, tmp_path / "a.h5"), dropspy.record(b, tmp_path / "b.h5"):
+        a.train_step()
+        b.train_step()
+    assert np.array_equal(dropspy.load(tmp_path / "b.h5")["enc.dropout"].mask(0),
+                          b.drawn[("enc.dropout", 0)])
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [(dict(every=0), "every"), (dict(on_full="wait"), "on_full"), (dict(steps=["x"]), "steps")],
+)
+def test_bad_arguments_say_what_was_received(tmp_path, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        with dropspy.record(FakeModel(), tmp_path / "bad.h5", **kwargs):
+            pass
+
+
+def test_unknown_model_names_what_was_received(tmp_path):
+    with pytest.raises(UnsupportedModelError, match="Received: builtins.object"):
+        dropspy.record(object(), tmp_path / "n.h5")
+
+
+def test_import_dropspy_imports_no_framework():
+    code = (
+        "import sys, dropspy, dropspy.store, dropspy.recorder, dropspy.frameworks;"
+        "import importlib.util as u;"
+        "[importlib] = [__import__('importlib')];"
+        "mods = ['dropspy.' + m for m in ('analysis', 'report', 'cli', 'testing') if u.find_spec('dropspy.' + m)];"
+        "[importlib.import_module(m) for m in mods];"
+        "bad = [m for m in ('torch', 'tensorflow', 'keras', 'tf_keras', 'jax', 'matplotlib') if m in sys.modules];"
+        "print(','.join(bad))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
