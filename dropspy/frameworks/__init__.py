@@ -16,9 +16,10 @@ from dropspy.errors import UnsupportedModelError
 __all__ = ["register_adapter", "find_adapter"]
 
 # (module that must already be imported, adapter module, adapter class)
+# Keras 2 (tf_keras) before Keras 3, so each claims its own models; both before torch.
 _REGISTRY: list[tuple[str, str, str]] = [
+    ("tf_keras", "dropspy.frameworks.tf_keras", "TfKerasAdapter"),
     ("keras", "dropspy.frameworks.keras", "KerasAdapter"),
-    ("tf_keras", "dropspy.frameworks.keras", "KerasAdapter"),
     ("torch", "dropspy.frameworks.torch", "TorchAdapter"),
 ]
 
