@@ -51,11 +51,28 @@ def test_meta_names_framework_backend_and_devices(tmp_path):
     assert run.framework == "torch" and run.attrs["backend"] == "cpu"
 
 
+def test_mode_is_on_the_stack_only_during_a_forward(tmp_path):
+    seen = []
+
+    class Probe(nn.Module):
+        def forward(self, x):
+            seen.append(_function_modes())
+            return x
+
+    model = nn.Sequential(nn.Dropout(0.5), Probe())
+    modes = _function_modes()
+    with dropspy.record(model, tmp_path / "run.h5"):
+        assert _function_modes() == modes
+        model(torch.randn(3, 4))
+        assert _function_modes() == modes
+    assert seen == [modes + 1]
+
+
 def test_detach_removes_every_hook_and_mode(tmp_path):
     model = _mlp()
     modes, opt_hooks = _function_modes(), _global_optimizer_hooks()
     with dropspy.record(model, tmp_path / "run.h5"):
-        assert _function_modes() == modes + 1 and _hook_counts(model) > 0
+        assert _hook_counts(model) > 0 and _global_optimizer_hooks() == opt_hooks + 1
         model(torch.randn(3, 4))
     assert _function_modes() == modes
     assert _hook_counts(model) == 0 and _global_optimizer_hooks() == opt_hooks
@@ -110,17 +127,39 @@ def test_nested_recordings_of_model_and_submodule_both_see_the_same_mask(tmp_pat
     assert np.array_equal(outer["1.0"].mask(0), nested["0"].mask(0))
 
 
-def test_recordings_closed_out_of_order_leave_the_other_mode_in_place(tmp_path):
+def test_recordings_closed_out_of_order_both_stay_complete(tmp_path):
     a, b = _mlp(), _mlp()
     modes = _function_modes()
     rec_a = dropspy.record(a, tmp_path / "a.h5").__enter__()
     rec_b = dropspy.record(b, tmp_path / "b.h5").__enter__()
+    a(torch.randn(2, 4))
     rec_a.__exit__(None, None, None)
-    assert _function_modes() == modes + 1
     b(torch.randn(2, 4))
     rec_b.__exit__(None, None, None)
+    assert _function_modes() == modes and _hook_counts(a) == _hook_counts(b) == 0
+    assert len(dropspy.load(tmp_path / "a.h5")["1"]) == len(dropspy.load(tmp_path / "b.h5")["1"]) == 1
+
+
+def test_a_mode_left_behind_by_a_failing_forward_stays_in_place(tmp_path):
+    from torch.overrides import BaseTorchFunctionMode
+
+    leftover = BaseTorchFunctionMode()
+
+    class Leaky(nn.Module):
+        def forward(self, x):
+            leftover.__enter__()  # entered, never exited: the forward raises
+            raise RuntimeError("leak")
+
+    model = nn.Sequential(nn.Dropout(0.5), Leaky())
+    modes = _function_modes()
+    with pytest.raises(RuntimeError, match="leak"):
+        with dropspy.record(model, tmp_path / "run.h5"):
+            model(torch.randn(2, 4))
+    from torch.overrides import _get_current_function_mode_stack, _pop_mode
+
+    assert _get_current_function_mode_stack()[-1] is leftover
+    _pop_mode()
     assert _function_modes() == modes
-    assert len(dropspy.load(tmp_path / "b.h5")["1"]) == 1
 
 
 def test_sequential_re_entry_records_into_each_file(tmp_path):

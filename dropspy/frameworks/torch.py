@@ -121,8 +121,10 @@ class TorchAdapter:
             self._declare_static_sites(model, registry)
             self._handles.append(register_optimizer_step_post_hook(
                 self._on_optimizer_step))
+            # The mode goes on the stack only while a top-level forward of the model runs
+            # (pre-hook to post-hook): the optimizer, the loss and data loading never pay
+            # for it, and an unsampled step does not push it at all.
             self._mode = FunctionMode(capture)
-            self._mode.__enter__()
         except BaseException:
             self.detach()
             raise
@@ -167,9 +169,9 @@ class TorchAdapter:
 
         def hook(module: torch.nn.Module, args: Any) -> None:
             cap = self._capture
-            if not cap.stack:
-                self._begin_forward()
             frame = Frame(path, module)
+            if not cap.stack:
+                self._begin_forward(frame)
             cap.stack.append(frame)
             if cap.bypassed:
                 if not module.training and cap.capturing:
@@ -195,6 +197,8 @@ class TorchAdapter:
                 self._step_back()
             cap.end_module(frame)
             if not cap.stack:
+                if frame.pushed:
+                    self._pop_mode()
                 self._end_forward(module)
         return hook
 
@@ -217,14 +221,20 @@ class TorchAdapter:
         if self._mode is not None:
             _push_mode(self._mode)
 
-    def _begin_forward(self) -> None:
+    def _begin_forward(self, frame: Frame) -> None:
         if threading.get_ident() != self._thread:
             raise RecordingError(
                 f"dropspy records the thread that entered record() (thread "
                 f"{self._thread}); this forward runs on thread {threading.get_ident()}. "
-                f"Enter record() on the thread that trains (torch modes are per thread).")
-        if self._clock == "forward" and torch._C._current_graph_task_id() == -1:
-            self._capture.capturing = self.session.want_step(self._step)
+                f"Enter record() on the thread that trains.")
+        if torch._C._current_graph_task_id() != -1:
+            return  # a checkpoint re-run during backward: same masks, already recorded
+        cap = self._capture
+        if self._clock == "forward":
+            cap.capturing = self.session.want_step(self._step)
+        if cap.capturing and self._mode is not None:
+            self._mode.__enter__()
+            frame.pushed = True
 
     def _end_forward(self, module: torch.nn.Module) -> None:
         cap = self._capture
@@ -380,16 +390,21 @@ class TorchAdapter:
         if mode is None:
             return
         mode.dead = True  # a mode left on another thread's stack passes everything through
+        self._pop_mode()
         self._mode = None
-        if threading.get_ident() != self._thread:
+
+    def _pop_mode(self) -> None:
+        """Take our mode off this thread's stack, leaving any other mode where it is."""
+        mode = self._mode
+        if mode is None or threading.get_ident() != self._thread:
             return
         from torch.overrides import _get_current_function_mode_stack, _pop_mode, _push_mode
 
         stack = _get_current_function_mode_stack()
         if mode not in stack:
             return
-        # Pop down to our mode and put back any mode pushed after it (record() contexts
-        # closed out of order must not take another recording's mode with them).
+        # Pop down to our mode and put back any mode pushed after it (a forward that left a
+        # mode behind, e.g. it raised inside someone's mode context).
         above = []
         while True:
             top = _pop_mode()

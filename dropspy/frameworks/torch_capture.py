@@ -64,13 +64,14 @@ class Entry:
 class Frame:
     """A module of the recorded model whose ``forward`` is running."""
 
-    __slots__ = ("path", "module", "drew", "bypass")
+    __slots__ = ("path", "module", "drew", "bypass", "pushed")
 
     def __init__(self, path: str, module: torch.nn.Module) -> None:
         self.path = path
         self.module = module
         self.drew = False  # drew a mask during this call
         self.bypass = False  # the function mode stepped aside for this call (eval fast path)
+        self.pushed = False  # this top-level call put the function mode on the stack
 
 
 class Draw:
