@@ -327,3 +327,24 @@ def test_packed_sequence_between_layer_mask_has_packed_layout(tmp_path):
     h = h._replace(data=h.data * (mask.to(h.data.dtype) / 0.5))
     rebuilt, _ = second(h)
     assert torch.equal(rebuilt.data, out.data)
+
+
+def test_hand_made_mask_scaled_by_a_tensor_is_followed_to_its_application(tmp_path):
+    class Locked(nn.Module):
+        def forward(self, x):
+            scale = torch.tensor(1 / 0.6)
+            mask = x.new_empty(1, x.shape[1]).bernoulli_(0.6) * scale
+            return x * mask.expand(x.shape[0], -1)
+
+    model = nn.Sequential(Locked())
+    run = _record_once(model, _with_zeros(5, 4), tmp_path / "run.h5")
+    site = run["0/bernoulli"]  # not a dropout-looking class: named after the call
+    assert tuple(site.shapes[0]) == (5, 4) and tuple(site.noise_shapes[0]) == (1, 4)
+
+
+def test_stacked_rnn_in_eval_records_every_gap_as_not_applied(tmp_path):
+    gru = nn.GRU(3, 4, num_layers=3, dropout=0.5, batch_first=True).eval()
+    run = _record_once(gru, _with_zeros(2, 5, 3), tmp_path / "run.h5")
+    for name in ("between_layers/0", "between_layers/1"):
+        site = run[name]
+        assert len(site) == 1 and not site.applied[0] and tuple(site.shapes[0]) == (5, 2, 4)

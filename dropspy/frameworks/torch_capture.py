@@ -214,6 +214,7 @@ _MODULE_KINDS = {
 # in eval the mode steps aside during their forward, so outputs stay bit-identical.
 FAST_PATH_MODULES = (torch.nn.MultiheadAttention, torch.nn.TransformerEncoderLayer,
                      torch.nn.TransformerEncoder)
+_EXPAND = {torch.Tensor.expand, torch.Tensor.expand_as, _VF.broadcast_to, torch.Tensor.broadcast_to}
 _MHA_SIG = inspect.signature(F.multi_head_attention_forward)
 _SDPA_NAMES = ("query", "key", "value", "attn_mask", "dropout_p")
 
@@ -398,7 +399,8 @@ class Capture:
                     others.append(a)
         if tainted is None:
             return
-        if func in _MUL and others:
+        if func in _MUL and any(o.numel() > 1 for o in others):
+            # Multiplying by data (not by a scale held in a tensor) applies the mask.
             shape = torch.broadcast_shapes(tainted.shape, *(o.shape for o in others))
             shape = tuple(shape)
             if len(shape) > len(tainted.noise.shape):
@@ -409,12 +411,10 @@ class Capture:
                 del self.taint[k]
             return
         if isinstance(out, torch.Tensor):
-            if out.numel() != tainted.noise.numel() and tuple(out.shape) != tainted.shape:
-                # expand / view keep the mask's values; anything that changes the element
-                # count (indexing, reductions) is not the mask any more.
-                if not (func in (torch.Tensor.expand, torch.Tensor.expand_as)):
-                    return
-            self.taint[id(out)] = (weakref.ref(out), tainted)
+            # Elementwise ops, views and expand keep the mask's values; anything else that
+            # changes the element count (indexing, reductions) is not the mask any more.
+            if out.numel() == tainted.noise.numel() or func in _EXPAND:
+                self.taint[id(out)] = (weakref.ref(out), tainted)
 
     def end_module(self, frame: Frame) -> None:
         """Close one module call: eval calls of hand-made dropout, taint of finished forwards."""
