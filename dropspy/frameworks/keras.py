@@ -146,8 +146,8 @@ class KerasAdapter:
             for spec in self._sites.all_specs():
                 if spec.rank is not None:
                     self._declare(spec, spec.rank)
-            cap.install()
-            self._undo.append(cap.uninstall)
+            cap.install(self)
+            self._undo.append(lambda: cap.uninstall(self))
             self._wrap_layers()
             self._wrap_training()
         except BaseException:
@@ -410,6 +410,26 @@ class KerasAdapter:
             self._add_draw(trace, spec, keep, ns, tf.shape(inputs, out_type=tf.int32),
                            training, True, rank=spec.rank)
         return out
+
+    def on_untraced_dropout(self) -> None:
+        """A dropout drawn outside any recorded train step (custom loop?): say so, once."""
+        from keras.src.layers.rnn.dropout_rnn_cell import DropoutRNNCell
+
+        if "untraced" in self._noted:
+            return
+        layer = self._drawing_layer()
+        # RNN layers draw their masks in every mode (predict, evaluate) and apply them only
+        # when training: those draws are expected outside train steps.
+        if layer is None or id(layer) not in self._sites.layers \
+                or isinstance(layer, DropoutRNNCell):
+            return
+        path = self._sites.layer_paths.get(id(layer), layer.name)
+        self._note_once(
+            "untraced",
+            f"{path} drew a dropout mask outside model.fit/train_on_batch (a custom training "
+            f"loop, or model(x, training=True)): dropspy records the masks of Keras train steps "
+            f"only; masks drawn elsewhere are not recorded.",
+        )
 
     def on_other_random(self, trace: Any, name: str) -> None:
         """A non-dropout ``keras.random`` draw inside a recorded step: name its layer opaque."""

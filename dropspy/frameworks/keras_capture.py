@@ -33,6 +33,7 @@ _ORIGINALS: dict[str, Any] = {}
 _install_lock = threading.Lock()
 _install_count = 0
 _local = threading.local()
+_attached: list[Any] = []   # adapters recording now: told about draws outside a recorded step
 
 
 @dataclass
@@ -160,6 +161,9 @@ def _patched_dropout(inputs: Any, rate: Any, noise_shape: Any = None, seed: Any 
     # Shape inference (compute_output_spec in a scratch graph, e.g. a lazy build) draws
     # nothing that runs: leave it alone.
     if trace is None or in_symbolic_scope():
+        if trace is None and _attached and not in_symbolic_scope():
+            for owner in list(_attached):
+                owner.on_untraced_dropout()
         return _ORIGINAL_DROPOUT(inputs, rate, noise_shape=noise_shape, seed=seed)
     return trace.owner.on_dropout(trace, inputs, rate, noise_shape, seed)
 
@@ -176,10 +180,12 @@ def _make_random_guard(name: str, original: Any) -> Any:
     return guarded
 
 
-def install() -> None:
+def install(owner: Any = None) -> None:
     """Patch Keras' TF-backend random functions (reference counted, one patch per process)."""
     global _install_count
     with _install_lock:
+        if owner is not None:
+            _attached.append(owner)
         if _install_count == 0:
             _tf_random.dropout = _patched_dropout
             for name in _OTHER_RANDOM:
@@ -190,10 +196,12 @@ def install() -> None:
         _install_count += 1
 
 
-def uninstall() -> None:
+def uninstall(owner: Any = None) -> None:
     """Undo one :func:`install`; the last one restores the original functions."""
     global _install_count
     with _install_lock:
+        if owner is not None and owner in _attached:
+            _attached.remove(owner)
         if _install_count == 0:
             return
         _install_count -= 1
