@@ -45,7 +45,6 @@ _VF = torch._C._VariableFunctions
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 _DROPSPY_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
 _SEEDED = torch.Tag.nondeterministic_seeded
-_MASK_OPS = {_aten.bernoulli_, _aten.bernoulli, _aten.native_dropout}
 
 
 class Entry:
@@ -86,6 +85,19 @@ class Draw:
         self.dtype = dtype
 
 
+def _watch_table() -> dict[Any, str]:
+    table = {}
+    for packet, what in ((_aten.bernoulli_, "bernoulli_"), (_aten.bernoulli, "bernoulli"),
+                         (_aten.native_dropout, "native_dropout")):
+        for name in packet.overloads():
+            table[getattr(packet, name)] = what
+    return table
+
+
+_WATCH = _watch_table()
+_SEEDED_CACHE: dict[Any, bool] = {}
+
+
 class Grabber(TorchDispatchMode):
     """Copies every keep-mask ATen draws while active; lists other seeded (random) ops."""
 
@@ -95,24 +107,27 @@ class Grabber(TorchDispatchMode):
         self.other_random: list[str] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        out = func(*args, **kwargs) if kwargs else func(*args)
+        what = _WATCH.get(func)
+        if what is None:
+            seeded = _SEEDED_CACHE.get(func)
+            if seeded is None:
+                seeded = _SEEDED_CACHE[func] = _SEEDED in func.tags
+            if seeded:
+                self.other_random.append(str(func.overloadpacket))
+            return out
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        packet = func.overloadpacket
-        if packet in _MASK_OPS:
-            if packet is _aten.native_dropout:
-                train = args[2] if len(args) > 2 else kwargs.get("train")
-                if train is not False:
-                    self.draws.append(Draw("native_dropout", out[1].clone(), args[1], args[0].dtype))
-            else:
-                # Copied now: ATen scales this very tensor in place right after.
-                if func is _aten.bernoulli.default:
-                    p = args[0]  # a tensor of probabilities
-                else:
-                    # The dispatcher drops arguments equal to their default (p=0.5).
-                    p = args[1] if len(args) > 1 else kwargs.get("p", 0.5)
-                self.draws.append(Draw(func.__name__, out != 0, p, out.dtype))
-        elif _SEEDED in func.tags:
-            self.other_random.append(str(packet))
+        if what == "native_dropout":
+            train = args[2] if len(args) > 2 else kwargs.get("train")
+            if train is not False:
+                self.draws.append(Draw("native_dropout", out[1].clone(), args[1], args[0].dtype))
+        elif func is _aten.bernoulli.default:
+            self.draws.append(Draw("bernoulli", out != 0, args[0], out.dtype))  # p: a tensor
+        else:
+            # Copied now: ATen scales this very tensor in place right after. The dispatcher
+            # drops arguments equal to their default, so bernoulli_(0.5) arrives without p.
+            p = args[1] if len(args) > 1 else kwargs.get("p", 0.5)
+            self.draws.append(Draw(what, out != 0, p, out.dtype))
         return out
 
 
