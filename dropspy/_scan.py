@@ -23,7 +23,7 @@ _KEEP_BYTES = 1 << 20
 _SAMPLE = 128
 
 
-def fingerprint(noise: np.ndarray) -> tuple[Any, ...]:
+def fingerprint(noise: np.ndarray, kept: int | None = None) -> tuple[Any, ...]:
     """A cheap summary of a mask: equal masks always have equal fingerprints.
 
     Shape, number of kept elements, and the bits at a few hundred fixed positions (the first,
@@ -32,7 +32,8 @@ def fingerprint(noise: np.ndarray) -> tuple[Any, ...]:
     """
     flat = noise.reshape(-1)
     n = flat.size
-    kept = int(np.count_nonzero(flat))
+    if kept is None:
+        kept = int(np.count_nonzero(flat))
     if n <= 3 * _SAMPLE:
         sample = flat
     else:
@@ -179,7 +180,7 @@ def scan_site(site: Any, *, want_digests: bool = False, max_bytes: int = 16 << 2
                 if noise.shape[k] > 1 and not _constant_along(noise, k):
                     scan.varies_at[k] = i
                     undecided.remove(k)
-        fp = fingerprint(noise)
+        fp = fingerprint(noise, kept)
         keep = noise if noise.nbytes <= _KEEP_BYTES else None
         step, call = int(steps[i]), int(calls[i])
         if step != step_now:
