@@ -191,6 +191,18 @@ def test_compiled_model_is_refused_with_the_way_forward(tmp_path):
         dropspy.record(model, tmp_path / "run.h5").__enter__()
 
 
+def test_torchscript_module_is_refused_by_name(tmp_path):
+    scripted = torch.jit.script(_mlp())
+    with pytest.raises(UnsupportedModelError, match="TorchScript"):
+        dropspy.record(scripted, tmp_path / "run.h5").__enter__()
+
+
+def test_invalid_cudnn_rnn_option_says_what_it_got(monkeypatch):
+    monkeypatch.setenv("DROPSPY_TORCH_CUDNN_RNN", "fast")
+    with pytest.raises(ValueError, match="Received: cudnn_rnn='fast'"):
+        TorchAdapter(_mlp(), session=None)
+
+
 def test_forward_on_another_thread_is_refused_by_name(tmp_path):
     model = _mlp()
     errors = []
@@ -454,3 +466,17 @@ def test_fused_sdpa_dropout_is_opaque_on_cuda(tmp_path):
     run = dropspy.load(tmp_path / "run.h5")
     (name,) = run.sites
     assert "fused attention kernel" in run[name].opaque and len(run[name]) == 0
+
+
+def test_long_inference_loops_hand_over_not_applied_records_as_they_go(tmp_path, monkeypatch):
+    import dropspy.frameworks.torch as adapter_module
+
+    monkeypatch.setattr(adapter_module, "EVAL_MAX_ENTRIES", 2)
+    model = _mlp().eval()
+    with dropspy.record(model, tmp_path / "run.h5") as rec:
+        for _ in range(4):
+            model(torch.randn(2, 4))
+        held = len(rec.adapter._held) + len(rec.adapter._capture.entries)
+    assert held <= 2
+    site = dropspy.load(tmp_path / "run.h5")["1"]
+    assert len(site) == 4 and not site.applied.any()

@@ -15,6 +15,7 @@ step, bit-packed.
 from __future__ import annotations
 
 import itertools
+import os
 import threading
 import weakref
 from collections.abc import Callable
@@ -35,6 +36,9 @@ __all__ = ["TorchAdapter"]
 # step: gradient accumulation) or until this many pass without one (then each is a step).
 AUTO_MAX_FORWARDS = 16
 AUTO_MAX_BYTES = 64 << 20
+# Eval forwards without masks do not end a step; past this many held records they do, so a
+# long inference loop does not hold its not-applied records until the recording ends.
+EVAL_MAX_ENTRIES = 10_000
 
 class TorchAdapter:
     """Records the dropout masks of a ``torch.nn.Module``.
@@ -44,7 +48,8 @@ class TorchAdapter:
         session: The recorder's session.
         cudnn_rnn: ``"opaque"`` (default) reports cuDNN's between-layer RNN dropout as an
             opaque site; ``"exact"`` runs those RNN calls without cuDNN so their masks are
-            recorded, which changes the random stream (announced as a perturbation).
+            recorded, which changes the random stream (announced as a perturbation). None
+            reads ``DROPSPY_TORCH_CUDNN_RNN`` (default ``"opaque"``).
 
     Raises:
         UnsupportedModelError: The model is wrapped in ``DataParallel`` /
@@ -58,10 +63,14 @@ class TorchAdapter:
         """Whether ``model`` is a ``torch.nn.Module``."""
         return isinstance(model, torch.nn.Module)
 
-    def __init__(self, model: torch.nn.Module, session: Any, *, cudnn_rnn: str = "opaque") -> None:
+    def __init__(self, model: torch.nn.Module, session: Any, *, cudnn_rnn: str | None = None) -> None:
+        if cudnn_rnn is None:
+            # record() has no adapter options; the opt-in travels by environment variable.
+            cudnn_rnn = os.environ.get("DROPSPY_TORCH_CUDNN_RNN", "opaque")
         if cudnn_rnn not in ("opaque", "exact"):
-            raise ValueError(f"Invalid value received for argument `cudnn_rnn`. Expected "
-                             f"'opaque' or 'exact'. Received: cudnn_rnn={cudnn_rnn!r}")
+            raise ValueError(f"Invalid value received for argument `cudnn_rnn` (or "
+                             f"DROPSPY_TORCH_CUDNN_RNN). Expected 'opaque' or 'exact'. "
+                             f"Received: cudnn_rnn={cudnn_rnn!r}")
         _refuse_wrappers(model)
         self.model = model
         self.session = session
@@ -240,7 +249,8 @@ class TorchAdapter:
         cap = self._capture
         if torch._C._current_graph_task_id() != -1:
             return  # a checkpoint re-run during backward, not a forward of the training loop
-        if not (module.training or cap.applied_in_group):
+        if not (module.training or cap.applied_in_group or (
+                self._clock in ("forward", "auto") and len(cap.entries) >= EVAL_MAX_ENTRIES)):
             return  # eval forwards without masks join the next step's records
         cap.applied_in_group = False
         if self._clock == "forward":
@@ -430,6 +440,11 @@ def _refuse_wrappers(model: torch.nn.Module) -> None:
     """Refuse DataParallel / DDP / compiled modules by name, saying what to do instead."""
     from torch.nn.parallel import DataParallel, DistributedDataParallel
 
+    if isinstance(model, torch.jit.ScriptModule):
+        raise UnsupportedModelError(
+            "dropspy cannot record a TorchScript module (torch.jit.script/trace): its dropout "
+            "runs inside the TorchScript interpreter, out of dropspy's sight, and it takes no "
+            "hooks. Record the eager nn.Module it was made from.")
     for name, module in model.named_modules():
         where = f" (at {name!r})" if name else ""
         if isinstance(module, DataParallel):
