@@ -426,20 +426,67 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 @pytest.mark.gpu
 @cuda
-def test_cuda_dropout_mask_reproduces_output(tmp_path):
+def test_cuda_dropout_mask_is_the_fused_kernels_mask(tmp_path):
     layer = nn.Dropout(0.3).cuda()
-    x = torch.randn(64, 33, device="cuda")
+    model = nn.Sequential(layer, nn.Dropout2d(0.5)).cuda()
+    x = torch.randn(64, 33, 4, 4, device="cuda")
     x[:, ::3] = 0
     seen = {}
     layer.register_forward_hook(lambda m, a, out: seen.update(out=out.clone()))
-    model = nn.Sequential(layer)
+    state = torch.cuda.get_rng_state()
     with dropspy.record(model, tmp_path / "run.h5"):
         model(x)
     run = dropspy.load(tmp_path / "run.h5")
     assert run.attrs["backend"] == "cuda"
     mask = torch.from_numpy(run["0"].mask(0)).cuda()
-    # CUDA's fused native_dropout computes input * mask * scale in one kernel.
-    assert torch.equal(x * mask * (1.0 / 0.7), seen["out"])
+    # Witness: replaying the same generator state through native_dropout draws this mask.
+    torch.cuda.set_rng_state(state)
+    out, replayed = torch.native_dropout(x, 0.3, True)
+    assert torch.equal(mask, replayed) and torch.equal(out, seen["out"])
+    assert torch.equal(seen["out"][~mask], torch.zeros_like(seen["out"][~mask]))
+    assert tuple(run["1"].noise_shapes[0]) == (64, 33, 1, 1)
+
+
+@pytest.mark.gpu
+@cuda
+def test_cuda_training_with_record_is_bit_identical(tmp_path):
+    def train(path=None):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(16, 16), nn.Dropout(0.3), nn.Linear(16, 1)).cuda()
+        opt = torch.optim.Adam(model.parameters())
+        x = torch.randn(32, 16, device="cuda")
+
+        def loop():
+            for _ in range(5):
+                opt.zero_grad()
+                model(x).sum().backward()
+                opt.step()
+
+        if path is None:
+            loop()
+        else:
+            with dropspy.record(model, path):
+                loop()
+        return [p.detach().clone() for p in model.parameters()], torch.cuda.get_rng_state()
+
+    (plain, plain_rng), (rec, rec_rng) = train(), train(tmp_path / "run.h5")
+    assert torch.equal(plain_rng, rec_rng)
+    assert all(torch.equal(a, b) for a, b in zip(plain, rec))
+    assert dropspy.load(tmp_path / "run.h5")["1"].steps.tolist() == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.gpu
+@cuda
+def test_cudnn_exact_mode_records_masks_and_says_it_perturbs(tmp_path, monkeypatch):
+    monkeypatch.setenv("DROPSPY_TORCH_CUDNN_RNN", "exact")
+    lstm = nn.LSTM(8, 8, num_layers=2, dropout=0.5).cuda()
+    with pytest.warns(dropspy.DropspyWarning, match="without cuDNN"):
+        with dropspy.record(lstm, tmp_path / "run.h5"):
+            lstm(torch.randn(5, 3, 8, device="cuda"))
+    run = dropspy.load(tmp_path / "run.h5")
+    site = run["between_layers"]
+    assert site.opaque in (None, "") and len(site) == 1 and site.applied[0]
+    assert any("perturbation" in note for note in run.notes)
 
 
 @pytest.mark.gpu
