@@ -92,6 +92,13 @@ def check_run_layout(f: h5py.File) -> list[str]:
     """Every problem of an open run file: attributes, datasets, and record consistency."""
     schema = run_schema()["properties"]
     problems = check(_plain(f.attrs), schema["root_attributes"], "/")
+    status = f.get("status")
+    if not isinstance(status, h5py.Dataset) or status.shape != (1,) or status.dtype.kind != "S":
+        problems.append("/status: expected a (1,) fixed-length bytes dataset")
+    else:
+        text = bytes(status[0]).rstrip(b"\0").decode("utf-8", "replace")
+        problems += check(text, {"contentMediaType": "application/json",
+                                 "contentSchema": schema["status"]}, "/status")
     sites = f.get("sites")
     if not isinstance(sites, h5py.Group):
         return problems + ["/sites: missing group"]

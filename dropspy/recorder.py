@@ -32,7 +32,7 @@ class Session:
 
     def __init__(
         self,
-        writer: RunWriter,
+        writer: RunWriter | None,
         *,
         every: int = 1,
         steps: Iterable[int] | None = None,
@@ -197,12 +197,13 @@ class Recording:
             "max_bytes": self._max_bytes,
             "on_full": self._on_full,
         }
-        adapter_cls = self._adapter_cls
-        self.writer = RunWriter(self.path, {"config": config}, max_bytes=self._max_bytes,
-                                on_full=self._on_full)
-        self.session = Session(self.writer, **self._options)
-        self.adapter = adapter_cls(self.model, self.session)
-        self.writer.set_meta(self.adapter.meta())
+        # The adapter is built before the writer so that its metadata is in the file before
+        # SWMR writing starts (root attributes are not rewritten after that).
+        self.session = Session(None, **self._options)
+        self.adapter = self._adapter_cls(self.model, self.session)
+        meta = {**self.adapter.meta(), "config": config}
+        self.writer = RunWriter(self.path, meta, max_bytes=self._max_bytes, on_full=self._on_full)
+        self.session.writer = self.writer
         self.adapter.attach()
         if self.session.excluded:
             self.writer.note(

@@ -60,6 +60,7 @@ _ROLES = ("output", "input", "recurrent", "between_layers", "attention", "custom
 _INDEX = ("step", "call", "training", "applied", "offset")
 _RESERVED = ("format", "format_version", "dropspy_version", "closed_cleanly", "records_written",
              "records_dropped", "stop_reason", "notes", "host", "started")
+_STATUS_BYTES = 1 << 16
 _DROP_CAUSES = ("queue_full", "max_bytes", "write_error", "site_filter")
 
 
@@ -113,7 +114,7 @@ class SiteInfo:
 
     def to_attrs(self) -> dict[str, Any]:
         """The site as plain HDF5 attributes (strings, numbers, JSON strings)."""
-        return {
+        return {k: _attr_value(v) for k, v in {
             "name": self.name,
             "layer": self.layer,
             "layer_class": self.layer_class,
@@ -125,7 +126,7 @@ class SiteInfo:
             "scale": float("nan") if self.scale is None else float(self.scale),
             "opaque": self.opaque or "",
             "extra": json.dumps(dict(self.extra), sort_keys=True),
-        }
+        }.items()}
 
 
 @dataclass(slots=True)
@@ -253,20 +254,24 @@ class RunWriter:
         except OSError as exc:
             raise RunFileError(f"{self.path}: cannot create run file: {exc}") from exc
         root = self._file.attrs
-        root["format"] = FORMAT_NAME
+        root["format"] = _attr_value(FORMAT_NAME)
         root["format_version"] = FORMAT_VERSION
-        root["dropspy_version"] = __version__
+        root["dropspy_version"] = _attr_value(__version__)
         for key, value in (meta or {}).items():
+            if key in _RESERVED:
+                raise ValueError(f"Root attribute {key!r} is set by the writer, not by an adapter")
             root[key] = _attr_value(value)
         for key, default in (("framework", "unknown"), ("framework_version", ""),
                              ("backend", ""), ("devices", "[]"), ("rank", 0)):
             if key not in root:
-                root[key] = default
-        root["host"] = os.uname().nodename
-        root["started"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        root["notes"] = "[]"
+                root[key] = _attr_value(default)
+        root["host"] = _attr_value(os.uname().nodename)
+        root["started"] = _attr_value(time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         self._notes: list[str] = []
         self._sites_group = self._file.create_group("sites")
+        status = self._file.create_dataset("status", (1,), dtype=f"S{_STATUS_BYTES}")
+        status.attrs["content"] = _attr_value(
+            "JSON: closed_cleanly, records_written, records_dropped, stop_reason, notes")
         self._buffers: dict[str, _SiteBuffer] = {}
         self._write_status(closed=False)
         self._file.flush()
@@ -290,14 +295,6 @@ class RunWriter:
                 return
             self._sites[info.name] = info
             self._pending_sites.append(info)
-
-    def set_meta(self, meta: Mapping[str, Any]) -> None:
-        """Set root attributes (framework, versions, devices...) once recording starts."""
-        with self._lock:
-            for key, value in meta.items():
-                if key in _RESERVED:
-                    raise ValueError(f"Root attribute {key!r} is set by the writer, not by an adapter")
-                self._file.attrs[key] = _attr_value(value)
 
     def note(self, message: str) -> None:
         """Store a message for the user in the file (root attribute ``notes``)."""
@@ -501,16 +498,23 @@ class RunWriter:
                 self._written += n
 
     def _write_status(self, *, closed: bool) -> None:
+        # Mutable status lives in one fixed-size dataset, overwritten in place: rewriting
+        # attributes under SWMR corrupted files killed mid-flush (bad heap index), raw data
+        # writes to an existing dataset do not.
         with self._lock:
-            dropped = dict(self._dropped)
-            written = self._written
-            notes = list(self._notes)
-        root = self._file.attrs
-        root["closed_cleanly"] = int(closed)
-        root["records_written"] = written
-        root["records_dropped"] = json.dumps(dropped, sort_keys=True)
-        root["stop_reason"] = self._error or ""
-        root["notes"] = json.dumps(notes)
+            status = {
+                "closed_cleanly": int(closed),
+                "records_written": self._written,
+                "records_dropped": dict(self._dropped),
+                "stop_reason": self._error or "",
+                "notes": list(self._notes),
+            }
+        text = json.dumps(status, sort_keys=True).encode("utf-8")
+        while len(text) > _STATUS_BYTES and status["notes"]:
+            kept = status["notes"][: len(status["notes"]) // 2]
+            status["notes"] = kept + [f"... {len(self._notes) - len(kept)} more notes not stored"]
+            text = json.dumps(status, sort_keys=True).encode("utf-8")
+        self._file["status"][0] = np.bytes_(text)
 
 
 _OPEN_WRITERS: weakref.WeakSet[RunWriter] = weakref.WeakSet()
@@ -526,11 +530,18 @@ def _close_open_writers() -> None:
 
 
 def _attr_value(value: Any) -> Any:
-    if isinstance(value, (str, int, float, np.integer, np.floating)) and not isinstance(value, bool):
-        return value
+    """A plain HDF5 attribute value: numbers as numbers, text as fixed-length UTF-8.
+
+    Fixed-length strings live in the attribute message itself; h5py's default variable-length
+    strings live in the global heap, which a writer killed mid-flush can leave damaged.
+    """
     if isinstance(value, bool):
         return int(value)
-    return json.dumps(value, sort_keys=True, default=str)
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        return value
+    if not isinstance(value, str):
+        value = json.dumps(value, sort_keys=True, default=str)
+    return np.bytes_(value.encode("utf-8")) if value else np.bytes_(b"")
 
 
 # -- reader -------------------------------------------------------------------------------
@@ -691,6 +702,8 @@ class Run(Mapping[str, Site]):
         try:
             self.attrs: dict[str, Any] = {k: _decode(v) for k, v in self._file.attrs.items()}
             self._check_root()
+            self.status: dict[str, Any] = _read_status(self._file, self.path)
+            self.attrs.update(self.status)
             self._sites: dict[str, Site] = {}
             for key in sorted(self._file["sites"].keys()):
                 site = Site(self._file["sites"][key], self.path)
@@ -706,9 +719,17 @@ class Run(Mapping[str, Site]):
         _check_format(self._file, self.path)
         if "sites" not in self._file:
             raise RunFileError(f"{self.path}: run file has no 'sites' group")
-        self.records_dropped: dict[str, int] = _json_attr(self.attrs, "records_dropped", self.path, {})
-        self.notes: list[str] = _json_attr(self.attrs, "notes", self.path, [])
         self.devices: list[str] = _json_attr(self.attrs, "devices", self.path, [])
+
+    @property
+    def records_dropped(self) -> dict[str, int]:
+        """Records drawn but not written, by cause (queue_full, max_bytes, write_error...)."""
+        return dict(self.status.get("records_dropped", {}))
+
+    @property
+    def notes(self) -> list[str]:
+        """Messages the recorder left for the user (perturbation, untracked draws...)."""
+        return list(self.status.get("notes", []))
 
     @property
     def framework(self) -> str:
@@ -790,6 +811,19 @@ def _open_run_file(path: Path) -> h5py.File:
     raise RunFileError(
         f"{path}: HDF5 file cannot be opened (truncated or damaged?): {first}"
     ) from first
+
+
+def _read_status(f: h5py.File, path: Path) -> dict[str, Any]:
+    if "status" not in f:
+        raise RunFileError(f"{path}: run file has no 'status' dataset")
+    raw = f["status"][0]
+    try:
+        status = json.loads(bytes(raw).rstrip(b"\0").decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise RunFileError(f"{path}: 'status' is not valid JSON: {bytes(raw)[:80]!r}") from exc
+    if not isinstance(status, dict):
+        raise RunFileError(f"{path}: 'status' is not a JSON object: {status!r}")
+    return status
 
 
 def _check_format(f: h5py.File, path: Path) -> None:

@@ -26,6 +26,7 @@ _CHILD = textwrap.dedent(
         w.declare_site(SiteInfo(f"site{k}", f"site{k}", "Dropout", "output",
                                 ("batch", "feature"), 0.3))
     declare(0)
+    print("ready", flush=True)
     last = -1
     for step in range(10**9):
         if step % 25 == 0:
@@ -43,7 +44,7 @@ _CHILD = textwrap.dedent(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("delay", np.linspace(0.4, 2.0, 12).round(3).tolist())
+@pytest.mark.parametrize("delay", np.linspace(0.0, 1.6, 12).round(3).tolist())
 def test_sigkill_at_any_moment_keeps_every_flushed_record(tmp_path, delay):
     path = tmp_path / "crash.h5"
     script = tmp_path / "child.py"
@@ -51,14 +52,13 @@ def test_sigkill_at_any_moment_keeps_every_flushed_record(tmp_path, delay):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
     child = subprocess.Popen([sys.executable, str(script), str(path)], stdout=subprocess.PIPE,
                              text=True, env=env)
+    assert child.stdout.readline().strip() == "ready"
     time.sleep(delay)
     child.send_signal(signal.SIGKILL)
     out, _ = child.communicate(timeout=30)
     flushed = [int(x) for x in out.split()]
-    if delay >= 1.5:
+    if delay >= 1.0:
         assert flushed and flushed[-1] > 0, "the child flushed nothing: the test would prove nothing"
-    if not path.exists():
-        pytest.skip("killed before the file was created")  # only with an extremely slow start
     run = load(path)
     assert not run.complete
     readable = run.records_readable

@@ -100,11 +100,13 @@ def test_file_is_self_describing_with_h5py_alone(tmp_path):
         w.declare_site(_site(name="lstm/input/i", axes=("batch", "feature"), gate="i"))
         w.submit([Record("lstm/input/i", 7, 0, True, (3, 11), noise=noise)])
     with h5py.File(path, "r") as f:
-        assert f.attrs["format"] == "dropspy.run"
+        # Text attributes are fixed-length UTF-8 (bytes in h5py): see store._attr_value.
+        assert f.attrs["format"].decode() == "dropspy.run"
         assert f.attrs["format_version"] == FORMAT_VERSION
-        assert f.attrs["closed_cleanly"] == 1
+        status = json.loads(f["status"][0].rstrip(b"\0"))
+        assert status["closed_cleanly"] == 1 and status["records_written"] == 1
         g = f["sites/000000"]
-        assert g.attrs["name"] == "lstm/input/i" and g.attrs["gate"] == "i"
+        assert g.attrs["name"].decode() == "lstm/input/i" and g.attrs["gate"].decode() == "i"
         assert json.loads(g.attrs["axes"]) == ["batch", "feature"]
         assert g["bits"].dtype == np.uint8 and g["bits"].compression == "gzip"
         assert [d.label for d in g["shape"].dims] == ["record", "axis"]
@@ -249,7 +251,12 @@ def test_validate_reports_layout_problems(tmp_path):
 def test_reader_never_evaluates_stored_text(tmp_path):
     path = tmp_path / "evil.h5"
     _write_small_run(path)
-    _set_attr(path, "notes", "__import__('os').system('false')")
+    with h5py.File(path, "r+") as f:
+        f["status"][0] = b"__import__('os').system('false')"
+    with pytest.raises(RunFileError, match="not valid JSON"):
+        load(path)
+    _write_small_run(path)
+    _set_attr(path, "devices", "__import__('os')")
     with pytest.raises(RunFileError, match="not valid JSON"):
         load(path)
 
