@@ -1,0 +1,218 @@
+"""Dropout before or after an LSTM: what is the difference? Answered with recorded masks.
+
+The usual answer to that question (for an input of shape (batch, steps, features) and
+``LSTM(10)``) makes six claims. This script builds each configuration as a small Keras model,
+trains it for a few steps on generated data while dropspy records every dropout mask, and
+prints, claim by claim, what the recorded masks show and whether the claim holds:
+
+1. Plain ``Dropout`` has no privileged axis: different features for each step and each sample.
+2. ``noise_shape=(1, steps, 1)`` drops time steps; ``(1, 1, features)`` drops features;
+   ``(None, 1, 1)`` drops whole samples.
+3. ``SpatialDropout1D`` drops the same features at every time step, differently per sample.
+   (3': a second answer says it drops entire time steps instead.)
+4. ``Dropout`` after ``LSTM(10)`` (output (None, 10)) drops features per sample, as in a
+   dense network.
+5. ``LSTM(dropout=...)`` draws 4 different masks, one for the input of each gate.
+6. ``recurrent_dropout`` draws 4 masks applied to the state at each step of the recurrence.
+   (6': read as "a new mask at each time step".)
+
+No verdict is written in this file: each comes from ``dropspy.analysis.analyze_run`` on the
+run file just recorded, so on another Keras/TensorFlow version (``TF_USE_LEGACY_KERAS=1`` for
+Keras 2) the same script prints that version's truth.
+
+Run:
+    python examples/dropout_around_lstm.py [--out DIR] [--small]
+
+It writes one run file per configuration, ``verdicts.json`` and PNG pictures into ``--out``
+(default ``out/dropout_around_lstm``); look at any run with ``dropspy inspect <file>``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+STARTED = time.perf_counter()
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import dropspy  # noqa: E402
+from dropspy.analysis import analyze_run  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _evidence import (  # noqa: E402
+    Verdict,
+    axes_verdict,
+    draw_overview,
+    gate_masks_verdict,
+    mask_panels,
+    over_time_verdict,
+    parse_args,
+    print_table,
+    sites_of,
+    write_verdicts,
+)
+
+# tf.keras is Keras 3 by default and tf_keras (Keras 2) under TF_USE_LEGACY_KERAS=1.
+keras = tf.keras
+L = keras.layers
+
+STEPS, FEATURES, UNITS, RATE = 20, 8, 10, 0.5
+
+
+def configurations() -> dict[str, list]:
+    """Each configuration of the question: the layers between the input and ``Dense(1)``."""
+    return {
+        "dropout_before_lstm": [L.Dropout(RATE, name="dropout"), L.LSTM(UNITS, name="lstm")],
+        "noise_shape_steps": [L.Dropout(RATE, noise_shape=(1, STEPS, 1), name="dropout"),
+                              L.LSTM(UNITS, name="lstm")],
+        "noise_shape_features": [L.Dropout(RATE, noise_shape=(1, 1, FEATURES), name="dropout"),
+                                 L.LSTM(UNITS, name="lstm")],
+        "noise_shape_samples": [L.Dropout(RATE, noise_shape=(None, 1, 1), name="dropout"),
+                                L.LSTM(UNITS, name="lstm")],
+        "spatial_dropout1d": [L.SpatialDropout1D(RATE, name="spatial_dropout1d"),
+                              L.LSTM(UNITS, name="lstm")],
+        "dropout_after_lstm": [L.LSTM(UNITS, name="lstm"), L.Dropout(RATE, name="dropout")],
+        "lstm_dropout": [L.LSTM(UNITS, dropout=RATE, name="lstm")],
+        "lstm_recurrent_dropout": [L.LSTM(UNITS, recurrent_dropout=RATE, name="lstm")],
+        "lstm_both": [L.LSTM(UNITS, dropout=RATE, recurrent_dropout=RATE, name="lstm")],
+    }
+
+
+LABELS = {  # picture row labels: claim number and configuration
+    "dropout_before_lstm": "1  Dropout -> LSTM",
+    "noise_shape_steps": f"2a Dropout(noise_shape\n=(1, {STEPS}, 1))",
+    "noise_shape_features": f"2b Dropout(noise_shape\n=(1, 1, {FEATURES}))",
+    "noise_shape_samples": "2c Dropout(noise_shape\n=(None, 1, 1))",
+    "spatial_dropout1d": "3  SpatialDropout1D",
+    "dropout_after_lstm": "4  LSTM -> Dropout",
+    "lstm_dropout": "5  LSTM(dropout)",
+    "lstm_recurrent_dropout": "6  LSTM(recurrent_dropout)",
+    "lstm_both": "5, 6  LSTM(dropout,\nrecurrent_dropout)",
+}
+
+
+def record_all(out, samples: int, batch: int) -> dict[str, str]:
+    """Train every configuration for one epoch while recording; return name -> run file."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(samples, STEPS, FEATURES)).astype("float32")
+    y = rng.normal(size=(samples, 1)).astype("float32")
+    files = {}
+    for name, layers in configurations().items():
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((STEPS, FEATURES)), *layers, L.Dense(1)], name=name)
+        model.compile(optimizer="adam", loss="mse")
+        path = out / f"{name}.h5"
+        with dropspy.record(model, path):
+            model.fit(x, y, batch_size=batch, epochs=1, shuffle=False, verbose=0)
+        files[name] = path
+    return files
+
+
+def judge(files: dict[str, str]) -> list[Verdict]:
+    """Every claim, judged on the analysis of the run file that answers it."""
+    runs = {name: dropspy.load(path) for name, path in files.items()}
+    an = {name: analyze_run(run) for name, run in runs.items()}
+    f = {name: os.path.basename(str(path)) for name, path in files.items()}
+    v = [
+        axes_verdict("1", "Dropout before LSTM: no privileged axis (sample, step and "
+                     "feature dropped independently)", f["dropout_before_lstm"],
+                     an["dropout_before_lstm"], "dropout", shared=()),
+        axes_verdict("2a", "noise_shape=(1, steps, 1) drops time steps", f["noise_shape_steps"],
+                     an["noise_shape_steps"], "dropout", shared=("batch", "feature")),
+        axes_verdict("2b", "noise_shape=(1, 1, features) drops features",
+                     f["noise_shape_features"], an["noise_shape_features"], "dropout",
+                     shared=("batch", "time")),
+        axes_verdict("2c", "noise_shape=(None, 1, 1) drops whole samples",
+                     f["noise_shape_samples"], an["noise_shape_samples"], "dropout",
+                     shared=("time", "feature")),
+        axes_verdict("3", "SpatialDropout1D drops the same features at every step, "
+                     "differently per sample", f["spatial_dropout1d"], an["spatial_dropout1d"],
+                     "spatial_dropout1d", shared=("time",)),
+        axes_verdict("3'", "SpatialDropout1D drops entire time steps", f["spatial_dropout1d"],
+                     an["spatial_dropout1d"], "spatial_dropout1d", shared=("feature",)),
+        axes_verdict("4", "Dropout after LSTM(10) (None, 10): per sample and feature, as "
+                     "in a dense net", f["dropout_after_lstm"], an["dropout_after_lstm"],
+                     "dropout", shared=()),
+    ]
+    for name, label in (("lstm_dropout", "LSTM(dropout)"),
+                        ("lstm_both", "LSTM(dropout, recurrent_dropout)")):
+        v.append(gate_masks_verdict("5", f"{label}: 4 different input masks, one per gate",
+                                    f[name], runs[name], an[name], "lstm", "input", want=4))
+    for name, label in (("lstm_recurrent_dropout", "LSTM(recurrent_dropout)"),
+                        ("lstm_both", "LSTM(dropout, recurrent_dropout)")):
+        v.append(gate_masks_verdict("6", f"{label}: 4 masks on the state, applied at each "
+                                    "step of the recurrence", f[name], runs[name], an[name],
+                                    "lstm", "recurrent", want=4, steps=STEPS))
+    v.append(over_time_verdict("6'", "recurrent_dropout: a new mask at each time step",
+                               f["lstm_recurrent_dropout"], an["lstm_recurrent_dropout"],
+                               "lstm", "recurrent", want="resampled"))
+    for run in runs.values():
+        run.close()
+    return v
+
+
+def pictures(out, files: dict[str, str]) -> list:
+    """An overview PNG (one sample per panel, feature down, time across) and one per site."""
+    from dropspy.plot import plot_site
+
+    rows = []
+    for name, path in files.items():
+        with dropspy.load(path) as run:
+            analysis = analyze_run(run)
+            for role in ("output", "input", "recurrent"):
+                found = [s for s in sites_of(analysis, "dropout", role)
+                         + sites_of(analysis, "spatial_dropout1d", role)
+                         + sites_of(analysis, "lstm", role) if s.applied_records]
+                if not found:
+                    continue
+                label = LABELS[name] + ("" if role == "output" else f"\n{role} mask")
+                if len(found) == 1:
+                    site = run[found[0].site]
+                    panels = mask_panels(site.axes, site.mask(0))
+                    if found[0].gates is not None and found[0].gates.verdict == "identical":
+                        label += "\n(one for all gates)"
+                else:  # one sample, the gates side by side
+                    label += "s, sample 0"
+                    panels = [(f"gate {run[s.site].gate}", img, x) for s in found
+                              for _, img, x in mask_panels(run[s.site].axes,
+                                                           run[s.site].mask(0), samples=1)]
+                rows.append((label, panels))
+                plot_site(run, found[0].site, out / f"{name}.{role}.png")
+    title = (f"Dropout masks recorded by dropspy at the first training step, Keras "
+             f"{_version()}: white = kept, black = dropped")
+    return [draw_overview(rows, out / "overview.png", title)]
+
+
+def _version() -> str:
+    return getattr(keras, "__version__", None) or keras.version()  # tf_keras: version()
+
+
+def main() -> int:
+    args = parse_args(__doc__.splitlines()[0], "dropout_around_lstm")
+    samples, batch = (64, 16) if args.small else (256, 32)
+    version = _version()
+    print(f"Dropout before or after an LSTM? Masks recorded by dropspy on Keras {version} "
+          f"(TensorFlow {tf.__version__}, {'GPU' if tf.config.list_physical_devices('GPU') else 'CPU'}).")
+    print(f"Input (batch={batch}, steps={STEPS}, features={FEATURES}), LSTM({UNITS}), rate "
+          f"{RATE}, {samples // batch} training steps per configuration.\n", flush=True)
+    files = record_all(args.out, samples, batch)
+    verdicts = judge(files)
+    print_table(verdicts)
+    write_verdicts(args.out, verdicts, {"framework": "keras", "keras_version": version,
+                                        "tensorflow_version": tf.__version__,
+                                        "steps": STEPS, "features": FEATURES, "batch": batch,
+                                        "training_steps": samples // batch})
+    if not args.no_pictures:
+        pictures(args.out, files)
+    print(f"\nRun files, verdicts.json and pictures: {args.out}  "
+          f"({time.perf_counter() - STARTED:.0f} s)")
+    print(f"Look closer: dropspy inspect {args.out / 'spatial_dropout1d.h5'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
