@@ -18,6 +18,7 @@ if keras.backend.backend() != "tensorflow":  # pragma: no cover
 import dropspy  # noqa: E402
 from dropspy.errors import RecordingError, UnsupportedModelError  # noqa: E402
 from dropspy.frameworks import keras_capture  # noqa: E402
+from _keras_util import assert_dropout_exact, planted  # noqa: E402
 
 L = keras.layers
 
@@ -40,7 +41,7 @@ def _data(n=8):
 def _patched_state(model):
     """Every trace of dropspy on the model and on Keras; empty when fully restored."""
     left = []
-    for name in ("train_step", "make_train_function"):
+    for name in ("train_step", "make_train_function", "call"):
         if name in model.__dict__:
             left.append(f"model.{name}")
     for layer in model._flatten_layers(include_self=False, recursive=True):
@@ -188,14 +189,58 @@ def test_noise_layers_and_unknown_random_layers_are_opaque_sites_with_a_reason(t
     assert any("jitter" in n and "opaque" in n for n in run.notes)
 
 
-def test_custom_loop_draws_are_not_recorded_and_the_run_says_so(tmp_path):
-    model = _model()
-    x, _ = _data()
+def _custom_loop(model, x, y, steps, compiled):
+    opt = keras.optimizers.SGD(0.1)
+    opt.build(model.trainable_variables)
+
+    def step(xb, yb):
+        with tf.GradientTape() as tape:
+            loss = keras.ops.mean((model(xb, training=True) - yb) ** 2)
+        grads = tape.gradient(loss, model.trainable_variables)
+        opt.apply(grads, model.trainable_variables)
+        return loss
+
+    if compiled:
+        step = tf.function(step)
+    for i in range(steps):
+        step(x[i * 4:(i + 1) * 4], y[i * 4:(i + 1) * 4])
+
+
+def test_eager_custom_gradient_tape_loop_is_recorded_one_step_per_training_call(tmp_path):
+    x, y = _data(12)
+    plain = _model()
+    _custom_loop(plain, x, y, 3, compiled=False)
+    recorded = _model()
+    with dropspy.record(recorded, tmp_path / "run.h5"):
+        _custom_loop(recorded, x, y, 3, compiled=False)
+        recorded(x, training=False)           # inference: no step, nothing recorded
+    for a, b in zip(plain.weights, recorded.weights):
+        np.testing.assert_array_equal(a.numpy().view(np.uint32), b.numpy().view(np.uint32))
+    run = dropspy.load(tmp_path / "run.h5")
+    assert len(run) == 10
+    for site in run.values():
+        assert site.steps.tolist() == [0, 1, 2] and site.applied.all()
+    assert _patched_state(recorded) == []
+
+
+def test_eager_model_call_masks_are_exact(tmp_path):
+    layer = L.Dropout(0.4, name="d")
+    model = keras.Sequential([keras.Input((6, 5)), layer])
+    x = planted((4, 6, 5))
     with dropspy.record(model, tmp_path / "run.h5"):
-        model(x, training=True)
+        y = model(x, training=True).numpy()
+    site = dropspy.load(tmp_path / "run.h5")["d"]
+    assert_dropout_exact(x, y, site.mask(0), site.scale)
+
+
+def test_compiled_custom_loop_is_not_recorded_and_the_run_says_so(tmp_path):
+    model = _model()
+    x, y = _data(8)
+    with dropspy.record(model, tmp_path / "run.h5"):
+        _custom_loop(model, x, y, 2, compiled=True)
     run = dropspy.load(tmp_path / "run.h5")
     assert all(len(s) == 0 for s in run.values())
-    assert any("outside model.fit" in n for n in run.notes)
+    assert any("tf.function" in n and "not recorded" in n for n in run.notes)
 
 
 def test_import_dropspy_imports_no_framework():

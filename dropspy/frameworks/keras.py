@@ -150,6 +150,7 @@ class KerasAdapter:
             self._undo.append(lambda: cap.uninstall(self))
             self._wrap_layers()
             self._wrap_training()
+            self._set_attr(self.model, "call", self._model_call_wrapper(self.model.call))
         except BaseException:
             self.detach()
             raise
@@ -320,6 +321,14 @@ class KerasAdapter:
                 f"attach the masks to it, and records nothing for this model.",
             )
             return logs
+        logs = dict(logs)
+        logs[_OUTPUT_KEY] = self._payload(trace)
+        return logs
+
+    def _payload(self, trace: Any) -> dict[str, Any]:
+        """The step's draws as three tensors, their metadata kept on the host by trace id."""
+        import tensorflow as tf
+
         tid = next(_trace_ids)
         metas, keeps, dims = [], [], []
         for d in trace.draws:
@@ -330,16 +339,49 @@ class KerasAdapter:
             dims += [tf.cast(d.noise_shape, tf.int32), tf.cast(d.applied_shape, tf.int32)]
             if d.applied:
                 keeps.append(tf.reshape(d.keep, [-1]))
-        self._traces[tid] = _TraceMeta(draws=metas, eager=eager)
-        payload = {
+        self._traces[tid] = _TraceMeta(draws=metas, eager=trace.eager)
+        return {
             "trace": tf.constant(tid, tf.int32),
             # One flat bool tensor and one int tensor: one device-to-host copy each per step.
             "bits": tf.concat(keeps, 0) if keeps else tf.zeros([0], tf.bool),
             "dims": tf.concat(dims, 0) if dims else tf.zeros([0], tf.int32),
         }
-        logs = dict(logs)
-        logs[_OUTPUT_KEY] = payload
-        return logs
+
+    def _model_call_wrapper(self, original: Callable[..., Any]) -> Any:
+        """Make each eager training-mode call of the model outside fit one recorded step."""
+        cap = self._cap
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            trace = cap.current_trace()
+            if trace is not None and trace.owner is self:
+                return original(*args, **kwargs)   # inside fit's train step: nothing to add
+            if not _static_bool(kwargs.get("training")):
+                return original(*args, **kwargs)
+            import tensorflow as tf
+
+            if not tf.executing_eagerly():
+                self._note_once(
+                    "untraced",
+                    f"{self.model.name} was called with training=True inside a tf.function "
+                    f"outside model.fit/train_on_batch (a compiled custom training loop): its "
+                    f"masks cannot leave that function and are not recorded. Run the loop "
+                    f"eagerly, or use fit/train_on_batch, to record them.",
+                )
+                return original(*args, **kwargs)
+            self._refresh_sites()
+            step_trace = cap.Trace(owner=self, graph=None, eager=True)
+            cap.push_trace(step_trace)
+            try:
+                out = original(*args, **kwargs)
+            finally:
+                cap.pop_trace(step_trace)
+            step = self._step
+            self._step += 1
+            self._on_step(step, self._payload(step_trace))
+            return out
+
+        call.__wrapped__ = original  # type: ignore[attr-defined]
+        return call
 
     def on_dropout(self, trace: Any, inputs: Any, rate: Any, noise_shape: Any, seed: Any) -> Any:
         """Called (at trace time) for each ``backend.random.dropout`` in a recorded step."""
