@@ -295,3 +295,49 @@ def test_multi_head_attention_dropout_is_an_attention_site(tmp_path):
     out_wrong = layer._output_dense(
         tf.constant(np.einsum("acbe,aecd->abcd", wrong, value))).numpy()
     assert not np.allclose(out_wrong, logs["y0"], rtol=1e-4, atol=1e-5)
+
+
+def test_keras_attention_layer_dropout_is_a_query_key_attention_site(tmp_path):
+    layer = L.Attention(dropout=0.5, name="att")
+
+    class Self(L.Layer):
+        def __init__(self, att, **kw):
+            super().__init__(**kw)
+            self.att = att
+
+        def call(self, x, training=False):
+            return self.att([x, x], return_attention_scores=True, training=training)
+
+    x = planted((3, 5, 4))
+    run, logs, _ = run_probe(Self(layer, name="self"), x, tmp_path / "run.h5")
+    site = run["self/att"]
+    assert site.role == "attention" and site.axes == ("batch", "query", "key")
+    # Keras' Attention returns the weights after dropout: compare with softmax(x x^T).
+    scores = np.einsum("bqd,bkd->bqk", x.astype(np.float64), x.astype(np.float64))
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    mask = site.mask(0)
+    np.testing.assert_allclose(logs["y1"], np.where(mask, probs * site.scale, 0),
+                               rtol=1e-4, atol=1e-6)
+    assert not np.allclose(logs["y1"], np.where(shuffled(mask), probs * site.scale, 0),
+                           rtol=1e-4, atol=1e-6)
+
+
+def test_group_query_attention_dropout_is_an_attention_site(tmp_path):
+    layer = L.GroupQueryAttention(head_dim=2, num_query_heads=4, num_key_value_heads=2,
+                                  dropout=0.5, name="gqa")
+
+    class Self(L.Layer):
+        def __init__(self, att, **kw):
+            super().__init__(**kw)
+            self.att = att
+
+        def call(self, x, training=False):
+            return self.att(x, x, training=training)
+
+    x = planted((2, 5, 4))
+    run, _, _ = run_probe(Self(layer, name="self"), x, tmp_path / "run.h5")
+    site = run["self/gqa/attention"]
+    assert site.role == "attention" and site.layer_class == "GroupedQueryAttention"
+    assert site.axes == ("batch", "head", "query", "key")
+    assert site.noise(0).shape == (2, 4, 5, 5)

@@ -565,6 +565,11 @@ class KerasAdapter:
             rank=rank,
             extra={"drawn_by": "keras.random.dropout called in the layer's call()"},
         )
+        if cls in ("Attention", "AdditiveAttention"):
+            # They drop the attention distribution (batch, query, key), not a sequence.
+            spec.axes_fn = lambda r: (("batch", "query", "key") if r == 3
+                                      else ("batch",) + tuple(f"axis{k}" for k in range(1, r)))
+            spec.extra = {"applied_to": "attention distribution (after softmax)"}
         self._sites.custom[key] = spec
         return spec
 

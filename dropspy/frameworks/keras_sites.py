@@ -290,7 +290,7 @@ def find_sites(model: Any) -> SiteMap:
                               "drawn": "once per timestep (TimeDistributed calls the layer on "
                                        "each time slice)"}
                 sm.time_distributed[id(layer)] = parent
-            elif isinstance(parent, klayers.MultiHeadAttention):
+            elif isinstance(parent, (klayers.MultiHeadAttention, klayers.GroupQueryAttention)):
                 ppath = sm.layer_paths[id(parent)]
                 spec = _dropout_spec(layer, f"{ppath}/attention", None)
                 spec.layer, spec.layer_class, spec.role = ppath, type(parent).__name__, "attention"
