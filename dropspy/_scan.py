@@ -31,15 +31,9 @@ def fingerprint(noise: np.ndarray, kept: int | None = None) -> tuple[Any, ...]:
     fingerprints are verified element for element before anything is called identical.
     """
     flat = noise.reshape(-1)
-    n = flat.size
     if kept is None:
         kept = int(np.count_nonzero(flat))
-    if n <= 3 * _SAMPLE:
-        sample = flat
-    else:
-        step = n // _SAMPLE
-        sample = np.concatenate((flat[:_SAMPLE], flat[::step][:_SAMPLE], flat[-_SAMPLE:]))
-    return (noise.shape, kept, np.packbits(sample).tobytes())
+    return (noise.shape, kept, _samples(flat[None, :])[0])
 
 
 def noises_equal(a: np.ndarray | None, b: np.ndarray | None) -> bool:
@@ -135,11 +129,14 @@ def scan_site(site: Any, *, want_digests: bool = False, max_bytes: int = 16 << 2
               progress: Callable[[int], None] | None = None) -> SiteScan:
     """Stream every record of ``site`` once and gather the facts of :class:`SiteScan`.
 
+    Records are processed in batches of equal noise shape, so that small masks (RNN gates,
+    a few hundred bytes each) cost a share of a numpy call rather than several each.
+
     Args:
         site: A :class:`dropspy.store.Site` or anything with its reader API.
         want_digests: Keep a fingerprint hash per used record (for gate comparison).
         max_bytes: Packed bytes per block read from the file.
-        progress: Called with the packed bytes of each record as it is consumed.
+        progress: Called with the packed bytes of each batch of records as it is consumed.
 
     Returns:
         The :class:`SiteScan`.
@@ -160,48 +157,138 @@ def scan_site(site: Any, *, want_digests: bool = False, max_bytes: int = 16 << 2
     pending: dict[int, tuple[int, int, Any, np.ndarray | None]] = {}
     call0: tuple[int, Any, np.ndarray | None] | None = None
     undecided = list(range(rank))
+    for idx, batch in _batches(site, max_bytes):
+        k = len(idx)
+        shape = batch.shape[1:]
+        size = math.prod(shape)
+        nb = (size + 7) // 8
+        scan.nbytes += nb * k
+        flat = batch.reshape(k, size)
+        kept = _kept(flat)
+        dropping = ~training[idx] & (kept < size)
+        if dropping.any():
+            scan.inference_dropping.extend(idx[dropping].tolist())
+        use = use_mask[idx]
+        if not use.all():
+            idx, batch, flat, kept = idx[use], batch[use], flat[use], kept[use]
+            k = len(idx)
+        if k:
+            scan.kept += int(kept.sum())
+            scan.elements += size * k
+            for ax in list(undecided):
+                if shape[ax] > 1:
+                    const = _constant_along_batch(batch, ax)
+                    if not const.all():
+                        scan.varies_at[ax] = int(idx[int(np.argmin(const))])
+                        undecided.remove(ax)
+            samples = _samples(flat)
+        for j in range(k):
+            i = int(idx[j])
+            fp = (shape, int(kept[j]), samples[j])
+            keep = batch[j] if size <= _KEEP_BYTES else None
+            step, call = int(steps[i]), int(calls[i])
+            if step != step_now:
+                # A new step: what the previous step drew becomes "the previous step's mask".
+                last_by_call.update(pending)
+                pending = {}
+                step_now = step
+                call0 = None
+            prev = last_by_call.get(call)
+            if prev is not None and prev[0] != step:
+                scan.fresh.note(prev[1], i, prev[2], fp, prev[3], keep)
+            pending[call] = (step, i, fp, keep)
+            if call == 0:
+                call0 = (i, fp, keep)
+            elif call0 is not None:
+                scan.calls.note(call0[0], i, call0[1], fp, call0[2], keep)
+            if want_digests:
+                scan.digests[i] = hash(fp)
+        if progress is not None:
+            progress(nb * len(use))
+    return scan
+
+
+# Records at least this big are handled one at a time (as views, never copied into a batch).
+_ALONE_BYTES = 1 << 20
+_BATCH_BYTES = 8 << 20
+_BATCH_RECORDS = 4096
+
+
+def _batches(site: Any, max_bytes: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield ``(indices, noise)``: consecutive applied records of one noise shape, stacked.
+
+    Uses ``site.iter_batches`` when the reader offers it (a store that can unpack a whole
+    block of records in one call), else groups what ``site.iter_noise`` yields.
+    """
+    fast = getattr(site, "iter_batches", None)
+    if fast is not None:
+        yield from fast(max_bytes=max_bytes)
+        return
+    idx: list[int] = []
+    buf: list[np.ndarray] = []
+    shape: tuple[int, ...] | None = None
+    held = 0
     for i, noise in _iter(site, max_bytes):
         if noise is None:
             continue
-        size = noise.size
-        nb = (size + 7) // 8
-        scan.nbytes += nb
-        kept = int(np.count_nonzero(noise))
-        if not training[i] and kept < size:
-            scan.inference_dropping.append(i)
-        if not use_mask[i]:
-            if progress is not None:
-                progress(nb)
+        if noise.nbytes >= _ALONE_BYTES:
+            if buf:
+                yield np.asarray(idx), np.stack(buf)
+                idx, buf, held = [], [], 0
+            yield np.asarray([i]), noise[None]
             continue
-        scan.kept += kept
-        scan.elements += size
-        if undecided:
-            for k in list(undecided):
-                if noise.shape[k] > 1 and not _constant_along(noise, k):
-                    scan.varies_at[k] = i
-                    undecided.remove(k)
-        fp = fingerprint(noise, kept)
-        keep = noise if noise.nbytes <= _KEEP_BYTES else None
-        step, call = int(steps[i]), int(calls[i])
-        if step != step_now:
-            # A new step: what the previous step drew becomes "the previous step's mask".
-            last_by_call.update(pending)
-            pending = {}
-            step_now = step
-            call0 = None
-        prev = last_by_call.get(call)
-        if prev is not None and prev[0] != step:
-            scan.fresh.note(prev[1], i, prev[2], fp, prev[3], keep)
-        pending[call] = (step, i, fp, keep)
-        if call == 0:
-            call0 = (i, fp, keep)
-        elif call0 is not None:
-            scan.calls.note(call0[0], i, call0[1], fp, call0[2], keep)
-        if want_digests:
-            scan.digests[i] = hash(fp)
-        if progress is not None:
-            progress(nb)
-    return scan
+        if buf and (noise.shape != shape or held + noise.nbytes > _BATCH_BYTES
+                    or len(buf) >= _BATCH_RECORDS):
+            yield np.asarray(idx), np.stack(buf)
+            idx, buf, held = [], [], 0
+        shape = noise.shape
+        idx.append(i)
+        buf.append(noise)
+        held += noise.nbytes
+    if buf:
+        yield np.asarray(idx), np.stack(buf)
+
+
+def _kept(flat: np.ndarray) -> np.ndarray:
+    """Kept elements per row of a (records, elements) bool array."""
+    k, size = flat.shape
+    if k == 1 or size >= 1 << 16:
+        return np.array([np.count_nonzero(row) for row in flat], dtype=np.int64)
+    return flat.view(np.uint8).sum(axis=1, dtype=np.int64)
+
+
+def _samples(flat: np.ndarray) -> list[bytes]:
+    """Per row of a (records, elements) bool array, the elements at the fingerprint
+    positions (first, evenly spaced, last), as bytes. Basic slices only: fancy indexing or
+    bit packing here would cost more than everything else the scan does per record."""
+    size = flat.shape[1]
+    if size <= 3 * _SAMPLE:
+        sample = np.ascontiguousarray(flat)
+    else:
+        step = size // _SAMPLE
+        sample = np.concatenate(
+            (flat[:, :_SAMPLE], flat[:, ::step][:, :_SAMPLE], flat[:, -_SAMPLE:]), axis=1)
+    width = sample.shape[1]
+    raw = sample.tobytes()
+    return [raw[j * width:(j + 1) * width] for j in range(sample.shape[0])]
+
+
+def _constant_along_batch(batch: np.ndarray, ax: int) -> np.ndarray:
+    """Per record of ``batch`` (records first), whether it is constant along noise axis ``ax``."""
+    k = batch.shape[0]
+    if k == 1:
+        return np.array([_constant_along(batch[0], ax)])
+    shape = batch.shape[1:]
+    n = shape[ax]
+    pre = math.prod(shape[:ax])
+    post = math.prod(shape[ax + 1:])
+    a = np.ascontiguousarray(batch).reshape(k, pre, n, post)
+    if post == 1:
+        counts = a.reshape(k, pre, n).view(np.uint8).sum(axis=2, dtype=np.int64)
+        return np.all((counts == 0) | (counts == n), axis=1)
+    if post % 8 == 0:
+        a = a.view(np.uint64)
+    return np.all(a[:, :, 1:, :] == a[:, :, :1, :], axis=(1, 2, 3))
 
 
 def _iter(site: Any, max_bytes: int) -> Iterator[tuple[int, np.ndarray | None]]:

@@ -757,33 +757,36 @@ def _gate_groups(run: Any, names: Sequence[str]) -> dict[tuple[str, str], list[s
 
 def _compare_gates(run: Any, members: list[str], scans: Mapping[str, SiteScan],
                    threshold: float, confidence: float) -> PairCheck:
+    """Compare each gate's masks with the first gate's, record by record (same step, call)."""
     ref = run[members[0]]
-    ref_keys = {(int(s), int(c)): i for i, (s, c) in
-                enumerate(zip(np.asarray(ref.steps), np.asarray(ref.calls)))
-                if i in scans[members[0]].digests}
+    dig_r = scans[members[0]].digests
+    ref_keys = {(s, c): i for i, (s, c) in
+                enumerate(zip(np.asarray(ref.steps).tolist(), np.asarray(ref.calls).tolist()))
+                if i in dig_r}
     pairs = identical = 0
-    smallest = None
+    smallest: int | None = None
     worst_w = 0.5
     for other_name in members[1:]:
         other = run[other_name]
         dig_o = scans[other_name].digests
-        dig_r = scans[members[0]].digests
-        for j, (s, c) in enumerate(zip(np.asarray(other.steps), np.asarray(other.calls))):
-            i = ref_keys.get((int(s), int(c)))
+        sizes = np.prod(np.asarray(other.noise_shapes), axis=1).tolist() if len(other) else []
+        for j, key in enumerate(zip(np.asarray(other.steps).tolist(),
+                                    np.asarray(other.calls).tolist())):
+            i = ref_keys.get(key)
             if i is None or j not in dig_o:
                 continue
             pairs += 1
+            # Equal digests are only candidates: identity is decided on every element.
             if dig_o[j] == dig_r[i] and noises_equal(ref.noise(i), other.noise(j)):
                 identical += 1
-            m = int(np.prod(np.asarray(other.noise_shapes)[j]))
-            smallest = m if smallest is None else min(smallest, m)
-        for site, scan in ((ref, scans[members[0]]), (other, scans[other_name])):
+            smallest = sizes[j] if smallest is None else min(smallest, sizes[j])
+        for scan in (scans[members[0]], scans[other_name]):
             if scan.elements:
                 obs = 1 - scan.kept / scan.elements
                 lo, hi = wilson_interval(obs * scan.elements, scan.elements, confidence)
                 worst_w = max(worst_w, worst_keep_probability(lo, hi))
-    source = "masks of gates " + ", ".join(str(run[m].gate) for m in members) + \
-        " at the same step and call"
+    source = ("masks of gates " + ", ".join(str(run[m].gate) for m in members)
+              + " at the same step and call")
     if pairs == 0:
         return PairCheck("inconclusive", 0, 0, None, source + " (no common records)")
     if identical < pairs:

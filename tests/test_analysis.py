@@ -368,3 +368,52 @@ def test_chance_reported_matches_the_closed_form():
                       2 if r.axis("feature").verdict == "independent" else 1])
     want = max(fibers * math.log10((1 - p) ** 3 + p ** 3) for p in (p_lo, p_hi))
     assert r.axis("time").log10_chance == pytest.approx(want)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    shape=st.lists(st.integers(1, 9), min_size=1, max_size=4),
+    k=st.integers(1, 5),
+    share=st.data(),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_constancy_fast_paths_agree_with_the_definition(shape, k, share, seed):
+    from dropspy._scan import _constant_along_batch
+
+    rng = np.random.default_rng(seed)
+    # Some records constant along a random axis (by copying), others not.
+    ax = share.draw(st.integers(0, len(shape) - 1))
+    batch = rng.random((k, *shape)) >= 0.5
+    for r in range(k):
+        if rng.random() < 0.5:
+            batch[r] = np.broadcast_to(batch[r].take([0], axis=ax), shape)
+    for a in range(len(shape)):
+        want = np.array([np.all(x == x.take([0], axis=a)) for x in batch])
+        assert np.array_equal(_constant_along_batch(batch, a), want)
+        for r in range(k):
+            assert np.array_equal(_constant_along_batch(batch[r:r + 1], a), want[r:r + 1])
+
+
+def test_batched_scan_matches_record_by_record_on_mixed_shapes_and_modes():
+    rng = np.random.default_rng(8)
+    noises, shapes, training = [], [], []
+    for s in range(40):
+        b = 5 if s % 7 == 6 else 8  # a short last batch changes the noise shape mid-run
+        noises.append(rng.random((b, 1, 16)) >= 0.3)
+        shapes.append((b, 12, 16))
+        training.append(s % 10 != 9)
+    site = MemorySite("d", AXES3, noises, rate=0.3, shapes=shapes, training=training)
+    whole = analyze_site(site)
+    assert whole.pattern == "time-shared"
+    assert whole.rate.elements == sum(x.size for x, t in zip(noises, training) if t)
+    dropped = sum(int((~x).sum()) for x, t in zip(noises, training) if t)
+    assert whole.rate.observed == pytest.approx(dropped / whole.rate.elements)
+    inference = [f for f in whole.findings if f.code == "inference-dropout"]
+    assert inference and inference[0].data["records"] == 4
+
+
+def test_progress_reports_every_packed_byte():
+    site = MemorySite("d", AXES3, _draws((8, 3, 17), 0.3, n=5), rate=0.3)
+    seen = []
+    analyze_site(site, progress=seen.append)
+    assert sum(seen) == 5 * ((8 * 3 * 17 + 7) // 8)
