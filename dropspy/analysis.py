@@ -503,11 +503,15 @@ def _conclude(site: Any, scan: SiteScan, threshold: float, confidence: float,
             name, {"pairs": freshness.pairs, "identical": freshness.identical,
                    "log10_chance": freshness.log10_chance}))
     elif freshness is not None and freshness.verdict == "inconclusive":
+        if rate.observed in (0.0, 1.0):
+            why = f"every element was {'kept' if rate.observed == 0 else 'dropped'}, so masks cannot differ"
+        else:
+            why = (f"which chance explains at this mask size and rate (chance "
+                   f"{10 ** freshness.log10_chance:.2g})")
         findings.append(Finding(
             "freshness-inconclusive", Severity.INFO,
-            f"{freshness.identical} of {freshness.pairs} step pairs drew identical masks, which "
-            f"chance explains for masks this small (chance "
-            f"{10 ** freshness.log10_chance:.2g})", name))
+            f"{freshness.identical} of {freshness.pairs} step pairs drew identical masks, {why}",
+            name))
     for v in verdicts:
         if v.verdict == "inconclusive" and v.size > 1 and v.log10_chance is not None:
             findings.append(Finding(
@@ -741,6 +745,14 @@ def _run_findings(run: Any) -> list[Finding]:
             "records-dropped", Severity.INFO if only_policy else Severity.WARNING,
             f"{total} record(s) were not written ({detail}); the analysis does not see them",
             None, dict(dropped)))
+    written = int(getattr(run, "records_written", 0) or 0)
+    readable = getattr(run, "records_readable", None)
+    if readable is not None and readable < written:
+        out.append(Finding(
+            "records-unreadable", Severity.WARNING,
+            f"the writer reported {written} records but the file holds {readable} readable ones "
+            f"(damaged or cut short); the analysis sees {readable}",
+            None, {"written": written, "readable": int(readable)}))
     for note in getattr(run, "notes", ()) or ():
         out.append(Finding("note", Severity.INFO, str(note)))
     return out

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Optional

@@ -417,3 +417,20 @@ def test_progress_reports_every_packed_byte():
     seen = []
     analyze_site(site, progress=seen.append)
     assert sum(seen) == 5 * ((8 * 3 * 17 + 7) // 8)
+
+
+def test_nothing_dropped_makes_freshness_inconclusive_and_says_why():
+    result = analyze_masks([np.ones((8, 16), bool)] * 3, ("batch", "feature"), rate=0.0)
+    assert result.freshness.verdict == "inconclusive"
+    (finding,) = [f for f in result.findings if f.code == "freshness-inconclusive"]
+    assert "every element was kept" in finding.message
+    assert result.rate.verdict == "ok"
+
+
+def test_fewer_readable_records_than_written_is_a_warning():
+    run = MemoryRun([MemorySite("d", ("batch", "feature"), _draws((8, 8), 0.3), rate=0.3)])
+    run.records_written = 10
+    run.records_readable = 4
+    codes = {f.code: f for f in analyze_run(run).findings}
+    assert codes["records-unreadable"].severity == Severity.WARNING
+    assert "reported 10 records but the file holds 4" in codes["records-unreadable"].message

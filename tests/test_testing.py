@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from _synth import info, records, write_run
-from dropspy.analysis import MemoryRun, MemorySite, analyze_run
+from dropspy.analysis import MemoryRun, MemorySite
 from dropspy.errors import ExpectationError
 from dropspy.testing import (
     assert_fresh,
