@@ -15,6 +15,10 @@ Usage::
     python benchmarks/bench_inspect.py                 # 1 GiB, writes bench_inspect.json
     python benchmarks/bench_inspect.py --size 4GiB --out results.json
     python benchmarks/bench_inspect.py --small         # smoke run, a few MiB
+    python benchmarks/bench_inspect.py --layout small --size 32MiB   # 256-byte records
+
+The machine's load average is stored with the results: on a shared machine, compare only
+numbers taken under similar load.
 
 Not a test: it takes minutes and needs a few GiB of disk.
 """
@@ -58,17 +62,25 @@ def _bits(rng: np.random.Generator, nbits: int) -> np.ndarray:
     return np.frombuffer(rng.bytes((nbits + 7) // 8), dtype=np.uint8)
 
 
-def write_run(path: Path, size: int, seed: int = 0) -> dict:
-    """Write the synthetic run; return what was written."""
+def write_run(path: Path, size: int, seed: int = 0, layout: str = "large") -> dict:
+    """Write the synthetic run; return what was written.
+
+    ``large``: 512 KiB records (elementwise bulk) plus smaller time-shared, copied and gate
+    sites. ``small``: only LSTM gate masks of 256 bytes each, the per-record-overhead case.
+    """
     rng = np.random.default_rng(seed)
     big_shape = (64, 128, 512)                    # 4 Mi elements = 512 KiB packed per record
     big_bytes = int(np.prod(big_shape)) // 8
-    steps = max(2, -(-size // big_bytes))
-    sites = [
+    gates = [SiteInfo(f"lstm/input/{g}", "lstm", "LSTM", "input", AXES3, 0.5, gate=g)
+             for g in "ifco"]
+    sites = gates if layout == "small" else [
         SiteInfo("dense/dropout", "dense/dropout", "Dropout", "output", AXES3, 0.5),
         SiteInfo("spatial", "spatial", "SpatialDropout1D", "output", AXES3, 0.5),
         SiteInfo("copied", "copied", "Dropout", "output", AXES3, 0.5),
-    ] + [SiteInfo(f"lstm/input/{g}", "lstm", "LSTM", "input", AXES3, 0.5, gate=g) for g in "ifco"]
+    ] + gates
+    per_step = (4 * 256 if layout == "small"
+                else big_bytes + 64 * 512 // 8 + 64 * 32 * 256 // 8 + 4 * 64 * 256 // 8)
+    steps = max(2, -(-size // per_step))
     total = 0
     n_records = 0
     t0 = time.perf_counter()
@@ -76,17 +88,23 @@ def write_run(path: Path, size: int, seed: int = 0) -> dict:
         for s in sites:
             w.declare_site(s)
         for step in range(steps):
-            recs = [Record("dense/dropout", step, 0, True, big_shape, packed=_bits(rng, 1 << 22),
-                           noise_shape=big_shape)]
-            recs.append(Record("spatial", step, 0, True, (64, 128, 512),
-                               packed=_bits(rng, 64 * 512), noise_shape=(64, 1, 512)))
-            copied = np.unpackbits(_bits(rng, 64 * 256)).view(bool).reshape(64, 1, 256)
-            recs.append(Record("copied", step, 0, True, (64, 32, 256),
-                               noise=np.broadcast_to(copied, (64, 32, 256))))
-            for g in "ifco":
-                recs.append(Record(f"lstm/input/{g}", step, 0, True, (64, 128, 256),
-                                   packed=_bits(rng, 64 * 256), noise_shape=(64, 1, 256)))
-            total += big_bytes + 64 * 512 // 8 + 64 * 32 * 256 // 8 + 4 * 64 * 256 // 8
+            recs = []
+            if layout == "small":
+                for g in "ifco":
+                    recs.append(Record(f"lstm/input/{g}", step, 0, True, (32, 20, 64),
+                                       packed=_bits(rng, 32 * 64), noise_shape=(32, 1, 64)))
+            else:
+                recs.append(Record("dense/dropout", step, 0, True, big_shape,
+                                   packed=_bits(rng, 1 << 22), noise_shape=big_shape))
+                recs.append(Record("spatial", step, 0, True, (64, 128, 512),
+                                   packed=_bits(rng, 64 * 512), noise_shape=(64, 1, 512)))
+                copied = np.unpackbits(_bits(rng, 64 * 256)).view(bool).reshape(64, 1, 256)
+                recs.append(Record("copied", step, 0, True, (64, 32, 256),
+                                   noise=np.broadcast_to(copied, (64, 32, 256))))
+                for g in "ifco":
+                    recs.append(Record(f"lstm/input/{g}", step, 0, True, (64, 128, 256),
+                                       packed=_bits(rng, 64 * 256), noise_shape=(64, 1, 256)))
+            total += per_step
             n_records += len(recs)
             w.submit(recs)
     return {"packed_bytes": total, "records": n_records, "steps": steps,
@@ -138,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=parse_size, default=1 << 30,
                     help="packed mask bytes to write (default 1GiB)")
     ap.add_argument("--small", action="store_true", help="smoke run: 16MiB")
+    ap.add_argument("--layout", choices=("large", "small"), default="large",
+                    help="large records (default) or 256-byte LSTM gate masks")
     ap.add_argument("--out", type=Path, default=Path("bench_inspect.json"),
                     help="where to write the results JSON")
     ap.add_argument("--dir", type=Path, default=None, help="directory for the run file (default: temp)")
@@ -147,10 +167,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         path = Path(tmp) / "bench_run.h5"
         print(f"writing {size / 2**20:.0f} MiB of packed masks to {path} ...", file=sys.stderr)
-        written = write_run(path, size)
+        written = write_run(path, size, layout=args.layout)
         print(f"  {written['records']} records, {written['file_bytes'] / 2**20:.0f} MiB on disk, "
               f"{written['write_seconds']:.1f} s", file=sys.stderr)
         print("running dropspy inspect --json ...", file=sys.stderr)
+        load_before = os.getloadavg()
         measured = measure_inspect(path)
         if args.keep:
             kept = Path.cwd() / path.name
@@ -159,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     mb_s = written["packed_bytes"] / 1e6 / measured["seconds"]
     result = {
         "benchmark": "inspect",
+        "layout": args.layout,
         "packed_bytes": written["packed_bytes"],
         "packed_mib": written["packed_bytes"] / 2**20,
         "file_bytes": written["file_bytes"],
@@ -173,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         "meets_targets": mb_s >= 200 and measured["peak_rss_mib"] < 300,
         "patterns": measured["patterns"],
         "cache": "warm (the file was just written; the page cache holds it)",
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
         "machine": {"python": platform.python_version(), "numpy": np.__version__,
                     "cpus": os.cpu_count(), "platform": platform.platform()},
     }
