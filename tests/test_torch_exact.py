@@ -124,7 +124,8 @@ FUNCTIONAL_CASES = [
 ]
 
 
-@pytest.mark.parametrize("name,fn,formula,p", FUNCTIONAL_CASES, ids=[c[0] for c in FUNCTIONAL_CASES])
+@pytest.mark.parametrize("name,fn,formula,p", FUNCTIONAL_CASES,
+                         ids=[c[0] for c in FUNCTIONAL_CASES])
 def test_functional_mask_reproduces_output_bitwise(tmp_path, name, fn, formula, p):
     probe = Probe(fn)
     run = _record_once(probe, _with_zeros(6, 8), tmp_path / "run.h5")
@@ -151,7 +152,8 @@ def test_degenerate_rates_record_the_constant_mask(tmp_path, p):
     x = _with_zeros(3, 5)
     run = _record_once(nn.Sequential(layer), x, tmp_path / "run.h5")
     mask = run["0"].mask(0)
-    assert mask.shape == (3, 5) and bool(mask.all()) == (p == 0.0) and bool(mask.any()) == (p == 0.0)
+    assert mask.shape == (3, 5)
+    assert bool(mask.all()) == bool(mask.any()) == (p == 0.0)
 
 
 class LockedDropout(nn.Module):

@@ -10,6 +10,18 @@ Steps: one optimizer step (global optimizer step hook) of the first optimizer th
 recorded module's parameters; with no optimizer in sight, one top-level training-mode
 forward; or explicit ``Recording.mark_step()``. Records are handed to the session once per
 step, bit-packed.
+
+What is not observed, and why (each is said to the user, never guessed):
+
+- cuDNN's between-layer RNN dropout and fused attention kernels (flash / memory-efficient
+  SDPA) draw their masks inside the kernel: opaque sites with the reason.
+  ``DROPSPY_TORCH_CUDNN_RNN=exact`` runs those RNNs without cuDNN, announced as a perturbation.
+- Random draws that are not Bernoulli masks (``torch.rand_like(x) < p``) inside a
+  dropout-looking module: an opaque "untracked" site and a note.
+- Refused by name: ``DataParallel`` / ``DistributedDataParallel`` wrappers, ``torch.compile``
+  and TorchScript modules, forwards on a thread other than the one that entered ``record()``.
+- A step that ``GradScaler`` skips (inf/NaN gradients) calls no ``optimizer.step()``; its
+  forwards join the next step's records as further calls.
 """
 
 from __future__ import annotations
@@ -63,7 +75,8 @@ class TorchAdapter:
         """Whether ``model`` is a ``torch.nn.Module``."""
         return isinstance(model, torch.nn.Module)
 
-    def __init__(self, model: torch.nn.Module, session: Any, *, cudnn_rnn: str | None = None) -> None:
+    def __init__(self, model: torch.nn.Module, session: Any, *,
+                 cudnn_rnn: str | None = None) -> None:
         if cudnn_rnn is None:
             # record() has no adapter options; the opt-in travels by environment variable.
             cudnn_rnn = os.environ.get("DROPSPY_TORCH_CUDNN_RNN", "opaque")
@@ -101,7 +114,8 @@ class TorchAdapter:
         backend = "cuda" if "cuda" in kinds else sorted(kinds)[0]
         meta: dict[str, Any] = {
             "framework": "torch",
-            "framework_version": str(torch.__version__),  # TorchVersion is a str subclass h5py rejects
+            # TorchVersion is a str subclass, which h5py cannot store as an attribute.
+            "framework_version": str(torch.__version__),
             "backend": backend,
             "devices": devices,
             "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
@@ -236,9 +250,13 @@ class TorchAdapter:
                 f"dropspy records the thread that entered record() (thread "
                 f"{self._thread}); this forward runs on thread {threading.get_ident()}. "
                 f"Enter record() on the thread that trains.")
-        if torch._C._current_graph_task_id() != -1:
-            return  # a checkpoint re-run during backward: same masks, already recorded
         cap = self._capture
+        if torch._C._current_graph_task_id() != -1:
+            # Activation checkpointing re-runs forward during backward with the RNG state
+            # restored: the same masks again, already recorded in the forward.
+            cap.note_once("checkpoint", "activation checkpointing re-runs forward during "
+                          "backward with the same masks; the re-runs are not recorded again")
+            return
         if self._clock == "forward":
             cap.capturing = self.session.want_step(self._step)
         if cap.capturing and self._mode is not None:

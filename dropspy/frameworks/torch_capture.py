@@ -11,7 +11,8 @@ Why this shape:
   random stream and every output stay bit-identical.
 - A ``TorchDispatchMode`` left on all the time would send every ATen op through Python; it is
   entered only inside a dropout entry point or a composite that draws dropout inside
-  (``nn.LSTM``'s layer stack, ``F.multi_head_attention_forward``, ``F.scaled_dot_product_attention``).
+  (``nn.LSTM``'s layer stack, ``F.multi_head_attention_forward``,
+  ``F.scaled_dot_product_attention``).
   The function mode is disabled inside its own handler, so those composites must be watched
   at dispatch level.
 """
@@ -281,11 +282,7 @@ class Capture:
         if not self.capturing or not self.stack:
             return None
         if torch._C._current_graph_task_id() != -1:
-            # Activation checkpointing re-runs forward during backward with the RNG state
-            # restored: the same masks again, already recorded in the forward.
-            self.note_once("checkpoint", "activation checkpointing re-runs forward during "
-                           "backward with the same masks; the re-runs are not recorded again")
-            return None
+            return None  # a forward re-run during backward (activation checkpointing)
         return self.stack[-1]
 
     def note_once(self, tag: str, message: str) -> None:
@@ -527,7 +524,7 @@ class Capture:
             frame.drew = True
             return out
         out = func(*args, **kwargs)
-        shape = _layer_output_shape(out[0], packed, args, off)
+        shape = _layer_output_shape(out[0], packed, args)
         for key in keys:
             if apply:  # p == 1 zeroes every layer output without drawing
                 noise = torch.full(shape, p < 1.0, dtype=torch.bool, device=x.device)
@@ -561,7 +558,8 @@ class Capture:
         a.update(kwargs)
         p = float(a.get("dropout_p", 0.0))
         q, k = a["query"], a["key"]
-        shape = tuple(torch.broadcast_shapes(q.shape[:-2], k.shape[:-2])) + (q.shape[-2], k.shape[-2])
+        batch = tuple(torch.broadcast_shapes(q.shape[:-2], k.shape[:-2]))
+        shape = batch + (q.shape[-2], k.shape[-2])
         if p == 0.0:
             key = SiteKey(frame.path, "attention", self._attention_where(frame))
             if self.sites.facts(key) is not None:
@@ -642,7 +640,7 @@ def _rate_of(p: Any) -> float | None:
     return None
 
 
-def _layer_output_shape(output: torch.Tensor, packed: bool, args: tuple, off: int) -> tuple[int, ...]:
+def _layer_output_shape(output: torch.Tensor, packed: bool, args: tuple) -> tuple[int, ...]:
     """Shape of an RNN layer's output as the layer stack sees it (time-major or packed)."""
     if packed:
         return tuple(output.shape)

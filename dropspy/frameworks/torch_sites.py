@@ -87,7 +87,8 @@ def axes_for(kind: str, rank: int, layout3: tuple[str, ...] | None) -> tuple[tup
         return generic, "unknown layout"
     if kind == "attention":
         if rank == 4:
-            return ("batch", "axis1", "axis2", "axis3"), "attention weights (batch, head, target, source)"
+            return (("batch", "axis1", "axis2", "axis3"),
+                    "attention weights (batch, head, target, source)")
         return generic, "attention weights"
     if kind in FEATURE:
         named = {2: ("batch", "channel"), 3: ("batch", "channel", "time"),
