@@ -226,13 +226,15 @@ def _cell_specs(cell: Any, rnn: Any, rnn_path: str, prefix: str, in_rank: int,
         if not rate:
             return []
         n = 1 if count is None else count
-        extra = {
+        extra: dict[str, Any] = {
             "time_axis_by_construction": True,
-            "gates_share_mask": n == 1,
             "masks_per_call": n,
             "cell_class": cls,
             "drawn": "once per layer call, before the time loop; the same mask at every step",
         }
+        if gates:   # SimpleRNN has no gates: nothing to share or not
+            extra["gates_share_mask"] = n == 1
+            extra["gates"] = list(gates)
         if hasattr(cell, "implementation"):
             extra["implementation"] = int(cell.implementation)
         out = []
