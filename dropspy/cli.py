@@ -10,6 +10,7 @@ Exit status: 0 success; 1 a check failed / runs differ / file invalid; 2 usage o
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -215,6 +216,13 @@ def check(
             exps += loaded.expectations
             spec_fail = loaded.fail_on_errors
         with _load(path) as run:
+            names = list(run.sites)
+            for e in exps:
+                # A pattern naming no site is a mistake in the expectation (or a renamed
+                # layer): a usage error, not a verdict about the masks.
+                if not any(fnmatch.fnmatchcase(n, e.site) for n in names):
+                    raise _UserError(f"expectation {e.text or e.site!r}: no site matches "
+                                     f"{e.site!r}; sites: {', '.join(names) or '(none)'}")
             result = _analyze(run, None, threshold)
     fail_errors = spec_fail if fail_on_errors is None else fail_on_errors
     failures = check_analysis(result, exps)
@@ -268,7 +276,6 @@ def _present(patterns: list[str] | None, run: Any, other: Any) -> list[str] | No
     """The patterns of a diff that match in ``run``; each must match in one of the two runs."""
     if not patterns:
         return None
-    import fnmatch
 
     def hits(r: Any, p: str) -> bool:
         return any(fnmatch.fnmatchcase(n, p) for n in r.sites)

@@ -132,6 +132,11 @@ def test_check_bad_expectation_is_one_line_exit_2(run_path):
                     "Received: rate='lots'")
 
 
+def test_check_expectation_naming_no_site_is_one_line_exit_2(run_path):
+    _one_line_error(runner.invoke(app, ["check", str(run_path), "-e", "conv*: rate=0.3"]),
+                    "no site matches 'conv*'", "sites: spatial, plain")
+
+
 def test_check_spec_file(tmp_path, run_path, bad_run_path):
     spec = tmp_path / "spec.toml"
     spec.write_text('[[expect]]\nsite = "spatial"\nshared = ["time"]\nrate = 0.3\n')
