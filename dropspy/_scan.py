@@ -9,6 +9,7 @@ itself. Once an axis is seen to vary it is never looked at again, so the common 
 from __future__ import annotations
 
 import math
+from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -67,8 +68,10 @@ def _constant_along(noise: np.ndarray, k: int) -> bool:
 class _PairLog:
     """Pairs of records compared for identity (freshness, calls within a step, gates)."""
 
-    compared: list[int] = field(default_factory=list)   # record index of the later mask
-    identical: list[int] = field(default_factory=list)
+    # Record index of the later mask of each pair; compact arrays, as a long run has one
+    # pair per record.
+    compared: array = field(default_factory=lambda: array("q"))
+    identical: array = field(default_factory=lambda: array("q"))
     first_pair: tuple[int, int] | None = None            # first proven repeat (earlier, later)
     deferred: list[tuple[int, int]] = field(default_factory=list)  # verify by re-reading
 
@@ -109,7 +112,8 @@ class SiteScan:
         inference_dropping: Records with training=False that dropped at least one element.
         fresh: Consecutive-step pairs of the same call (freshness).
         calls: Pairs (call c, call 0) within one step.
-        digests: Record index -> fingerprint hash, for gate comparison (only when asked).
+        digests: Per record, a hash of its fingerprint for gate comparison (only when asked;
+            0 for records without one).
         nbytes: Packed bytes of mask data read.
     """
 
@@ -121,7 +125,7 @@ class SiteScan:
     inference_dropping: list[int] = field(default_factory=list)
     fresh: _PairLog = field(default_factory=_PairLog)
     calls: _PairLog = field(default_factory=_PairLog)
-    digests: dict[int, int] = field(default_factory=dict)
+    digests: np.ndarray | None = None
     nbytes: int = 0
 
 
@@ -149,6 +153,8 @@ def scan_site(site: Any, *, want_digests: bool = False, max_bytes: int = 16 << 2
     calls = np.asarray(site.calls)[:n]
     use_mask = applied & training if (applied & training).any() else applied
     scan = SiteScan(rank=rank, used=np.flatnonzero(use_mask), varies_at=[-1] * rank)
+    if want_digests:
+        scan.digests = np.zeros(n, dtype=np.int64)
     if n == 0 or not applied.any():
         return scan
     # Freshness: the last record of each call index, from the latest earlier step.
@@ -201,8 +207,8 @@ def scan_site(site: Any, *, want_digests: bool = False, max_bytes: int = 16 << 2
                 call0 = (i, fp, keep)
             elif call0 is not None:
                 scan.calls.note(call0[0], i, call0[1], fp, call0[2], keep)
-            if want_digests:
-                scan.digests[i] = hash(fp)
+            if scan.digests is not None:
+                scan.digests[i] = hash(fp) or 1  # 0 marks "no digest"
         if progress is not None:
             progress(nb * len(use))
     return scan

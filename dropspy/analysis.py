@@ -459,10 +459,13 @@ def _conclude(site: Any, scan: SiteScan, threshold: float, confidence: float,
     pattern = _pattern(verdicts) if len(used) else "unobserved"
 
     log_w = math.log10(worst_keep_probability(low, high))
-    eff_by_record = dict(zip(used.tolist(), np.prod(eff, axis=1).tolist())) if len(used) else {}
-    freshness = _pair_check(scan.fresh, eff_by_record, log_w, threshold,
+    # Independently drawn elements per record (axes seen constant count once), for the chance
+    # that two fresh draws coincide.
+    eff_all = (np.prod(np.where(constant[None, :], 1, nshapes), axis=1) if rank
+               else np.ones(n, dtype=np.int64))
+    freshness = _pair_check(scan.fresh, eff_all, log_w, threshold,
                             ("fresh", "stale"), "each record vs the same call at the previous step")
-    over_time = _over_time(verdicts, scan, eff_by_record, log_w, threshold)
+    over_time = _over_time(verdicts, scan, eff_all, log_w, threshold)
 
     # -- findings ----------------------------------------------------------------------
     opaque = getattr(site, "opaque", None)
@@ -603,14 +606,14 @@ def _pattern(verdicts: Sequence[AxisVerdict]) -> str:
     return "shared:" + ",".join(v.name for v in informative if v.verdict == "shared")
 
 
-def _pair_check(log: Any, eff_by_record: Mapping[int, int], log_w: float, threshold: float,
+def _pair_check(log: Any, eff: np.ndarray, log_w: float, threshold: float,
                 words: tuple[str, str], source: str) -> PairCheck | None:
     """Verdict from pairs compared for identity; ``words`` = (all different, all repeated)."""
     pairs = len(log.compared)
     if pairs == 0:
         return None
     repeats = len(log.identical)
-    smallest = min(eff_by_record.get(i, 1) for i in log.compared)
+    smallest = int(eff[np.frombuffer(log.compared, dtype=np.int64)].min())
     log_pair = smallest * log_w
     tail = log10_repeat_tail(pairs, repeats, log_pair)
     if repeats == 0:
@@ -620,13 +623,13 @@ def _pair_check(log: Any, eff_by_record: Mapping[int, int], log_w: float, thresh
     return PairCheck("inconclusive", pairs, repeats, tail, source)
 
 
-def _over_time(verdicts: Sequence[AxisVerdict], scan: SiteScan, eff_by_record: Mapping[int, int],
+def _over_time(verdicts: Sequence[AxisVerdict], scan: SiteScan, eff: np.ndarray,
                log_w: float, threshold: float) -> PairCheck | None:
     for v in verdicts:
         if v.name == "time" and v.size > 1:
             word = {"shared": "constant", "independent": "resampled"}.get(v.verdict, "inconclusive")
             return PairCheck(word, 0, 0, v.log10_chance, f"time axis: {v.reason}")
-    check = _pair_check(scan.calls, eff_by_record, log_w, threshold, ("resampled", "constant"),
+    check = _pair_check(scan.calls, eff, log_w, threshold, ("resampled", "constant"),
                         "calls within a step vs call 0")
     if check is not None and 0 < check.identical < check.pairs:
         # One call that differs from call 0 proves the mask is redrawn within the step.
@@ -769,29 +772,38 @@ def _gate_groups(run: Any, names: Sequence[str]) -> dict[tuple[str, str], list[s
 
 def _compare_gates(run: Any, members: list[str], scans: Mapping[str, SiteScan],
                    threshold: float, confidence: float) -> PairCheck:
-    """Compare each gate's masks with the first gate's, record by record (same step, call)."""
+    """Compare each gate's masks with the first gate's, record by record (same step, call).
+
+    Records are matched and digests compared with numpy (a long run has millions of small
+    gate records); only pairs whose digests agree are read again and compared in full.
+    """
     ref = run[members[0]]
     dig_r = scans[members[0]].digests
-    ref_keys = {(s, c): i for i, (s, c) in
-                enumerate(zip(np.asarray(ref.steps).tolist(), np.asarray(ref.calls).tolist()))
-                if i in dig_r}
+    keys_r = _keys(ref)
+    order = np.argsort(keys_r, kind="stable")
+    sorted_r = keys_r[order]
     pairs = identical = 0
     smallest: int | None = None
     worst_w = 0.5
     for other_name in members[1:]:
         other = run[other_name]
         dig_o = scans[other_name].digests
-        sizes = np.prod(np.asarray(other.noise_shapes), axis=1).tolist() if len(other) else []
-        for j, key in enumerate(zip(np.asarray(other.steps).tolist(),
-                                    np.asarray(other.calls).tolist())):
-            i = ref_keys.get(key)
-            if i is None or j not in dig_o:
-                continue
-            pairs += 1
-            # Equal digests are only candidates: identity is decided on every element.
-            if dig_o[j] == dig_r[i] and noises_equal(ref.noise(i), other.noise(j)):
-                identical += 1
-            smallest = sizes[j] if smallest is None else min(smallest, sizes[j])
+        keys_o = _keys(other)
+        pos = np.searchsorted(sorted_r, keys_o)
+        found = pos < len(sorted_r)
+        found[found] = sorted_r[pos[found]] == keys_o[found]
+        j = np.flatnonzero(found)
+        i = order[pos[found]]
+        ok = (dig_o[j] != 0) & (dig_r[i] != 0)
+        i, j = i[ok], j[ok]
+        pairs += len(j)
+        same = dig_o[j] == dig_r[i]
+        # Equal digests are only candidates: identity is decided on every element.
+        identical += sum(noises_equal(ref.noise(int(a)), other.noise(int(b)))
+                         for a, b in zip(i[same], j[same]))
+        if len(j):
+            m = int(np.prod(np.asarray(other.noise_shapes)[j], axis=1).min())
+            smallest = m if smallest is None else min(smallest, m)
         for scan in (scans[members[0]], scans[other_name]):
             if scan.elements:
                 obs = 1 - scan.kept / scan.elements
@@ -806,6 +818,13 @@ def _compare_gates(run: Any, members: list[str], scans: Mapping[str, SiteScan],
     tail = log10_repeat_tail(pairs, identical, (smallest or 1) * math.log10(worst_w))
     verdict = "identical" if tail < math.log10(threshold) else "inconclusive"
     return PairCheck(verdict, pairs, identical, tail, source)
+
+
+def _keys(site: Any) -> np.ndarray:
+    """One int64 per record combining step and call (calls are small, steps < 2**40)."""
+    steps = np.asarray(site.steps, dtype=np.int64)[:len(site)]
+    calls = np.asarray(site.calls, dtype=np.int64)[:len(site)]
+    return steps * (1 << 20) + calls
 
 
 # -- comparing two runs -------------------------------------------------------------------
