@@ -233,3 +233,24 @@ def test_gpu_fit_is_unperturbed_and_masks_exact(jit, tmp_path):
             logs = model.train_on_batch(xp, np.zeros((8, 1), np.float32), return_dict=True)
     site = dropspy.load(tmp_path / "probe.h5")[layer.name]
     assert_dropout_exact(xp, logs["y"], site.mask(0), site.scale)
+
+
+def test_unbuilt_sequential_declares_its_sites_at_the_first_step(tmp_path):
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([
+        L.SpatialDropout1D(0.3, name="sd"),
+        L.TimeDistributed(L.Dropout(np.float32(0.5), name="inner"), name="td"),
+        L.LSTM(4, dropout=0.3, name="lstm"),
+        L.Dropout(0.5, name="out"),
+        L.Dense(1),
+    ])
+    model.compile(optimizer="sgd", loss="mse")
+    x, y = _data()
+    with dropspy.record(model, tmp_path / "run.h5"):
+        model.fit(x, y, batch_size=7, verbose=0)
+    run = dropspy.load(tmp_path / "run.h5")
+    assert sorted(run) == ["lstm/input", "out", "sd", "td/inner"]
+    assert run["td/inner"].axes == ("batch", "time", "feature")
+    assert run["lstm/input"].axes == ("batch", "time", "feature")
+    assert run["out"].axes == ("batch", "feature")
+    assert all(len(s) == 2 for s in run.values())

@@ -208,7 +208,8 @@ class KerasAdapter(DrawRouter):
             trace = cap.current_trace()
             if trace is None or trace.owner is not self:
                 return original(*args, **kwargs)
-            first = args[0] if args else next(iter(kwargs.values()), None)
+            first = args[0] if args else kwargs.get(
+                "sequences", kwargs.get("inputs", next(iter(kwargs.values()), None)))
             frame = cap.Frame(kind, layer, training=kwargs.get("training"),
                               sequence=first, start=len(trace.draws))
             trace.stack.append(frame)

@@ -120,11 +120,12 @@ def exact_dropout(inputs: Any, rate: Any, noise_shape: Any = None,
         ``(outputs, keep, noise_shape)``: the dropout output (the same bits Keras computes), the
         boolean keep-mask at the noise shape, and the noise shape as an int32 tensor.
     """
-    if isinstance(rate, (int, float)) and rate == 1.0:
+    # The same tests, in the same order, as keras' backend dropout (numpy scalars included).
+    if rate == 1.0:
         out = tf.zeros_like(inputs)
         shape = _noise_shape_tensor(inputs, noise_shape)
         return out, tf.zeros(shape, tf.bool), shape
-    if isinstance(rate, (int, float)) and rate == 0.0:
+    if rate == 0.0:
         shape = _noise_shape_tensor(inputs, noise_shape)
         return inputs, tf.ones(shape, tf.bool), shape
     seed = _tf_random._cast_seed(draw_seed(seed))

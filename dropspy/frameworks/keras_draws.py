@@ -12,6 +12,7 @@ The host class provides ``model``, ``session``, ``_sites`` (a ``SiteMap``), ``_c
 
 from __future__ import annotations
 
+import numbers
 import sys
 from typing import Any
 
@@ -61,12 +62,11 @@ class DrawRouter:
             rnn_frame = next((f for f in reversed(trace.stack)
                               if f.kind == "rnn" and f.layer is cs.rnn), None)
             if k < len(specs) and rnn_frame is not None:
-                out, keep, ns = cap.exact_dropout(inputs, rate, None, seed) \
-                    if noise_shape is None else cap.exact_dropout(inputs, rate, noise_shape, seed)
+                out, keep, ns = cap.exact_dropout(inputs, rate, noise_shape, seed)
                 training = _static_bool(rnn_frame.training)
                 # The cells apply the cached masks only under `training and 0 < rate < 1`;
                 # RNN.call draws them in every mode (also predict/evaluate).
-                applied = training and isinstance(rate, (int, float)) and 0.0 < rate < 1.0
+                applied = training and isinstance(rate, numbers.Real) and 0.0 < rate < 1.0
                 t = tf.shape(rnn_frame.sequence, out_type=tf.int32)[1:2]
                 applied_shape = tf.concat([ns[:1], t, ns[1:]], 0)
                 self._add_draw(trace, specs[k], keep, ns, applied_shape, training, applied,
@@ -153,7 +153,7 @@ class DrawRouter:
         cls = type(layer).__name__
         known = next((s for s in self._sites.opaque if s.layer == path), None)
         if known is None:
-            key = (id(layer), -1 - len(name))
+            key = (id(layer), f"keras.random.{name}")
             known = self._sites.custom.get(key)
             if known is None:
                 known = SiteSpec(
@@ -200,7 +200,7 @@ class DrawRouter:
             name=path if ordinal == 0 else f"{path}/dropout{ordinal}",
             layer=path, layer_class=cls,
             role="attention" if cls in _ATTENTION_CLASSES else "custom",
-            rate=float(rate) if isinstance(rate, (int, float)) else None,
+            rate=float(rate) if isinstance(rate, numbers.Real) else None,
             noise_fn=(lambda r, c=configured: c if c is not None and len(c) == r
                       else (None,) * r),
             rank=rank,

@@ -154,7 +154,9 @@ class SiteMap:
     time_distributed: dict[int, Any] = field(default_factory=dict)  # inner layer id -> TD layer
     cells: dict[int, CellSites] = field(default_factory=dict)
     rnns: dict[int, Any] = field(default_factory=dict)
-    custom: dict[tuple[int, int], SiteSpec] = field(default_factory=dict)
+    # (layer id, draw ordinal in one call) -> custom dropout site; (layer id, "keras.random.x")
+    # -> opaque site of a layer drawing other random numbers.
+    custom: dict[tuple[int, Any], SiteSpec] = field(default_factory=dict)
     opaque: list[SiteSpec] = field(default_factory=list)
 
     def all_specs(self) -> list[SiteSpec]:
