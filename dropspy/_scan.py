@@ -76,12 +76,13 @@ class _PairLog:
     deferred: list[tuple[int, int]] = field(default_factory=list)  # verify by re-reading
 
     def note(self, earlier: int, later: int, fp_a: Any, fp_b: Any,
-             a: np.ndarray | None, b: np.ndarray | None) -> None:
+             a: tuple[np.ndarray, int] | None, b: tuple[np.ndarray, int] | None) -> None:
+        """Record a compared pair; ``a``/``b`` are (batch, row) when held in memory."""
         self.compared.append(later)
         if fp_a != fp_b:
             return
         if a is not None and b is not None:
-            if noises_equal(a, b):
+            if noises_equal(a[0][a[1]], b[0][b[1]]):
                 self._repeat(earlier, later)
         else:
             self.deferred.append((earlier, later))
@@ -178,21 +179,26 @@ def scan_site(site: Any, *, want_digests: bool = False, max_bytes: int = 16 << 2
         if not use.all():
             idx, batch, flat, kept = idx[use], batch[use], flat[use], kept[use]
             k = len(idx)
-        if k:
-            scan.kept += int(kept.sum())
-            scan.elements += size * k
-            for ax in list(undecided):
-                if shape[ax] > 1:
-                    const = _constant_along_batch(batch, ax)
-                    if not const.all():
-                        scan.varies_at[ax] = int(idx[int(np.argmin(const))])
-                        undecided.remove(ax)
-            samples = _samples(flat)
-        for j in range(k):
-            i = int(idx[j])
-            fp = (shape, int(kept[j]), samples[j])
-            keep = batch[j] if size <= _KEEP_BYTES else None
-            step, call = int(steps[i]), int(calls[i])
+        if not k:
+            if progress is not None:
+                progress(nb * len(use))
+            continue
+        scan.kept += int(kept.sum())
+        scan.elements += size * k
+        for ax in list(undecided):
+            if shape[ax] > 1:
+                const = _constant_along_batch(batch, ax)
+                if not const.all():
+                    scan.varies_at[ax] = int(idx[int(np.argmin(const))])
+                    undecided.remove(ax)
+        samples = _samples(flat)
+        # Plain Python values once per batch: this loop runs once per record.
+        small = size <= _KEEP_BYTES
+        batch_digests = []
+        for j, i, step, call, kept_j, sample in zip(range(k), idx.tolist(), steps[idx].tolist(),
+                                                    calls[idx].tolist(), kept.tolist(), samples):
+            fp = (shape, kept_j, sample)
+            keep = (batch, j) if small else None  # a row of the batch, taken only if needed
             if step != step_now:
                 # A new step: what the previous step drew becomes "the previous step's mask".
                 last_by_call.update(pending)
@@ -208,7 +214,9 @@ def scan_site(site: Any, *, want_digests: bool = False, max_bytes: int = 16 << 2
             elif call0 is not None:
                 scan.calls.note(call0[0], i, call0[1], fp, call0[2], keep)
             if scan.digests is not None:
-                scan.digests[i] = hash(fp) or 1  # 0 marks "no digest"
+                batch_digests.append(hash(fp) or 1)  # 0 marks "no digest"
+        if scan.digests is not None:
+            scan.digests[idx] = batch_digests
         if progress is not None:
             progress(nb * len(use))
     return scan
