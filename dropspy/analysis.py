@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -674,8 +675,8 @@ def analyze_run(
     """Analyse every site of a run (or those matching ``sites``), with gate comparison.
 
     Args:
-        run: A :class:`dropspy.store.Run` (``dropspy.load(path)``), a :class:`MemoryRun`,
-            or any mapping of site name to a site with the reader API.
+        run: A :class:`dropspy.store.Run` (``dropspy.load(path)``), a path to a run file,
+            a :class:`MemoryRun`, or any mapping of site name to a site with the reader API.
         sites: Glob pattern(s) selecting sites; None for all.
         threshold: Largest chance of coincidence that still lets a structure be claimed.
         confidence: Confidence level of the rate intervals.
@@ -689,6 +690,12 @@ def analyze_run(
         KeyError: A pattern in ``sites`` matches no site.
     """
     _check_args(threshold, confidence)
+    if isinstance(run, (str, os.PathLike)):
+        from dropspy.store import load
+
+        with load(run) as opened:
+            return analyze_run(opened, sites=sites, threshold=threshold, confidence=confidence,
+                               max_bytes=max_bytes, progress=progress)
     names = list(getattr(run, "sites", None) or list(run.keys()))
     chosen = select_sites(names, sites)
     groups = _gate_groups(run, names)

@@ -323,6 +323,7 @@ def test_end_to_end_on_a_run_file(tmp_path):
     assert result.records_dropped["queue_full"] == 2
     assert "records-dropped" in {f.code for f in result.findings}
     assert result.complete
+    assert analyze_run(str(path)) == result  # a path is opened and closed for the caller
 
 
 def test_select_sites_globs_and_unknown_patterns():
