@@ -1,0 +1,458 @@
+"""The Keras 2 adapter (``tf_keras``, the legacy ``tf.keras``): record the masks ``fit`` applies.
+
+The mechanism is the Keras 3 adapter's (``keras.py``): the masks drawn in a train step become
+extra outputs of the (compiled) train step, taken out of the logs before any callback sees them
+and handed to the session once per step. What differs is where Keras 2 draws and applies them
+(see ``tf_keras_sites`` and ``tf_keras_capture``): dropout goes through
+``backend.RandomGenerator.dropout``, a draw is attributed to the layer owning the generator,
+and RNN cells draw a new mask at every timestep inside the time loop, captured there.
+
+Zero perturbation: in graph mode only non-random ops are added (reads of the keep-masks TF
+already computes; TF derives op seeds from a per-graph count of random ops, so the random
+streams are unchanged). Where tf_keras itself is not reproducible run to run (random ops in a
+``while`` loop body; legacy stateful random ops under XLA) dropspy cannot prove that it leaves
+training unchanged, and says so before it records.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from dropspy.errors import RecordingError, UnsupportedModelError
+from dropspy.frameworks._keras_common import OUTPUT_KEY, DrawMeta, decode_step
+
+__all__ = ["TfKerasAdapter"]
+
+_trace_ids = itertools.count(1)
+
+
+@dataclass
+class _TraceMeta:
+    draws: list[DrawMeta]
+    eager: bool
+
+
+def _tf_keras_layer_class() -> Any:
+    for name in ("tf_keras.src.engine.base_layer", "tf_keras"):
+        mod = sys.modules.get(name)
+        if mod is None:
+            continue
+        base = getattr(mod, "Layer", None) or getattr(getattr(mod, "layers", None), "Layer", None)
+        if isinstance(base, type):
+            return base
+    return None
+
+
+class TfKerasAdapter:
+    """Records a tf_keras (Keras 2) model trained with ``fit`` or ``train_on_batch``.
+
+    Args:
+        model: A ``tf_keras.Model`` (also ``tf.keras.Model`` under ``TF_USE_LEGACY_KERAS=1``).
+        session: The recorder's session (see ``docs/internals.md``).
+
+    Raises:
+        UnsupportedModelError: A layer that is not a model, ``steps_per_execution > 1``, or
+            several replicas.
+
+    Example:
+        >>> with dropspy.record(model, "run.h5"):   # doctest: +SKIP
+        ...     model.fit(x, y, epochs=1)
+    """
+
+    framework = "tf_keras"
+
+    @classmethod
+    def claims(cls, model: Any) -> bool:
+        """Whether ``model`` is a tf_keras layer or model (never a Keras 3 or torch object)."""
+        base = _tf_keras_layer_class()
+        return isinstance(base, type) and isinstance(model, base)
+
+    def __init__(self, model: Any, session: Any) -> None:
+        import tf_keras
+
+        if not isinstance(model, tf_keras.Model):
+            raise UnsupportedModelError(
+                f"dropspy records a tf_keras Model trained with fit/train_on_batch. Received a "
+                f"layer that is not a model: {type(model).__qualname__} "
+                f"{getattr(model, 'name', '')!r}; wrap it in a tf_keras.Model."
+            )
+        self.model = model
+        self.session = session
+        self._undo: list[Callable[[], None]] = []
+        self._attached = False
+        self._sites: Any = None
+        self._traces: dict[int, _TraceMeta] = {}
+        self._step = 0
+        self._noted: set[str] = set()
+
+    # -- contract -------------------------------------------------------------------------
+
+    def meta(self) -> dict[str, Any]:
+        """Framework, versions and devices, for the run file's root attributes."""
+        import tensorflow as tf
+        import tf_keras
+
+        return {
+            "framework": "tf_keras",
+            "framework_version": tf_keras.__version__,
+            "keras_major": 2,
+            "backend": "tensorflow",
+            "tensorflow_version": tf.__version__,
+            "devices": [d.name for d in tf.config.list_logical_devices()],
+            "jit_compile": str(getattr(self.model, "_jit_compile", None)),
+            "run_eagerly": str(bool(self.model.run_eagerly)),
+        }
+
+    def attach(self) -> None:
+        """Find and declare the sites, then install the capture. Undone by :meth:`detach`."""
+        if self._attached:
+            raise RecordingError("This TfKerasAdapter is already attached; call detach() first.")
+        from dropspy.frameworks import tf_keras_capture as cap
+        from dropspy.frameworks.tf_keras_sites import find_sites
+
+        self._cap = cap
+        self._attached = True
+        try:
+            self._check_compiled_options()
+            self._sites = find_sites(self.model)
+            for spec in self._sites.all_specs():
+                if spec.rank is not None:
+                    self._declare(spec, spec.rank)
+            self._warn_unreproducible()
+            cap.install(self)
+            self._undo.append(lambda: cap.uninstall(self))
+            for layer, role in self._sites.mask_getters:
+                getter = ("get_dropout_mask_for_cell" if role == "input"
+                          else "get_recurrent_dropout_mask_for_cell")
+                self._set_attr(layer, getter,
+                               self._mask_wrapper(layer, getattr(layer, getter), role))
+            self._wrap_training()
+        except BaseException:
+            self.detach()
+            raise
+
+    def detach(self) -> None:
+        """Restore every patched function and train function (idempotent)."""
+        while self._undo:
+            undo = self._undo.pop()
+            try:
+                undo()
+            except Exception as exc:  # keep restoring the rest; report the failure
+                self.session.note(f"tf_keras adapter: could not undo a patch: {exc!r}")
+        if self._attached and self._sites is not None:
+            never = [s.name for s in self._sites.all_specs() if not s.declared]
+            if never:
+                self.session.note(
+                    f"{len(never)} tf_keras site(s) never drew a mask while recording and could "
+                    f"not be declared (the rank of their input is unknown): {', '.join(never)}"
+                )
+        self._attached = False
+        self._traces.clear()
+
+    # -- patching ---------------------------------------------------------------------------
+
+    def _set_attr(self, obj: Any, name: str, value: Any) -> None:
+        """Set an instance attribute behind Keras' tracking, and remember how to undo it."""
+        had = name in obj.__dict__
+        old = obj.__dict__.get(name)
+        object.__setattr__(obj, name, value)
+
+        def undo() -> None:
+            if had:
+                object.__setattr__(obj, name, old)
+            elif name in obj.__dict__:
+                object.__delattr__(obj, name)
+
+        self._undo.append(undo)
+
+    def _mask_wrapper(self, layer: Any, original: Callable[..., Any], role: str) -> Any:
+        cap = self._cap
+
+        def get_mask(*args: Any, **kwargs: Any) -> Any:
+            trace = cap.current_trace()
+            if trace is None or trace.owner is not self:
+                return original(*args, **kwargs)
+            trace.roles.append(cap.RoleFrame(layer, role))
+            try:
+                return original(*args, **kwargs)
+            finally:
+                trace.roles.pop()
+
+        get_mask.__wrapped__ = original  # type: ignore[attr-defined]
+        return get_mask
+
+    def _wrap_training(self) -> None:
+        model = self.model
+        original_step = model.train_step
+        original_make = model.make_train_function
+
+        def train_step(data: Any) -> Any:
+            return self._traced_step(original_step, data)
+
+        def make_train_function(force: bool = False) -> Any:
+            self._check_compiled_options()
+            fn = model.__dict__.get("train_function")
+            if fn is not None and not force and getattr(fn, "_dropspy_owner", None) is self:
+                return fn
+            object.__setattr__(model, "train_function", None)
+            original_make(force=True)
+            wrapped = self._host_wrapper(model.train_function)
+            object.__setattr__(model, "train_function", wrapped)
+            return wrapped
+
+        self._set_attr(model, "train_step", train_step)
+        self._set_attr(model, "make_train_function", make_train_function)
+        # A train function built before recording has no mask outputs: set it aside (restored on
+        # detach) so fit/train_on_batch build one with the wrapped train_step.
+        self._set_attr(model, "train_function", None)
+        self._set_attr(model, "train_tf_function", None)
+
+    def _check_compiled_options(self) -> None:
+        model = self.model
+        spe = getattr(model, "_steps_per_execution", None)
+        try:
+            spe = int(spe.numpy().item()) if spe is not None else 1
+        except Exception:
+            spe = 1
+        if spe > 1 or getattr(model, "autotune_steps_per_execution", False):
+            raise UnsupportedModelError(
+                f"dropspy cannot record a tf_keras model compiled with steps_per_execution="
+                f"{spe}: tf_keras returns only the last step's outputs of each execution, so the "
+                f"masks of the other steps would be lost. Expected steps_per_execution=1."
+            )
+        strategy = getattr(model, "distribute_strategy", None)
+        replicas = getattr(strategy, "num_replicas_in_sync", 1)
+        if replicas and replicas > 1:
+            raise UnsupportedModelError(
+                f"dropspy cannot record a tf_keras model under a distribution strategy with "
+                f"{replicas} replicas yet (step outputs are reduced across replicas; masks must "
+                f"not be). Expected a single replica. Received: {type(strategy).__name__}."
+            )
+
+    def _warn_unreproducible(self) -> None:
+        """Say before recording where tf_keras itself is not reproducible run to run."""
+        model = self.model
+        sm = self._sites
+        if model.run_eagerly:
+            return
+        loops = [sm.layer_paths[i] for i, how in sm.loop_paths.items() if how == "while-loop"]
+        if loops:
+            self.session.warn_perturbation(
+                f"{', '.join(loops)}: tf_keras draws these RNN dropout masks inside the time "
+                f"loop (tf.while_loop) with stateful random ops, whose order across loop "
+                f"iterations is not fixed: such training is not reproducible run to run even "
+                f"without dropspy, so dropspy cannot prove it leaves it unchanged (capturing the "
+                f"per-timestep masks adds loop outputs). The recorded masks are the ones "
+                f"applied. Reproducible alternatives: unroll=True or run_eagerly=True (one mask "
+                f"set for all timesteps), or recurrent_dropout=0 with the default activations "
+                f"(the cuDNN-eligible path, one mask per timestep drawn before the loop)."
+            )
+        jit = getattr(model, "_jit_compile", None)
+        if jit and sm.all_specs():
+            self.session.warn_perturbation(
+                "jit_compile=True: under XLA tf_keras' stateful dropout ops are not "
+                "reproducible run to run even without dropspy (measured: different weights "
+                "after identical seeded runs), so dropspy cannot prove it leaves training "
+                "unchanged. The recorded masks are the ones applied."
+            )
+
+    # -- trace time -------------------------------------------------------------------------
+
+    def _traced_step(self, original_step: Callable[[Any], Any], data: Any) -> Any:
+        import tensorflow as tf
+
+        cap = self._cap
+        eager = tf.executing_eagerly()
+        graph = None if eager else tf.compat.v1.get_default_graph()
+        trace = cap.Trace(owner=self, graph=graph, eager=eager)
+        cap.push_trace(trace)
+        try:
+            logs = original_step(data)
+        finally:
+            cap.pop_trace(trace)
+        if not isinstance(logs, dict):
+            self._note_once(
+                "logs",
+                f"train_step returned {type(logs).__name__}, not a dict of logs: dropspy cannot "
+                f"attach the masks to it, and records nothing for this model.",
+            )
+            return logs
+        tid = next(_trace_ids)
+        metas, keeps, dims = [], [], []
+        for d in trace.draws:
+            metas.append(DrawMeta(site=d.spec.name, noise_rank=int(d.noise_shape.shape[0]),
+                                  rank=int(d.applied_shape.shape[0]), training=d.training,
+                                  applied=d.applied, expand_time=d.expand_time))
+            dims += [tf.cast(d.noise_shape, tf.int32), tf.cast(d.applied_shape, tf.int32)]
+            if d.applied:
+                keeps.append(tf.reshape(d.keep, [-1]))
+        self._traces[tid] = _TraceMeta(draws=metas, eager=eager)
+        payload = {
+            "trace": tf.constant(tid, tf.int32),
+            # One flat bool tensor and one int tensor: one device-to-host copy each per step.
+            "bits": tf.concat(keeps, 0) if keeps else tf.zeros([0], tf.bool),
+            "dims": tf.concat(dims, 0) if dims else tf.zeros([0], tf.int32),
+        }
+        logs = dict(logs)
+        logs[OUTPUT_KEY] = payload
+        return logs
+
+    def on_dropout(self, trace: Any, generator: Any, inputs: Any, rate: Any,
+                   noise_shape: Any) -> Any:
+        """Called (at trace time) for each ``RandomGenerator.dropout`` in a recorded step."""
+        import tensorflow as tf
+
+        cap = self._cap
+        sm = self._sites
+        owner = sm.owners.get(id(generator))
+        role = trace.roles[-1] if trace.roles else None
+        slot = None
+        if role is not None and owner is role.layer:
+            k = role.count
+            role.count += 1
+            slot = sm.slot(owner, role.role, k)
+        out, keep = cap.exact_dropout(generator, inputs, rate, noise_shape)
+        if owner is None:
+            return out
+        spec = slot.spec if slot is not None else sm.dropout.get(id(owner))
+        if spec is None:
+            if slot is None:
+                self._unknown_draw(owner)
+            return out   # drawn and never applied (e.g. LSTM masks 1-3 on the cuDNN path)
+        if keep is None:
+            self._unobservable(spec, "the keep-mask could not be read from TF's dropout ops")
+            return out
+        loop = trace.loops[-1] if trace.loops else None
+        in_trace_graph = trace.eager or keep.graph is trace.graph
+        if slot is not None and slot.kind == "step":
+            if loop is None:
+                self._unobservable(spec, "an RNN cell drew a mask outside an RNN layer's loop")
+            elif in_trace_graph:
+                loop.outer[spec.name] = (spec, keep)
+            elif keep.graph is loop.body_graph:
+                loop.body[spec.name] = keep
+            else:
+                self._unobservable(spec, "the mask is drawn inside a TensorFlow branch (tf.cond; "
+                                         "is `training` a tensor?) and cannot leave the step")
+            return out
+        if not in_trace_graph:
+            self._unobservable(spec, "the mask is drawn inside a TensorFlow loop or branch "
+                                     "(tf.while_loop / tf.cond) and cannot leave the step")
+            return out
+        shape = tf.shape(keep, out_type=tf.int32)
+        applied = shape if slot is not None else tf.shape(inputs, out_type=tf.int32)
+        self._add_draw(trace, spec, keep, shape, applied, rank=int(keep.shape.rank))
+        return out
+
+    def on_loop_done(self, trace: Any, loop: Any) -> None:
+        """After one ``backend.rnn`` call: export its masks, per timestep where they were."""
+        import tensorflow as tf
+
+        for name, (spec, keep) in loop.outer.items():
+            buf = loop.buffers.get(name)
+            if buf is not None:
+                if loop.go_backwards:
+                    buf = tf.reverse(buf, [0])   # loop order -> input order
+                rank = int(buf.shape.rank)
+                noise = buf if loop.time_major else tf.transpose(buf, [1, 0, *range(2, rank)])
+                shape = tf.shape(noise, out_type=tf.int32)
+                self._add_draw(trace, spec, noise, shape, shape, rank=rank)
+            elif name in loop.missing or (loop.body_graph is not None and name not in loop.body):
+                self._unobservable(spec, "the loop body drew no mask where the first timestep "
+                                         "did; dropspy cannot tell which mask was applied")
+            else:
+                # Eager or unroll=True: the cached mask drawn once serves every timestep.
+                ns = tf.shape(keep, out_type=tf.int32)
+                t = tf.reshape(loop.time_steps(), [1])
+                applied = tf.concat([ns[:1], t, ns[1:]], 0)
+                self._add_draw(trace, spec, keep, ns, applied, rank=int(keep.shape.rank) + 1,
+                               expand_time=True)
+
+    def on_untraced_dropout(self, generator: Any) -> None:
+        """A dropout drawn outside any recorded train step (custom loop?): say so, once."""
+        if "untraced" in self._noted or self._sites is None:
+            return
+        owner = self._sites.owners.get(id(generator))
+        if owner is None:
+            return
+        path = self._sites.layer_paths.get(id(owner), owner.name)
+        self._note_once(
+            "untraced",
+            f"{path} drew a dropout mask outside model.fit/train_on_batch (a custom training "
+            f"loop, or model(x, training=True)): dropspy records the masks of tf_keras train "
+            f"steps only; masks drawn elsewhere are not recorded.",
+        )
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _declare(self, spec: Any, rank: int) -> bool:
+        if not spec.declared:
+            spec.selected = self.session.declare_site(spec.info(rank))
+            spec.declared = True
+        return spec.selected
+
+    def _add_draw(self, trace: Any, spec: Any, keep: Any, noise_shape: Any, applied_shape: Any,
+                  *, rank: int | None, expand_time: bool = False) -> None:
+        if rank is None:
+            self._unobservable(spec, "the rank of its input is unknown while tracing")
+            return
+        if spec.declared and spec.rank != rank:
+            self._note_once(f"rank:{spec.name}",
+                            f"site {spec.name}: a call with rank {rank} differs from the "
+                            f"declared rank {spec.rank}; those records are not kept")
+            return
+        if not self._declare(spec, rank):
+            return
+        trace.draws.append(self._cap.Draw(spec=spec, keep=keep, noise_shape=noise_shape,
+                                          applied_shape=applied_shape, expand_time=expand_time))
+
+    def _unknown_draw(self, owner: Any) -> None:
+        path = self._sites.layer_paths.get(id(owner), owner.name)
+        self._note_once(f"unknown:{path}",
+                        f"{path} ({type(owner).__name__}) drew a dropout mask that dropspy does "
+                        f"not know how it applies; it is not recorded")
+
+    def _unobservable(self, spec: Any, why: str) -> None:
+        if not spec.declared and spec.rank is not None:
+            spec.opaque = why
+            self._declare(spec, spec.rank)
+        self._note_once(f"unobservable:{spec.name}", f"site {spec.name}: masks not recorded: {why}")
+
+    def _note_once(self, key: str, message: str) -> None:
+        if key not in self._noted:
+            self._noted.add(key)
+            self.session.note(message)
+
+    # -- host side ----------------------------------------------------------------------------
+
+    def _host_wrapper(self, inner: Callable[[Any], Any]) -> Any:
+        def train_function(iterator: Any) -> Any:
+            logs = inner(iterator)
+            if isinstance(logs, dict) and OUTPUT_KEY in logs:
+                logs = dict(logs)
+                payload = logs.pop(OUTPUT_KEY)
+                step = self._step
+                self._step += 1
+                self._on_step(step, payload)
+            return logs
+
+        train_function._dropspy_owner = self  # type: ignore[attr-defined]
+        train_function.__wrapped__ = inner  # type: ignore[attr-defined]
+        return train_function
+
+    def _on_step(self, step: int, payload: dict[str, Any]) -> None:
+        tid = int(payload["trace"])
+        meta = self._traces.get(tid)
+        if meta is None:
+            return
+        if meta.eager:
+            del self._traces[tid]
+        if not meta.draws:
+            return
+        if not self.session.want_step(step):
+            self.session.count_dropped("sampling", len(meta.draws))
+            return
+        self.session.submit(step, decode_step(step, meta.draws, payload["bits"], payload["dims"]))
