@@ -78,6 +78,23 @@ def test_detach_removes_every_hook_and_mode(tmp_path):
     assert _hook_counts(model) == 0 and _global_optimizer_hooks() == opt_hooks
 
 
+def test_only_modules_that_may_apply_dropout_are_hooked(tmp_path):
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return F.dropout(self.lin(x), 0.5, self.training)
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Sequential(Block(), nn.Dropout(0.5)))
+    with dropspy.record(model, tmp_path / "run.h5"):
+        hooked = {name for name, m in model.named_modules() if m._forward_pre_hooks}
+        model(torch.randn(2, 4))
+    assert hooked == {"", "2.0", "2.1"}
+    assert dropspy.load(tmp_path / "run.h5").sites == ("2.0/dropout", "2.1")
+
+
 def test_detach_cleans_up_when_training_raises_and_keeps_earlier_records(tmp_path):
     model = _mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

@@ -138,6 +138,8 @@ class TorchAdapter:
         self._capture = capture = Capture(registry, self.session.note, self.cudnn_rnn)
         try:
             for name, module in model.named_modules():
+                if module is not model and not _may_draw(module):
+                    continue
                 self._handles.append(module.register_forward_pre_hook(self._pre_hook(name)))
                 self._handles.append(module.register_forward_hook(self._post_hook(name),
                                                                   always_call=True))
@@ -441,6 +443,24 @@ class TorchAdapter:
             above.append(top)
         for other in reversed(above):
             _push_mode(other)
+
+
+# torch.nn's own modules whose forward may apply dropout (or hide it behind a fast path).
+_MAY_DRAW = (torch.nn.modules.dropout._DropoutNd, torch.nn.RNNBase, *FAST_PATH_MODULES,
+             torch.nn.TransformerDecoderLayer, torch.nn.TransformerDecoder, torch.nn.Transformer)
+
+
+def _may_draw(module: torch.nn.Module) -> bool:
+    """Whether a module needs hooks: attribution is by the innermost hooked module.
+
+    torch.nn's built-in modules that never apply dropout (Linear, Conv, norms, activations,
+    containers) are left unhooked: a hook costs a few microseconds per call and they are most
+    of a model's module calls. Every other class (the user's, torchvision's, timm's) may call
+    dropout functionally or draw its own mask, so it is hooked.
+    """
+    if isinstance(module, _MAY_DRAW):
+        return True
+    return not type(module).__module__.startswith("torch.nn.")
 
 
 def _layout3(model: torch.nn.Module) -> tuple[str, ...] | None:
