@@ -435,3 +435,24 @@ def test_fewer_readable_records_than_written_is_a_warning():
     codes = {f.code: f for f in analyze_run(run).findings}
     assert codes["records-unreadable"].severity == Severity.WARNING
     assert "reported 10 records but the file holds 4" in codes["records-unreadable"].message
+
+
+def test_wilson_interval_matches_a_reference_value():
+    from dropspy._stats import wilson_interval
+
+    # 30 of 100 at 95%: the textbook Wilson interval is (0.2189, 0.3958).
+    low, high = wilson_interval(30, 100, 0.95)
+    assert (round(low, 4), round(high, 4)) == (0.2189, 0.3958)
+    assert wilson_interval(0, 50, 0.999)[0] == 0.0
+    assert wilson_interval(50, 50, 0.999)[1] == 1.0
+    assert wilson_interval(0, 0, 0.999) == (0.0, 1.0)
+
+
+def test_repeat_tail_is_exact_when_every_pair_repeats_and_zero_when_none_do():
+    from dropspy._stats import log10_repeat_tail
+
+    assert log10_repeat_tail(5, 5, -2.0) == pytest.approx(-10.0)
+    assert log10_repeat_tail(5, 0, -2.0) == 0.0
+    # One repeat in 1000 pairs at chance 1e-3 each is what chance predicts: no evidence.
+    assert log10_repeat_tail(1000, 1, -3.0) == pytest.approx(0.0, abs=1e-9)
+    assert log10_repeat_tail(1000, 1, -300.0) < -290
