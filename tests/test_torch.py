@@ -547,3 +547,32 @@ def test_long_inference_loops_hand_over_not_applied_records_as_they_go(tmp_path,
     assert held <= 2
     site = dropspy.load(tmp_path / "run.h5")["1"]
     assert len(site) == 4 and not site.applied.any()
+
+
+def test_an_internal_error_never_breaks_or_repeats_the_users_call(tmp_path, monkeypatch):
+    import dropspy.frameworks.torch_capture as capture_module
+
+    def broken():
+        raise RuntimeError("dropspy bug")
+
+    monkeypatch.setattr(capture_module, "_caller", broken)
+    probe = nn.Sequential(nn.Linear(4, 4))
+    probe.forward = lambda x: F.dropout(x, 0.5, True)  # a functional call: needs _caller
+    x = torch.randn(3, 4)
+    torch.manual_seed(0)
+    plain = F.dropout(x, 0.5, True)
+    torch.manual_seed(0)
+    with dropspy.record(probe, tmp_path / "run.h5"):
+        recorded = probe(x)
+    assert torch.equal(plain, recorded)  # ran exactly once, with the same draw
+    assert any("internal error" in note for note in dropspy.load(tmp_path / "run.h5").notes)
+
+
+def test_the_frameworks_own_errors_propagate_unchanged(tmp_path):
+    class Bad(nn.Module):
+        def forward(self, x):
+            return F.dropout(x, 1.5, True)
+
+    with dropspy.record(Bad(), tmp_path / "run.h5") as rec:
+        with pytest.raises(ValueError, match="dropout probability has to be between 0 and 1"):
+            rec.model(torch.randn(2, 2))

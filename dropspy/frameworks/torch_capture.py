@@ -96,6 +96,7 @@ def _watch_table() -> dict[Any, str]:
 
 
 _WATCH = _watch_table()
+_UNSET = object()
 _SEEDED_CACHE: dict[Any, bool] = {}
 
 
@@ -106,6 +107,7 @@ class Grabber(TorchDispatchMode):
         super().__init__()
         self.draws: list[Draw] = []
         self.other_random: list[str] = []
+        self.error: str | None = None
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         out = func(*args, **kwargs) if kwargs else func(*args)
@@ -117,7 +119,13 @@ class Grabber(TorchDispatchMode):
             if seeded:
                 self.other_random.append(str(func.overloadpacket))
             return out
-        kwargs = kwargs or {}
+        try:
+            self._grab(what, func, args, kwargs or {}, out)
+        except Exception as exc:  # noqa: BLE001 - a copy that fails must not fail the op
+            self.error = f"{type(exc).__name__}: {exc}"
+        return out
+
+    def _grab(self, what: str, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
         if what == "native_dropout":
             train = args[2] if len(args) > 2 else kwargs.get("train")
             if train is not False:
@@ -129,7 +137,6 @@ class Grabber(TorchDispatchMode):
             # drops arguments equal to their default, so bernoulli_(0.5) arrives without p.
             p = args[1] if len(args) > 1 else kwargs.get("p", 0.5)
             self.draws.append(Draw(what, out != 0, p, out.dtype))
-        return out
 
 
 _CALLERS: dict[tuple[Any, int], str] = {}
@@ -262,6 +269,8 @@ class Capture:
         self.handmade: dict[str, dict[SiteKey, Entry]] = {}
         self.bypassed = 0
         self._noted: set[str] = set()
+        self._called = False
+        self._out: Any = _UNSET
         self.handlers: dict[Callable, Callable] = {}
         for fn, spec in _DROPOUT_SPECS.items():
             self.handlers[fn] = self._dropout_handler(spec)
@@ -274,6 +283,7 @@ class Capture:
         self.handlers[F.scaled_dot_product_attention] = self._on_sdpa
         for fn in _RANDOM:
             self.handlers[fn] = self._on_random
+        self.handlers = {fn: self.safe(h) for fn, h in self.handlers.items()}
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -299,6 +309,34 @@ class Capture:
             self.applied_in_group = True
         return entry
 
+    def _call(self, func: Callable, args: tuple, kwargs: dict) -> Any:
+        """Run the framework's own call; marks that it ran and keeps its output."""
+        self._called = True
+        out = func(*args, **kwargs)
+        self._out = out
+        return out
+
+    def safe(self, handler: Callable) -> Callable:
+        """Wrap a handler so that a dropspy bug never breaks or repeats the user's call.
+
+        If the handler fails before the framework call ran, the call runs untouched; after
+        it ran, its output is returned. Either way the user is told, once per handler. An
+        exception raised by the framework call itself propagates unchanged.
+        """
+        def run(func: Callable, args: tuple, kwargs: dict) -> Any:
+            self._called, self._out = False, _UNSET
+            try:
+                return handler(func, args, kwargs)
+            except Exception as exc:
+                called, out = self._called, self._out
+                if called and out is _UNSET:
+                    raise  # the framework's own error: not ours to hide
+                name = getattr(func, "__name__", str(func))
+                self.note_once(f"error:{name}", f"internal error while recording {name} "
+                               f"({type(exc).__name__}: {exc}); that call was not recorded")
+                return out if called else func(*args, **kwargs)
+        return run
+
     def _log(self, draws: list[Draw]) -> None:
         if self.draw_log is not None:
             self.draw_log.extend(draws)
@@ -309,7 +347,7 @@ class Capture:
         def handler(func: Callable, args: tuple, kwargs: dict) -> Any:
             frame = self._frame()
             if frame is None:
-                return func(*args, **kwargs)
+                return self._call(func, args, kwargs)
             return self._on_dropout(spec, frame, func, args, kwargs)
         return handler
 
@@ -324,12 +362,12 @@ class Capture:
         key = SiteKey(frame.path, spec.kind, None if own else _caller())
         self.sites.learn(key, lambda: self._dropout_facts(spec.kind, module, p, own))
         if not train:
-            out = func(*args, **kwargs)
+            out = self._call(func, args, kwargs)
             self.add(key, module.training, shape, None)
             return out
         if 0.0 < p < 1.0 and x.numel() > 0:
             with Grabber() as g:
-                out = func(*args, **kwargs)
+                out = self._call(func, args, kwargs)
             self._log(g.draws)
             if len(g.draws) != 1:
                 self._unexpected(key, f"{len(g.draws)} masks drawn, expected 1")
@@ -337,7 +375,7 @@ class Capture:
             noise = g.draws[0].mask
         else:
             # p == 0 keeps everything and p == 1 drops everything without any draw.
-            out = func(*args, **kwargs)
+            out = self._call(func, args, kwargs)
             nshape = shape if spec.kind not in FEATURE else shape[:2] + (1,) * (len(shape) - 2)
             noise = torch.full(nshape, p < 1.0, dtype=torch.bool, device=x.device)
         if noise.dim() < len(shape):
@@ -355,7 +393,7 @@ class Capture:
 
     def _on_native_dropout(self, func: Callable, args: tuple, kwargs: dict) -> Any:
         frame = self._frame()
-        out = func(*args, **kwargs)
+        out = self._call(func, args, kwargs)
         if frame is None:
             return out
         x = args[0] if args else kwargs["input"]
@@ -375,7 +413,7 @@ class Capture:
 
     def _on_bernoulli(self, func: Callable, args: tuple, kwargs: dict) -> Any:
         frame = self._frame()
-        out = func(*args, **kwargs)
+        out = self._call(func, args, kwargs)
         if frame is None:
             return out
         mask = out != 0
@@ -475,12 +513,12 @@ class Capture:
     def _on_rnn(self, func: Callable, args: tuple, kwargs: dict) -> Any:
         frame = self._frame()
         if frame is None:
-            return func(*args, **kwargs)
+            return self._call(func, args, kwargs)
         packed = len(args) > 3 and isinstance(args[3], (list, tuple))
         off = 1 if packed else 0
         num_layers, p, train = int(args[4 + off]), float(args[5 + off]), bool(args[6 + off])
         if p == 0.0:
-            return func(*args, **kwargs)
+            return self._call(func, args, kwargs)
         x = args[0]
         module = frame.module
         gaps = max(num_layers - 1, 1)
@@ -506,15 +544,15 @@ class Capture:
             self.sites.resolve(keys[0], 3)
             for key in keys[1:]:
                 self.sites.resolve(key, 3)
-            return func(*args, **kwargs)
+            return self._call(func, args, kwargs)
         apply = train and num_layers > 1
         if apply and 0.0 < p < 1.0 and x.numel() > 0:
             with Grabber() as g:
                 if cudnn:
                     with torch.backends.cudnn.flags(enabled=False):
-                        out = func(*args, **kwargs)
+                        out = self._call(func, args, kwargs)
                 else:
-                    out = func(*args, **kwargs)
+                    out = self._call(func, args, kwargs)
             self._log(g.draws)
             if len(g.draws) != len(keys):
                 self._unexpected(keys[0], f"{len(g.draws)} masks drawn for {len(keys)} gaps")
@@ -523,7 +561,7 @@ class Capture:
                 self.add(key, module.training, tuple(d.mask.shape), d.mask)
             frame.drew = True
             return out
-        out = func(*args, **kwargs)
+        out = self._call(func, args, kwargs)
         shape = _layer_output_shape(out[0], packed, args)
         for key in keys:
             if apply:  # p == 1 zeroes every layer output without drawing
@@ -536,12 +574,12 @@ class Capture:
     def _on_mha(self, func: Callable, args: tuple, kwargs: dict) -> Any:
         frame = self._frame()
         if frame is None:
-            return func(*args, **kwargs)
+            return self._call(func, args, kwargs)
         bound = _MHA_SIG.bind(*args, **kwargs)
         a = bound.arguments
         p = float(a["dropout_p"])
         if p == 0.0:
-            return func(*args, **kwargs)
+            return self._call(func, args, kwargs)
         training = a.get("training", True)
         heads = int(a["num_heads"])
         q, k = a["query"], a["key"]
@@ -553,7 +591,7 @@ class Capture:
     def _on_sdpa(self, func: Callable, args: tuple, kwargs: dict) -> Any:
         frame = self._frame()
         if frame is None:
-            return func(*args, **kwargs)
+            return self._call(func, args, kwargs)
         a = dict(zip(_SDPA_NAMES, args))
         a.update(kwargs)
         p = float(a.get("dropout_p", 0.0))
@@ -564,7 +602,7 @@ class Capture:
             key = SiteKey(frame.path, "attention", self._attention_where(frame))
             if self.sites.facts(key) is not None:
                 self.add(key, frame.module.training, shape, None)
-            return func(*args, **kwargs)
+            return self._call(func, args, kwargs)
         return self._attention(frame, func, args, kwargs, p, True, shape, None)
 
     def _attention_where(self, frame: Frame) -> str | None:
@@ -580,11 +618,11 @@ class Capture:
             scale=dropout_scale("dropout", p),
             extra={"layout": "(batch, head, target, source)"}))
         if not training:
-            out = func(*args, **kwargs)
+            out = self._call(func, args, kwargs)
             self.add(key, module.training, shape, None)
             return out
         with Grabber() as g:
-            out = func(*args, **kwargs)
+            out = self._call(func, args, kwargs)
         self._log(g.draws)
         if not g.draws and g.other_random:
             self._opaque_attention(key, module, p, g.other_random)
@@ -626,7 +664,7 @@ class Capture:
                     layer_class=type(module).__name__, role="custom", rate=None, opaque=reason))
                 name_ = self.sites.resolve(key, 1)
                 self.note(f"untracked random draw at {name_ or frame.path}: {reason}")
-        return func(*args, **kwargs)
+        return self._call(func, args, kwargs)
 
 
 def _rate_of(p: Any) -> float | None:
