@@ -136,6 +136,11 @@ def _verdict_text(s: SiteAnalysis) -> Text:
     return Text(", ".join(codes), style=style)
 
 
+def _records_text(s: SiteAnalysis) -> str:
+    extra = s.records - s.training_records
+    return f"{s.records} ({s.steps} steps" + (f", {extra} eval)" if extra else ")")
+
+
 def _word(check: Any) -> str:
     return "-" if check is None else check.verdict
 
@@ -152,7 +157,7 @@ def _table(result: RunAnalysis) -> Table:
             continue
         table.add_row(s.site, s.layer_class, _axes_text(s), s.pattern, _rate_text(s),
                       _word(s.gates), _word(s.over_time), _word(s.freshness),
-                      f"{s.records} ({s.steps} steps)", _verdict_text(s))
+                      _records_text(s), _verdict_text(s))
     return table
 
 
