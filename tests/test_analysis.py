@@ -456,3 +456,20 @@ def test_repeat_tail_is_exact_when_every_pair_repeats_and_zero_when_none_do():
     # One repeat in 1000 pairs at chance 1e-3 each is what chance predicts: no evidence.
     assert log10_repeat_tail(1000, 1, -3.0) == pytest.approx(0.0, abs=1e-9)
     assert log10_repeat_tail(1000, 1, -300.0) < -290
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    shape=st.lists(st.integers(1, 4), min_size=2, max_size=3),
+    rate=st.floats(0.0, 1.0),
+    steps=st.integers(1, 4),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_independent_gate_masks_are_never_called_identical(shape, rate, steps, seed):
+    rng = np.random.default_rng(seed)
+    axes = tuple(f"axis{k}" for k in range(len(shape)))
+    run = MemoryRun([MemorySite(f"cell/input/{g}", axes,
+                                [rng.random(tuple(shape)) >= rate for _ in range(steps)],
+                                rate=rate, layer="cell", role="input", gate=g) for g in "zrh"])
+    result = analyze_run(run)
+    assert result["cell/input/z"].gates.verdict in ("distinct", "inconclusive")

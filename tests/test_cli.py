@@ -209,3 +209,17 @@ def test_python_dash_m_dropspy_runs_as_a_subprocess(run_path):
     assert bad.returncode == 2
     assert bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
     assert "torch" not in ok.stderr
+
+
+def test_inspect_with_a_progress_bar_prints_the_same_report(monkeypatch, run_path):
+    import rich.console
+
+    import dropspy.cli
+
+    plain = runner.invoke(app, ["inspect", str(run_path), "--json"])
+    monkeypatch.setattr(dropspy.cli, "_PROGRESS_BYTES", 0)
+    monkeypatch.setattr(rich.console.Console, "is_terminal", property(lambda self: True))
+    with_bar = runner.invoke(app, ["inspect", str(run_path), "--json"])
+    assert with_bar.exit_code == 0, with_bar.output
+    assert json.loads(with_bar.stdout) == json.loads(plain.stdout)
+    assert "analysing" in with_bar.stderr
