@@ -333,8 +333,28 @@ def validate(path: RunPath) -> None:
 
 
 def main() -> None:
-    """Entry point of the ``dropspy`` console script."""
-    app()
+    """Entry point of the ``dropspy`` console script.
+
+    Usage errors (a missing argument, an unknown option) are one line on stderr with exit
+    status 2, like every other error, instead of click's boxed usage text.
+    """
+    try:
+        code = app(standalone_mode=False)
+    except Exception as exc:
+        # typer vendors click, so its exception classes are matched by what they offer.
+        kind = type(exc).__name__
+        if kind == "Abort":
+            typer.echo("dropspy: aborted", err=True)
+            raise SystemExit(1) from None
+        fmt = getattr(exc, "format_message", None)
+        status = getattr(exc, "exit_code", None)
+        if fmt is None or not isinstance(status, int):
+            raise
+        if kind != "NoArgsIsHelpError":  # the help text was printed already
+            typer.echo(f"dropspy: error: {' '.join(str(fmt()).split())} (see dropspy --help)",
+                       err=True)
+        raise SystemExit(status) from None
+    raise SystemExit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -208,7 +208,13 @@ def test_python_dash_m_dropspy_runs_as_a_subprocess(run_path):
                          capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode == 2
     assert bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
-    assert "torch" not in ok.stderr
+    usage = subprocess.run([sys.executable, "-m", "dropspy", "plot", str(run_path), "--bogus"],
+                           capture_output=True, text=True, env=env, timeout=120)
+    assert usage.returncode == 2
+    assert usage.stderr.splitlines() == ["dropspy: error: No such option: --bogus (see dropspy --help)"]
+    helped = subprocess.run([sys.executable, "-m", "dropspy", "--help"], capture_output=True,
+                            text=True, env=env, timeout=120)
+    assert helped.returncode == 0 and "inspect" in helped.stdout
 
 
 def test_inspect_with_a_progress_bar_prints_the_same_report(monkeypatch, run_path):
