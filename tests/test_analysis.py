@@ -473,3 +473,32 @@ def test_independent_gate_masks_are_never_called_identical(shape, rate, steps, s
                                 rate=rate, layer="cell", role="input", gate=g) for g in "zrh"])
     result = analyze_run(run)
     assert result["cell/input/z"].gates.verdict in ("distinct", "inconclusive")
+
+
+class _BatchingSite(MemorySite):
+    """A reader that hands out whole batches, as a store with ``iter_batches`` would."""
+
+    def iter_batches(self, start=0, stop=None, *, max_bytes=16 << 20):
+        idx, rows = [], []
+        for i, x in self.iter_noise(start, stop):
+            if x is None or (rows and x.shape != rows[0].shape) or len(rows) == 3:
+                if rows:
+                    yield np.asarray(idx), np.stack(rows)
+                idx, rows = [], []
+            if x is not None:
+                idx.append(i)
+                rows.append(x)
+        if rows:
+            yield np.asarray(idx), np.stack(rows)
+
+
+def test_a_reader_with_iter_batches_gives_the_same_analysis():
+    rng = np.random.default_rng(9)
+    noises = [rng.random((4 + s % 2, 1, 8)) >= 0.3 for s in range(10)] + [None]
+    noises[6] = noises[5].copy()  # a stale step, found across a batch boundary
+    kw = dict(rate=0.3, shapes=[(x.shape[0] if x is not None else 4, 6, 8) for x in noises],
+              training=[True] * 9 + [False, False])
+    plain = analyze_site(MemorySite("d", AXES3, noises, **kw))
+    batched = analyze_site(_BatchingSite("d", AXES3, noises, **kw))
+    assert batched == plain
+    assert batched.freshness.identical == 1 and batched.pattern == "time-shared"
