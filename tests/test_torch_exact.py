@@ -350,3 +350,50 @@ def test_stacked_rnn_in_eval_records_every_gap_as_not_applied(tmp_path):
     for name in ("between_layers/0", "between_layers/1"):
         site = run[name]
         assert len(site) == 1 and not site.applied[0] and tuple(site.shapes[0]) == (5, 2, 4)
+
+
+class WeightDrop(nn.Module):
+    """AWD-LSTM's DropConnect on a recurrent weight: F.dropout applied to a Parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(6, 4))
+
+    def forward(self, x):
+        self.seen_w = F.dropout(self.weight, 0.5, self.training)
+        return x @ self.seen_w.t()
+
+
+class EmbeddingDropout(nn.Module):
+    """AWD-LSTM's embedded_dropout: whole rows of the embedding matrix dropped."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+
+    def forward(self, tokens):
+        w = self.embed.weight
+        mask = w.new_empty(w.size(0), 1).bernoulli_(0.8).expand_as(w) / 0.8
+        self.seen = (w.detach().clone(), (mask * w).detach().clone())
+        return F.embedding(tokens, mask * w)
+
+
+def test_weight_dropout_is_named_on_the_weights_axes(tmp_path):
+    model = WeightDrop()
+    run = _record_once(model, torch.randn(2, 4), tmp_path / "run.h5")
+    (name,) = run.sites
+    site = run[name]
+    assert site.axes == ("axis0", "axis1") and site.extra["applied_to"] == "parameter"
+    mask = torch.from_numpy(site.mask(0))
+    assert torch.equal(_dropout_expected(model.weight.detach(), mask, 0.5), model.seen_w.detach())
+
+
+def test_embedding_dropout_drops_whole_rows(tmp_path):
+    model = EmbeddingDropout()
+    run = _record_once(model, torch.tensor([[1, 2, 3]]), tmp_path / "run.h5")
+    site = run[run.sites[0]]
+    assert site.axes == ("axis0", "axis1") and site.extra["applied_to"] == "parameter"
+    assert tuple(site.shapes[0]) == (10, 4) and tuple(site.noise_shapes[0]) == (10, 1)
+    weight, applied = model.seen
+    mask = torch.from_numpy(site.mask(0))
+    assert torch.equal(mask.to(weight.dtype) / 0.8 * weight, applied)

@@ -361,6 +361,8 @@ class Capture:
         own = isinstance(module, torch.nn.modules.dropout._DropoutNd)
         key = SiteKey(frame.path, spec.kind, None if own else _caller())
         self.sites.learn(key, lambda: self._dropout_facts(spec.kind, module, p, own))
+        if isinstance(x, torch.nn.Parameter):
+            _mark_parameter(self.sites.facts(key), x.dim())
         if not train:
             out = self._call(func, args, kwargs)
             self.add(key, module.training, shape, None)
@@ -439,12 +441,13 @@ class Capture:
     def propagate(self, func: Callable, args: tuple, kwargs: dict, out: Any) -> None:
         """Follow a hand-made mask to the multiplication that applies it (its applied shape)."""
         tainted: Entry | None = None
+        source: torch.Tensor | None = None
         others: list[torch.Tensor] = []
         for a in args:
             if isinstance(a, torch.Tensor):
                 hit = self.taint.get(id(a))
                 if hit is not None and hit[0]() is a:
-                    tainted = hit[1]
+                    tainted, source = hit[1], a
                 else:
                     others.append(a)
         if tainted is None:
@@ -457,13 +460,15 @@ class Capture:
                 tainted.noise = tainted.noise.reshape(
                     (1,) * (len(shape) - tainted.noise.dim()) + tuple(tainted.noise.shape))
             tainted.shape = shape
+            if any(isinstance(o, torch.nn.Parameter) for o in others):
+                _mark_parameter(self.sites.facts(tainted.key), len(shape))
             for k in [k for k, (_, e) in self.taint.items() if e is tainted]:
                 del self.taint[k]
             return
         if isinstance(out, torch.Tensor):
             # Elementwise ops, views and expand keep the mask's values; anything else that
             # changes the element count (indexing, reductions) is not the mask any more.
-            if out.numel() == tainted.noise.numel() or func in _EXPAND:
+            if out.numel() == source.numel() or func in _EXPAND:
                 self.taint[id(out)] = (weakref.ref(out), tainted)
 
     def end_module(self, frame: Frame) -> None:
@@ -665,6 +670,19 @@ class Capture:
                 name_ = self.sites.resolve(key, 1)
                 self.note(f"untracked random draw at {name_ or frame.path}: {reason}")
         return self._call(func, args, kwargs)
+
+
+def _mark_parameter(facts: SiteFacts | None, rank: int) -> None:
+    """A mask applied to a parameter (weight dropout, DropConnect, embedding dropout).
+
+    Its axes are the weight's, not (batch, feature): they are left unnamed. Takes effect
+    if the site is not declared yet (a site's description is fixed at first use).
+    """
+    if facts is None or facts.extra.get("applied_to") == "parameter":
+        return
+    facts.role = "custom"
+    facts.layout = tuple(f"axis{i}" for i in range(rank))
+    facts.extra["applied_to"] = "parameter"
 
 
 def _rate_of(p: Any) -> float | None:

@@ -158,9 +158,11 @@ class SiteRegistry:
             # input, batched vs unbatched) becomes its own site.
             name = self._unique(f"{base}@{rank}d")
         facts = self._facts[key]
-        axes, axes_from = facts.layout if facts.layout and len(facts.layout) == rank else (
-            None, None)
-        if axes is None:
+        if facts.layout is not None and len(facts.layout) == rank:
+            axes = facts.layout
+            axes_from = ("a parameter's own axes" if facts.extra.get("applied_to") == "parameter"
+                         else "known to the capture")
+        else:
             axes, axes_from = axes_for(key.kind, rank, self._layout3)
         extra = dict(facts.extra)
         extra.setdefault("kind", key.kind)
