@@ -129,7 +129,7 @@ def plot_site(run: Any, site: str, output: str | os.PathLike[str], *, step: int 
         keep = mask0.mean(axis=tuple(j for j in range(mask0.ndim) if j != k))
         ax.plot(np.arange(keep.size), keep, marker="." if keep.size <= 64 else None, lw=1)
         ax.set_ylim(-0.05, 1.05)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=5, integer=True))
         ax.set_xlabel(f"{name} index")
         ax.set_ylabel("kept fraction")
         ax.set_title(f"keep rate along {name}", fontsize=9)
