@@ -229,8 +229,8 @@ def write_verdicts(out: Path, verdicts: Sequence[Verdict], header: dict[str, Any
 
 
 def mask_panels(axes: Sequence[str], mask: np.ndarray, samples: int = 4,
-                ) -> list[tuple[str, np.ndarray, str]]:
-    """2-D pictures of an applied mask: (title, image rows=feature/channel, x-axis label).
+                ) -> list[tuple[str, np.ndarray, str, str]]:
+    """2-D pictures of an applied mask: (title, image, x-axis name, y-axis name).
 
     A sequence mask gives one panel per sample, feature (or channel) down, time across; a
     ``(batch, feature)`` mask gives one panel with the samples across.
@@ -243,15 +243,15 @@ def mask_panels(axes: Sequence[str], mask: np.ndarray, samples: int = 4,
             one = np.take(mask, b, axis=axes.index("batch"))
             rest = [a for a in axes if a != "batch"]
             img = np.moveaxis(one, [rest.index(feat), rest.index("time")], [0, 1])
-            panels.append((f"sample {b}", img.reshape(img.shape[0], img.shape[1]), "time"))
+            panels.append((f"sample {b}", img.reshape(img.shape[0], img.shape[1]), "time", feat))
         return panels
     if "batch" in axes and mask.ndim == 2:
         img = mask if axes.index(feat) == 0 else mask.T
-        return [("all samples", img[:, :32], "sample")]
-    return [("mask", np.atleast_2d(mask.reshape(mask.shape[0], -1)), axes[-1])]
+        return [("all samples", img[:, :32], "sample", feat)]
+    return [("mask", np.atleast_2d(mask.reshape(mask.shape[0], -1)), axes[-1], axes[0])]
 
 
-def draw_overview(rows: Sequence[tuple[str, list[tuple[str, np.ndarray, str]]]],
+def draw_overview(rows: Sequence[tuple[str, list[tuple[str, np.ndarray, str, str]]]],
                   path: Path, title: str) -> Path:
     """One PNG: a row per configuration, white = kept, black = dropped."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -272,15 +272,20 @@ def draw_overview(rows: Sequence[tuple[str, list[tuple[str, np.ndarray, str]]]],
                     ax.text(0.5, 0.5, "no mask applied", ha="center", va="center", fontsize=9)
                     ax.set_title("", fontsize=8)
                 continue
-            name, img, xlabel = panels[c]
+            name, img, xlabel, ylabel = panels[c]
             ax.imshow(img, cmap="gray", vmin=0, vmax=1, interpolation="nearest", aspect="auto")
             ax.set_title(name, fontsize=8)
             ax.set_xlabel(xlabel, fontsize=7, labelpad=1)
             if c == 0:
-                ax.set_ylabel("feature", fontsize=7, labelpad=1)
+                ax.set_ylabel(ylabel, fontsize=7, labelpad=1)
         fig.axes[r * ncols].annotate(label, xy=(-0.25, 0.5), xycoords="axes fraction",
                                      ha="right", va="center", fontsize=9)
     fig.suptitle(title, fontsize=10)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)
+    from PIL import Image  # matplotlib's own dependency
+
+    with Image.open(path) as img:  # black, white and text: 16 grays keep it small
+        small = img.convert("L").quantize(16)
+    small.save(path, optimize=True)
     return path

@@ -32,6 +32,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Callable
 
 STARTED = time.perf_counter()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -63,22 +64,27 @@ L = keras.layers
 STEPS, FEATURES, UNITS, RATE = 20, 8, 10, 0.5
 
 
-def configurations() -> dict[str, list]:
-    """Each configuration of the question: the layers between the input and ``Dense(1)``."""
+def configurations() -> dict[str, Callable[[], list]]:
+    """Each configuration of the question: the layers between the input and ``Dense(1)``.
+
+    Factories, so that each model's layers (and their seed generators) are made after the
+    global seed is set: every run is then reproducible on its own.
+    """
     return {
-        "dropout_before_lstm": [L.Dropout(RATE, name="dropout"), L.LSTM(UNITS, name="lstm")],
-        "noise_shape_steps": [L.Dropout(RATE, noise_shape=(1, STEPS, 1), name="dropout"),
-                              L.LSTM(UNITS, name="lstm")],
-        "noise_shape_features": [L.Dropout(RATE, noise_shape=(1, 1, FEATURES), name="dropout"),
-                                 L.LSTM(UNITS, name="lstm")],
-        "noise_shape_samples": [L.Dropout(RATE, noise_shape=(None, 1, 1), name="dropout"),
-                                L.LSTM(UNITS, name="lstm")],
-        "spatial_dropout1d": [L.SpatialDropout1D(RATE, name="spatial_dropout1d"),
-                              L.LSTM(UNITS, name="lstm")],
-        "dropout_after_lstm": [L.LSTM(UNITS, name="lstm"), L.Dropout(RATE, name="dropout")],
-        "lstm_dropout": [L.LSTM(UNITS, dropout=RATE, name="lstm")],
-        "lstm_recurrent_dropout": [L.LSTM(UNITS, recurrent_dropout=RATE, name="lstm")],
-        "lstm_both": [L.LSTM(UNITS, dropout=RATE, recurrent_dropout=RATE, name="lstm")],
+        "dropout_before_lstm": lambda: [L.Dropout(RATE, name="dropout"),
+                                        L.LSTM(UNITS, name="lstm")],
+        "noise_shape_steps": lambda: [L.Dropout(RATE, noise_shape=(1, STEPS, 1), name="dropout"),
+                                      L.LSTM(UNITS, name="lstm")],
+        "noise_shape_features": lambda: [L.Dropout(RATE, noise_shape=(1, 1, FEATURES),
+                                                   name="dropout"), L.LSTM(UNITS, name="lstm")],
+        "noise_shape_samples": lambda: [L.Dropout(RATE, noise_shape=(None, 1, 1), name="dropout"),
+                                        L.LSTM(UNITS, name="lstm")],
+        "spatial_dropout1d": lambda: [L.SpatialDropout1D(RATE, name="spatial_dropout1d"),
+                                      L.LSTM(UNITS, name="lstm")],
+        "dropout_after_lstm": lambda: [L.LSTM(UNITS, name="lstm"), L.Dropout(RATE, name="dropout")],
+        "lstm_dropout": lambda: [L.LSTM(UNITS, dropout=RATE, name="lstm")],
+        "lstm_recurrent_dropout": lambda: [L.LSTM(UNITS, recurrent_dropout=RATE, name="lstm")],
+        "lstm_both": lambda: [L.LSTM(UNITS, dropout=RATE, recurrent_dropout=RATE, name="lstm")],
     }
 
 
@@ -103,7 +109,8 @@ def record_all(out, samples: int, batch: int) -> dict[str, str]:
     files = {}
     for name, layers in configurations().items():
         keras.utils.set_random_seed(0)
-        model = keras.Sequential([keras.Input((STEPS, FEATURES)), *layers, L.Dense(1)], name=name)
+        model = keras.Sequential([keras.Input((STEPS, FEATURES)), *layers(), L.Dense(1)],
+                                 name=name)
         model.compile(optimizer="adam", loss="mse")
         path = out / f"{name}.h5"
         with dropspy.record(model, path):
@@ -155,8 +162,8 @@ def judge(files: dict[str, str]) -> list[Verdict]:
     return v
 
 
-def pictures(out, files: dict[str, str]) -> list:
-    """An overview PNG (one sample per panel, feature down, time across) and one per site."""
+def pictures(out, files: dict[str, str], details: bool = True) -> list:
+    """An overview PNG (feature down, time across) and, with ``details``, one PNG per site."""
     from dropspy.plot import plot_site
 
     rows = []
@@ -177,18 +184,23 @@ def pictures(out, files: dict[str, str]) -> list:
                         label += "\n(one for all gates)"
                 else:  # one sample, the gates side by side
                     label += "s, sample 0"
-                    panels = [(f"gate {run[s.site].gate}", img, x) for s in found
-                              for _, img, x in mask_panels(run[s.site].axes,
-                                                           run[s.site].mask(0), samples=1)]
+                    panels = [(f"gate {run[s.site].gate}", *rest) for s in found
+                              for _, *rest in mask_panels(run[s.site].axes,
+                                                          run[s.site].mask(0), samples=1)]
                 rows.append((label, panels))
-                plot_site(run, found[0].site, out / f"{name}.{role}.png")
+                if details:
+                    plot_site(run, found[0].site, out / f"{name}.{role}.png")
     title = (f"Dropout masks recorded by dropspy at the first training step, Keras "
              f"{_version()}: white = kept, black = dropped")
     return [draw_overview(rows, out / "overview.png", title)]
 
 
 def _version() -> str:
-    return getattr(keras, "__version__", None) or keras.version()  # tf_keras: version()
+    if getattr(keras, "__name__", "").startswith("tf_keras"):  # Keras 2 through tf.keras
+        import tf_keras
+
+        return tf_keras.__version__
+    return keras.__version__
 
 
 def main() -> int:
@@ -207,7 +219,7 @@ def main() -> int:
                                         "steps": STEPS, "features": FEATURES, "batch": batch,
                                         "training_steps": samples // batch})
     if not args.no_pictures:
-        pictures(args.out, files)
+        pictures(args.out, files, details=not args.small)
     print(f"\nRun files, verdicts.json and pictures: {args.out}  "
           f"({time.perf_counter() - STARTED:.0f} s)")
     print(f"Look closer: dropspy inspect {args.out / 'spatial_dropout1d.h5'}")

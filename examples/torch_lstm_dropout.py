@@ -31,6 +31,7 @@ import os
 import sys
 import time
 import warnings
+from collections.abc import Callable
 
 STARTED = time.perf_counter()
 
@@ -110,20 +111,23 @@ class Net(nn.Module):
         return self.head(h)
 
 
-def configurations() -> dict[str, nn.Module]:
-    """Each configuration, built after the seed is set."""
+def _single_layer() -> Net:
     with warnings.catch_warnings():
         # torch warns that dropout with num_layers=1 does nothing: T6 checks it on the masks.
         warnings.simplefilter("ignore", UserWarning)
-        single = Net(num_layers=1, dropout=0.5)
+        return Net(num_layers=1, dropout=0.5)
+
+
+def configurations() -> dict[str, Callable[[], nn.Module]]:
+    """Each configuration, as a factory called after the seed is set."""
     return {
-        "dropout_before_lstm": Net(before=nn.Dropout(0.5)),
-        "dropout_after_lstm": Net(after=nn.Dropout(0.5)),
-        "dropout1d_channels": Net(before=nn.Dropout1d(0.5), channels_first=True),
-        "locked_dropout": Net(before=LockedDropout(0.5)),
-        "lstm_two_layers": Net(num_layers=2, dropout=0.3),
-        "lstm_one_layer": single,
-        "eval_functional": Net(after=nn.Dropout(0.5), functional_p=0.5),
+        "dropout_before_lstm": lambda: Net(before=nn.Dropout(0.5)),
+        "dropout_after_lstm": lambda: Net(after=nn.Dropout(0.5)),
+        "dropout1d_channels": lambda: Net(before=nn.Dropout1d(0.5), channels_first=True),
+        "locked_dropout": lambda: Net(before=LockedDropout(0.5)),
+        "lstm_two_layers": lambda: Net(num_layers=2, dropout=0.3),
+        "lstm_one_layer": _single_layer,
+        "eval_functional": lambda: Net(after=nn.Dropout(0.5), functional_p=0.5),
     }
 
 
@@ -133,9 +137,9 @@ def record_all(out, samples: int, batch: int) -> dict[str, str]:
     x = torch.randn(samples, STEPS, FEATURES, generator=gen)
     y = torch.randn(samples, 1, generator=gen)
     files = {}
-    torch.manual_seed(0)
-    for name, model in configurations().items():
+    for name, make in configurations().items():
         torch.manual_seed(0)
+        model = make()
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
         path = out / f"{name}.h5"
         with dropspy.record(model, path):

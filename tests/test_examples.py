@@ -1,0 +1,174 @@
+"""The examples run end to end (small sizes) and print verdicts that the run files back up.
+
+Each example runs once per module in a subprocess, as a user runs it. Its printed table must
+list the same verdicts as its ``verdicts.json``, and each verdict must agree with an
+independent reading of the run file it names: the claim restated here as ``dropspy check``
+expectations (and ``dropspy inspect --json`` facts), run through the CLI. The tests pin that
+the verdicts follow the masks, not which claims hold: that is each framework version's truth.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+typer_testing = pytest.importorskip("typer.testing")
+from dropspy.cli import app  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+RUNNER = typer_testing.CliRunner()
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _run_example(script: str, out: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, DROPSPY_EXAMPLES_SMALL="1", TF_CPP_MIN_LOG_LEVEL="2",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    return subprocess.run([sys.executable, str(EXAMPLES / script), "--out", str(out)],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+
+
+def _printed_verdicts(stdout: str) -> list[tuple[str, str, str]]:
+    """(claim, run file, verdict) for each row of the printed table."""
+    lines = stdout.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("#") and "verdict" in line)
+    v_at, e_at = lines[head].index("verdict"), lines[head].index("what the recorded masks show")
+    rows = []
+    for line in lines[head + 2:]:
+        if not line.strip():
+            break
+        if line[:4].strip():
+            run = re.match(r"(\S+\.h5):", line[e_at:])
+            rows.append((line[:4].strip(), run.group(1) if run else "", line[v_at:e_at].strip()))
+    return rows
+
+
+def _check(path: Path, *expects: str) -> bool:
+    """Whether ``dropspy check`` passes every expectation (error findings aside)."""
+    args = ["check", str(path), "--no-fail-on-errors"]
+    for e in expects:
+        args += ["--expect", e]
+    result = RUNNER.invoke(app, args)
+    assert result.exit_code in (0, 1), result.output
+    return result.exit_code == 0
+
+
+def _report(path: Path) -> dict:
+    result = RUNNER.invoke(app, ["inspect", str(path), "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def _sites(report: dict, prefix: str) -> list[dict]:
+    return [s for s in report["sites"] if s["site"].startswith(prefix)]
+
+
+def _gate_masks(path: Path, role: str, steps: int | None = None) -> bool:
+    """4 masks per call for ``role``, told apart by the analysis, over every timestep."""
+    sites = _sites(_report(path), f"lstm/{role}/")
+    ok = len(sites) == 4 and _check(path, f"lstm/{role}/*: gates=distinct")
+    if ok and steps is not None:
+        ok = all(a["size"] == steps for s in sites for a in s["axis_verdicts"] if a["name"] == "time")
+    return ok
+
+
+def _eval_off(path: Path, functional: bool) -> bool:
+    report = _report(path)
+    site = next(s for s in report["sites"] if s["role"] == "output"
+                and (s["site"] != "after") == functional)
+    assert site["records"] > site["training_records"], "the example records an eval call"
+    return not any(f["code"] == "inference-dropout" for f in site["findings"])
+
+
+# The claims, restated independently of the examples: (claim, run file) -> does it hold?
+KERAS_CLAIMS = {
+    ("1", "dropout_before_lstm.h5"): lambda p: _check(p, "dropout: shared=none"),
+    ("2a", "noise_shape_steps.h5"): lambda p: _check(p, "dropout: shared=batch,feature"),
+    ("2b", "noise_shape_features.h5"): lambda p: _check(p, "dropout: shared=batch,time"),
+    ("2c", "noise_shape_samples.h5"): lambda p: _check(p, "dropout: shared=time,feature"),
+    ("3", "spatial_dropout1d.h5"): lambda p: _check(p, "spatial_dropout1d: shared=time"),
+    ("3'", "spatial_dropout1d.h5"): lambda p: _check(p, "spatial_dropout1d: shared=feature"),
+    ("4", "dropout_after_lstm.h5"): lambda p: _check(p, "dropout: shared=none"),
+    ("5", "lstm_dropout.h5"): lambda p: _gate_masks(p, "input"),
+    ("5", "lstm_both.h5"): lambda p: _gate_masks(p, "input"),
+    ("6", "lstm_recurrent_dropout.h5"): lambda p: _gate_masks(p, "recurrent", steps=20),
+    ("6", "lstm_both.h5"): lambda p: _gate_masks(p, "recurrent", steps=20),
+    ("6'", "lstm_recurrent_dropout.h5"):
+        lambda p: _check(p, "lstm/recurrent/*: over_time=resampled"),
+}
+
+TORCH_CLAIMS = {
+    ("T1", "dropout_before_lstm.h5"): lambda p: _check(p, "before: shared=none"),
+    ("T2", "dropout_after_lstm.h5"): lambda p: _check(p, "after: shared=none"),
+    ("T3", "dropout1d_channels.h5"): lambda p: _check(p, "before: shared=time"),
+    ("T4", "locked_dropout.h5"): lambda p: _check(p, "before*: shared=time"),
+    ("T5", "lstm_two_layers.h5"): lambda p: _check(p, "lstm/between_layers: rate=0.3"),
+    ("T5'", "lstm_two_layers.h5"): lambda p: _check(p, "lstm/between_layers: over_time=constant"),
+    ("T6", "lstm_one_layer.h5"): lambda p: _check(p, "lstm/between_layers: rate=0.5"),
+    ("T7a", "eval_functional.h5"): lambda p: _eval_off(p, functional=False),
+    ("T7b", "eval_functional.h5"): lambda p: _eval_off(p, functional=True),
+}
+
+
+@pytest.fixture(scope="module")
+def keras_example(tmp_path_factory):
+    pytest.importorskip("tensorflow")
+    out = tmp_path_factory.mktemp("dropout_around_lstm")
+    return _run_example("dropout_around_lstm.py", out), out
+
+
+@pytest.fixture(scope="module")
+def torch_example(tmp_path_factory):
+    pytest.importorskip("torch")
+    out = tmp_path_factory.mktemp("torch_lstm_dropout")
+    return _run_example("torch_lstm_dropout.py", out), out
+
+
+@pytest.fixture(params=["keras", "torch"])
+def example(request):
+    return request.param, request.getfixturevalue(f"{request.param}_example")
+
+
+def test_example_exits_0_and_prints_what_verdicts_json_holds(example):
+    name, (proc, out) = example
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    saved = json.loads((out / "verdicts.json").read_text())
+    printed = _printed_verdicts(proc.stdout)
+    assert printed == [(v["claim"], v["run"], v["verdict"]) for v in saved["verdicts"]]
+    claims = KERAS_CLAIMS if name == "keras" else TORCH_CLAIMS
+    assert [(c, r) for c, r, _ in printed] == list(claims), "every claim, once, in order"
+    assert {v for _, _, v in printed} <= {"holds", "does not hold", "inconclusive"}
+
+
+@pytest.mark.parametrize("key", list(KERAS_CLAIMS), ids=[f"{c}-{r}" for c, r in KERAS_CLAIMS])
+def test_keras_verdict_matches_the_analysis_of_its_run_file(keras_example, key):
+    proc, out = keras_example
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    printed = {(c, r): v for c, r, v in _printed_verdicts(proc.stdout)}
+    holds = KERAS_CLAIMS[key](out / key[1])
+    assert (printed[key] == "holds") == holds, f"{key}: printed {printed[key]}, analysis {holds}"
+
+
+@pytest.mark.parametrize("key", list(TORCH_CLAIMS), ids=[f"{c}-{r}" for c, r in TORCH_CLAIMS])
+def test_torch_verdict_matches_the_analysis_of_its_run_file(torch_example, key):
+    proc, out = torch_example
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    printed = {(c, r): v for c, r, v in _printed_verdicts(proc.stdout)}
+    holds = TORCH_CLAIMS[key](out / key[1])
+    assert (printed[key] == "holds") == holds, f"{key}: printed {printed[key]}, analysis {holds}"
+
+
+def test_example_writes_an_overview_picture_and_valid_run_files(example):
+    name, (proc, out) = example
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    png = out / "overview.png"
+    assert png.read_bytes()[:8] == PNG and png.stat().st_size > 5_000
+    for run_file in sorted(out.glob("*.h5")):
+        result = RUNNER.invoke(app, ["validate", str(run_file)])
+        assert result.exit_code == 0, f"{run_file.name}: {result.output}"
