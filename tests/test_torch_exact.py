@@ -397,3 +397,42 @@ def test_embedding_dropout_drops_whole_rows(tmp_path):
     weight, applied = model.seen
     mask = torch.from_numpy(site.mask(0))
     assert torch.equal(mask.to(weight.dtype) / 0.8 * weight, applied)
+
+
+class DropPath(nn.Module):
+    """timm's stochastic depth: one Bernoulli per sample, scaled in place, shared by the rest."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        keep = 1 - self.p
+        noise = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+        noise.div_(keep)
+        self.seen_in = x.clone()
+        out = x * noise
+        self.seen_out = out.clone()
+        return out
+
+
+def test_drop_path_mask_is_per_sample(tmp_path):
+    model = nn.Sequential(DropPath(0.5))
+    run = _record_once(model, _with_zeros(8, 3, 2, 2), tmp_path / "run.h5")
+    site = run["0"]
+    assert tuple(site.shapes[0]) == (8, 3, 2, 2) and tuple(site.noise_shapes[0]) == (8, 1, 1, 1)
+    mask = torch.from_numpy(site.mask(0))
+    block = model[0]
+    assert torch.equal(block.seen_in * (mask.to(torch.float32) / 0.5), block.seen_out)
+
+
+def test_a_scheduled_rate_change_is_noted(tmp_path):
+    layer = nn.Dropout(0.5)
+    model = nn.Sequential(layer)
+    with dropspy.record(model, tmp_path / "run.h5"):
+        model(torch.randn(2, 4))
+        layer.p = 0.1
+        model(torch.randn(2, 4))
+    run = dropspy.load(tmp_path / "run.h5")
+    assert run["0"].rate == 0.5 and len(run["0"]) == 2
+    assert any("changed from 0.5 to 0.1" in note for note in run.notes)

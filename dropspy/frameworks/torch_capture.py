@@ -361,6 +361,12 @@ class Capture:
         own = isinstance(module, torch.nn.modules.dropout._DropoutNd)
         key = SiteKey(frame.path, spec.kind, None if own else _caller())
         self.sites.learn(key, lambda: self._dropout_facts(spec.kind, module, p, own))
+        facts = self.sites.facts(key)
+        if facts.rate != p:
+            # A site's description is fixed at first use; a scheduled rate is said, not hidden.
+            self.note_once(f"rate:{key}", f"{frame.path or type(module).__name__}: dropout rate "
+                           f"changed from {facts.rate} to {p} while recording; the site's "
+                           f"configured rate is the first one, the masks are the real ones")
         if isinstance(x, torch.nn.Parameter):
             _mark_parameter(self.sites.facts(key), x.dim())
         if not train:
