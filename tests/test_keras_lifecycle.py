@@ -252,3 +252,31 @@ def test_import_dropspy_imports_no_framework():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120)
     assert out.stdout.strip() == "[]", out.stderr[-2000:]
+
+
+def test_dropout_drawn_inside_the_time_loop_is_opaque_and_counted_as_dropped(tmp_path):
+    class NoisyCell(L.Layer):
+        def __init__(self, units, **kw):
+            super().__init__(**kw)
+            self.state_size = units
+            self.gen = keras.random.SeedGenerator(1)
+            self.proj = L.Dense(units)
+
+        def call(self, x, states, training=False):
+            if training:
+                x = keras.random.dropout(x, 0.3, seed=self.gen)
+            h = self.proj(x) + states[0]
+            return h, [h]
+
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((5, 3))
+    model = keras.Model(inp, L.Dense(1)(L.RNN(NoisyCell(4, name="noisy"), name="rnn")(inp)))
+    model.compile(optimizer="sgd", loss="mse")
+    x, y = _data()
+    with dropspy.record(model, tmp_path / "run.h5"):
+        model.fit(x, y, batch_size=4, verbose=0)
+    run = dropspy.load(tmp_path / "run.h5")
+    site = run["rnn/noisy"]
+    assert "loop" in site.opaque and len(site) == 0
+    assert run.records_dropped.get("unobservable") == 2 * 5   # 2 steps x 5 timesteps
+    assert any("rnn/noisy" in n and "not recorded" in n for n in run.notes)

@@ -47,6 +47,7 @@ class _DrawMeta:
 class _TraceMeta:
     draws: list[_DrawMeta]
     eager: bool
+    lost: dict[str, int]
 
 
 def _keras_module() -> Any:
@@ -325,7 +326,7 @@ class KerasAdapter(DrawRouter):
             dims += [tf.cast(d.noise_shape, tf.int32), tf.cast(d.applied_shape, tf.int32)]
             if d.applied:
                 keeps.append(tf.reshape(d.keep, [-1]))
-        self._traces[tid] = _TraceMeta(draws=metas, eager=trace.eager)
+        self._traces[tid] = _TraceMeta(draws=metas, eager=trace.eager, lost=dict(trace.lost))
         return {
             "trace": tf.constant(tid, tf.int32),
             # One flat bool tensor and one int tensor: one device-to-host copy each per step.
@@ -412,6 +413,8 @@ class KerasAdapter(DrawRouter):
             return
         if meta.eager:
             del self._traces[tid]
+        for cause, n in meta.lost.items():
+            self.session.count_dropped(cause, n)
         if not meta.draws:
             return
         if not self.session.want_step(step):

@@ -82,6 +82,8 @@ class Trace:
     eager: bool
     stack: list[Frame] = field(default_factory=list)
     draws: list[Draw] = field(default_factory=list)
+    # Draws of this step that cannot be recorded, by cause: counted as dropped at every run.
+    lost: dict[str, int] = field(default_factory=dict)
 
 
 def current_trace() -> Trace | None:

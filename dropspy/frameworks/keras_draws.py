@@ -80,6 +80,24 @@ class DrawRouter:
             layer = top.layer if top is not None else self.model
         own = top if top is not None and top.layer is layer else None
 
+        rnn_frame = next((f for f in reversed(trace.stack) if f.kind == "rnn"), None)
+        if rnn_frame is not None and not getattr(rnn_frame.layer, "unroll", False):
+            # Drawn by a cell's own code: Keras' TF rnn() calls the step once outside the loop
+            # to learn the output spec (result discarded) and then inside a tf.while_loop.
+            # Neither draw can be reported as the mask that was applied.
+            spec = sm.dropout.get(id(layer)) or self._custom_spec(
+                layer, 0, rate, noise_shape,
+                int(inputs.shape.rank) if inputs.shape.rank is not None else None)
+            out, keep, _ = cap.exact_dropout(inputs, rate, noise_shape, seed)
+            in_loop = not trace.eager and keep.graph is not trace.graph
+            steps = rnn_frame.sequence.shape[1] if rnn_frame.sequence is not None else None
+            self._unobservable(spec, "the mask is drawn inside a TensorFlow loop (an RNN "
+                                     "cell's own dropout, redrawn at every timestep) and cannot "
+                                     "leave the compiled step")
+            if in_loop:   # one applied mask per timestep; the spec draw outside is discarded
+                trace.lost["unobservable"] = trace.lost.get("unobservable", 0) + (steps or 1)
+            return out
+
         if id(layer) in sm.dropout:
             spec = sm.dropout[id(layer)]
             td_layer = sm.time_distributed.get(id(layer))
@@ -90,7 +108,7 @@ class DrawRouter:
                 if td_frame is not None and td_frame.sequence is not None \
                         and td_frame.sequence.shape[1] is None:
                     self._unobservable(spec, "TimeDistributed with an unknown time length runs "
-                                             "its layer inside vectorized_map")
+                                             "its layer inside vectorized_map", trace)
                     return cap._ORIGINAL_DROPOUT(inputs, rate, noise_shape=noise_shape, seed=seed)
             out, keep, ns = cap.exact_dropout(inputs, rate, noise_shape, seed)
             training = True if own is None or own.training is None else _static_bool(own.training)
@@ -106,13 +124,12 @@ class DrawRouter:
         if own is not None:
             ordinal = own.count
             own.count += 1
-        spec = self._custom_spec(layer, ordinal, rate, noise_shape,
-                                 int(inputs.shape.rank) if inputs.shape.rank is not None else None)
+        rank = int(inputs.shape.rank) if inputs.shape.rank is not None else None
+        spec = self._custom_spec(layer, ordinal, rate, noise_shape, rank)
         out, keep, ns = cap.exact_dropout(inputs, rate, noise_shape, seed)
         training = True if own is None or own.training is None else _static_bool(own.training)
-        if spec is not None:
-            self._add_draw(trace, spec, keep, ns, tf.shape(inputs, out_type=tf.int32),
-                           training, True, rank=spec.rank)
+        self._add_draw(trace, spec, keep, ns, tf.shape(inputs, out_type=tf.int32),
+                       training, True, rank=rank)
         return out
 
     def on_untraced_dropout(self) -> None:
@@ -224,19 +241,23 @@ class DrawRouter:
                   training: bool, applied: bool, *, rank: int | None, expand_time: bool = False,
                   declare: bool = True) -> Any:
         if rank is None:
-            self._unobservable(spec, "the rank of its input is unknown while tracing")
+            self._unobservable(spec, "the rank of its input is unknown while tracing", trace)
             return None
         if not trace.eager and keep.graph is not trace.graph:
             self._unobservable(spec, "the mask is drawn inside a TensorFlow loop or branch "
-                                     "(tf.while_loop / tf.cond) and cannot leave the compiled step")
+                                     "(tf.while_loop / tf.cond) and cannot leave the compiled "
+                                     "step", trace)
             return None
         if declare:
             if spec.declared and spec.rank != rank:
                 self._note_once(f"rank:{spec.name}",
                                 f"site {spec.name}: a call with rank {rank} differs from the "
-                                f"declared rank {spec.rank}; those records are not kept")
+                                f"declared rank {spec.rank}; those records are counted as "
+                                f"dropped (rank_mismatch)")
+                trace.lost["rank_mismatch"] = trace.lost.get("rank_mismatch", 0) + 1
                 return None
             if not self._declare(spec, rank):
+                trace.lost["site_filter"] = trace.lost.get("site_filter", 0) + 1
                 return None
         draw = self._cap.Draw(spec=spec, keep=keep, noise_shape=ns, applied_shape=applied_shape,
                               training=training, applied=applied, expand_time=expand_time)
@@ -263,7 +284,9 @@ class DrawRouter:
             applied_shape=tf.concat([ap[:1], t, ap[1:]], 0), training=slices[0].training,
             applied=True))
 
-    def _unobservable(self, spec: Any, why: str) -> None:
+    def _unobservable(self, spec: Any, why: str, trace: Any = None) -> None:
+        if trace is not None:
+            trace.lost["unobservable"] = trace.lost.get("unobservable", 0) + 1
         if not spec.declared and spec.rank is not None:
             spec.opaque = why
             self._declare(spec, spec.rank)

@@ -42,7 +42,8 @@ def _spatial_names(n: int) -> tuple[str, ...]:
     )
 
 
-def axes_for(rank: int, data_format: str | None = None, *, sequence: bool = True) -> tuple[str, ...]:
+def axes_for(rank: int, data_format: str | None = None, *,
+             sequence: bool = True) -> tuple[str, ...]:
     """Names for the axes of a tensor of ``rank`` in Keras' layout.
 
     Args:
@@ -307,7 +308,8 @@ def find_sites(model: Any) -> SiteMap:
                 sm.dropout[id(layer)] = spec
         elif cls in _NOISE_LAYERS and getattr(layer, "rate", getattr(layer, "stddev", 0)):
             sm.opaque.append(SiteSpec(name=path, layer=path, layer_class=cls, role="output",
-                                      rate=getattr(layer, "rate", None), rank=None,
+                                      rate=getattr(layer, "rate", None),
+                                      rank=_static_rank(layer),
                                       opaque=_NOISE_LAYERS[cls]))
         if isinstance(layer, klayers.RNN):
             sm.rnns[id(layer)] = layer
