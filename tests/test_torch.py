@@ -576,3 +576,22 @@ def test_the_frameworks_own_errors_propagate_unchanged(tmp_path):
     with dropspy.record(Bad(), tmp_path / "run.h5") as rec:
         with pytest.raises(ValueError, match="dropout probability has to be between 0 and 1"):
             rec.model(torch.randn(2, 2))
+
+
+def test_an_iteration_whose_step_grad_scaler_skips_is_still_a_step(tmp_path):
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu")
+    original_update = torch.amp.GradScaler.update
+    with dropspy.record(model, tmp_path / "run.h5"):
+        for step in range(3):
+            opt.zero_grad()
+            scaler.scale(model(torch.randn(2, 4)).sum()).backward()
+            if step == 1:
+                model[0].weight.grad[0, 0] = float("inf")  # the scaler skips this step
+            scaler.step(opt)
+            scaler.update()
+    assert torch.amp.GradScaler.update is original_update
+    run = dropspy.load(tmp_path / "run.h5")
+    assert run["1"].steps.tolist() == [0, 1, 2]
+    assert any("GradScaler skipped" in note for note in run.notes)

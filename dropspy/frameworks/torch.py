@@ -20,8 +20,9 @@ What is not observed, and why (each is said to the user, never guessed):
   dropout-looking module: an opaque "untracked" site and a note.
 - Refused by name: ``DataParallel`` / ``DistributedDataParallel`` wrappers, ``torch.compile``
   and TorchScript modules, forwards on a thread other than the one that entered ``record()``.
-- A step that ``GradScaler`` skips (inf/NaN gradients) calls no ``optimizer.step()``; its
-  forwards join the next step's records as further calls.
+
+A step that ``GradScaler`` skips (inf/NaN gradients) calls no ``optimizer.step()``; its
+``update()`` still ends the iteration, so a skipped iteration is still one step.
 """
 
 from __future__ import annotations
@@ -97,6 +98,8 @@ class TorchAdapter:
         self._step = 0
         self._clock = "auto"
         self._clock_optimizer: weakref.ref | None = None
+        self._stepped = False  # the clock optimizer stepped since the last GradScaler.update
+        self._noted_skip = False
         self._held: list[list[Entry]] = []
         self._held_bytes = 0
         # A GPU step's masks on their way to the host: (copy, records, masked records, step).
@@ -146,6 +149,7 @@ class TorchAdapter:
             self._declare_static_sites(model, registry)
             self._handles.append(register_optimizer_step_post_hook(
                 self._on_optimizer_step))
+            self._handles.append(_ScalerWatch.add(self))
             # The mode goes on the stack only while a top-level forward of the model runs
             # (pre-hook to post-hook): the optimizer, the loss and data loading never pay
             # for it, and an unsampled step does not push it at all.
@@ -312,12 +316,31 @@ class TorchAdapter:
                 self.session.note("an optimizer stepped after forwards were counted as steps: "
                                   "from here on one step is one optimizer step")
             self._clock = "optimizer"
+        self._stepped = True
+        self._end_optimizer_step()
+
+    def _end_optimizer_step(self) -> None:
+        cap = self._capture
         entries = [e for group in self._held for e in group] + cap.entries
         self._held, self._held_bytes, cap.entries = [], 0, []
         cap.applied_in_group = False
         self._flush(self._step, entries)
         self._step += 1
         cap.capturing = self.session.want_step(self._step)
+
+    def _on_scaler_update(self) -> None:
+        """``GradScaler.update()`` ends every AMP iteration, also one whose step it skipped."""
+        stepped, self._stepped = self._stepped, False
+        if stepped or self._clock in ("manual", "forward") or self._detached:
+            return
+        if not (self._capture.entries or self._held):
+            return
+        if not self._noted_skip:
+            self._noted_skip = True
+            self.session.note("GradScaler skipped optimizer step(s) (inf/NaN gradients); each "
+                              "skipped iteration is still one step")
+        self._clock = "optimizer"
+        self._end_optimizer_step()
 
     # -- handing records over ----------------------------------------------------------------
 
@@ -443,6 +466,57 @@ class TorchAdapter:
             above.append(top)
         for other in reversed(above):
             _push_mode(other)
+
+
+class _ScalerWatch:
+    """Tells recording adapters when ``torch.amp.GradScaler.update`` runs.
+
+    ``GradScaler.step`` skips ``optimizer.step()`` when gradients overflow, so no optimizer
+    hook fires for that iteration; ``update()`` still ends it. One patch serves every active
+    recording and is undone when the last one detaches.
+    """
+
+    adapters: list[weakref.ref] = []
+    original: Any = None
+
+    @classmethod
+    def add(cls, adapter: TorchAdapter) -> _ScalerHandle:
+        scaler_cls = torch.amp.GradScaler
+        if cls.original is None:
+            cls.original = original = scaler_cls.update
+
+            def update(scaler: Any, *args: Any, **kwargs: Any) -> Any:
+                try:
+                    return original(scaler, *args, **kwargs)
+                finally:
+                    for ref in list(cls.adapters):
+                        a = ref()
+                        if a is not None:
+                            a._on_scaler_update()
+
+            update.__wrapped__ = original  # type: ignore[attr-defined]
+            scaler_cls.update = update
+        ref = weakref.ref(adapter)
+        cls.adapters.append(ref)
+        return _ScalerHandle(ref)
+
+    @classmethod
+    def remove(cls, ref: weakref.ref) -> None:
+        if ref in cls.adapters:
+            cls.adapters.remove(ref)
+        if not cls.adapters and cls.original is not None:
+            torch.amp.GradScaler.update = cls.original
+            cls.original = None
+
+
+class _ScalerHandle:
+    """Removable like a torch hook handle."""
+
+    def __init__(self, ref: weakref.ref) -> None:
+        self._ref = ref
+
+    def remove(self) -> None:
+        _ScalerWatch.remove(self._ref)
 
 
 # torch.nn's own modules whose forward may apply dropout (or hide it behind a fast path).
