@@ -452,11 +452,13 @@ def _conclude(site: Any, scan: SiteScan, threshold: float, confidence: float,
     low = rate.low if rate.low is not None else 0.0
     high = rate.high if rate.high is not None else 1.0
 
+    used_shapes, used_nshapes = shapes[used], nshapes[used]
     verdicts = tuple(
-        _axis_verdict(k, axes[k], scan, shapes[used], nshapes[used], eff, low, high,
+        _axis_verdict(k, axes[k], scan, used_shapes, used_nshapes, eff, low, high,
                       threshold, extra, steps_arr)
         for k in range(rank)
     )
+    del used_shapes, used_nshapes
     pattern = _pattern(verdicts) if len(used) else "unobserved"
 
     log_w = math.log10(worst_keep_probability(low, high))
