@@ -26,6 +26,7 @@ import json
 import math
 import os
 import queue
+import shutil
 import threading
 import time
 import warnings
@@ -37,6 +38,11 @@ from typing import Any
 
 import h5py
 import numpy as np
+
+try:
+    import resource
+except ImportError:  # Windows
+    resource = None  # type: ignore[assignment]
 
 from dropspy._version import __version__
 from dropspy.errors import RunFileError
@@ -66,7 +72,7 @@ _STATUS_BYTES = 1 << 16
 # (35 KiB at rank 3) and 64 KiB of bits.
 _INDEX_CHUNK_ROWS = 512
 _BITS_CHUNK = 1 << 16
-_DROP_CAUSES = ("queue_full", "max_bytes", "write_error", "site_filter")
+_DROP_CAUSES = ("queue_full", "max_bytes", "disk_full", "write_error", "site_filter")
 
 
 @dataclass(frozen=True)
@@ -188,6 +194,10 @@ def _check_record(rec: Record, rank: int) -> tuple[tuple[int, ...], np.ndarray]:
     return nshape, packed
 
 
+class _DiskFull(OSError):
+    """Appending would leave less than the reserve: stop before HDF5 hits a failed write."""
+
+
 class _SiteBuffer:
     """Rows of one site waiting to be appended (the writer thread owns it)."""
 
@@ -217,6 +227,10 @@ class RunWriter:
         queue_steps: Capacity of the queue, in submitted steps.
         flush_seconds: Longest time between flushes to disk.
         flush_bytes: Buffered packed bytes that trigger an append.
+        reserve_bytes: Free space (disk, or the process's file-size limit) that must remain
+            after an append; with less, recording stops before the disk fills up (HDF5 does
+            not survive a failed write: it crashed the process with a segfault or a double
+            free at close when we filled a small filesystem), and the file stays readable.
     """
 
     def __init__(
@@ -229,6 +243,7 @@ class RunWriter:
         queue_steps: int = 256,
         flush_seconds: float = 2.0,
         flush_bytes: int = 4 << 20,
+        reserve_bytes: int = 8 << 20,
     ) -> None:
         if on_full not in ("block", "drop"):
             raise ValueError(
@@ -238,6 +253,8 @@ class RunWriter:
         if max_bytes is not None and max_bytes < 0:
             raise ValueError(f"Invalid max_bytes. Expected an int >= 0. Received: {max_bytes!r}")
         self.path = Path(path)
+        self.reserve_bytes = reserve_bytes
+        self._stop_cause = "write_error"
         self.max_bytes = max_bytes
         self.on_full = on_full
         self.flush_seconds = flush_seconds
@@ -311,7 +328,7 @@ class RunWriter:
         if not records:
             return
         if self._closed or self._error is not None:
-            self.count_dropped("write_error", len(records))
+            self.count_dropped(self._stop_cause, len(records))
             return
         batch = list(records)
         if self.on_full == "block":
@@ -374,7 +391,7 @@ class RunWriter:
             if batch is None:
                 break
             if self._error is not None:
-                self.count_dropped("write_error", len(batch))
+                self.count_dropped(self._stop_cause, len(batch))
                 continue
             try:
                 buffered += self._buffer(batch)
@@ -400,13 +417,18 @@ class RunWriter:
             pass
 
     def _fail(self, exc: BaseException) -> None:
+        if isinstance(exc, _DiskFull):
+            cause, message = "disk_full", str(exc)
+        else:
+            cause, message = "write_error", f"{type(exc).__name__}: {exc}"
         pending = sum(len(b.rows) for b in self._buffers.values())
         for b in self._buffers.values():
             b.rows.clear()
             b.chunks.clear()
         with self._lock:
-            self._error = f"{type(exc).__name__}: {exc}"
-            self._dropped["write_error"] += pending
+            self._error = message
+            self._stop_cause = cause
+            self._dropped[cause] = self._dropped.get(cause, 0) + pending
         try:
             self._write_status(closed=False)
             self._file.flush()
@@ -471,9 +493,27 @@ class RunWriter:
         self._bytes += added
         return added
 
+    def _room(self) -> int:
+        """Bytes this file may still grow by: free disk space or the RLIMIT_FSIZE headroom."""
+        room = shutil.disk_usage(self.path.parent).free
+        if resource is not None:
+            soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+            if soft != resource.RLIM_INFINITY:
+                room = min(room, soft - self.path.stat().st_size)
+        return room
+
     def _append_all(self) -> None:
         if self._pending_sites:
             self._declare_pending()
+        need = sum(b.nbytes + 64 * len(b.rows) for b in self._buffers.values())
+        if need:
+            room = self._room()
+            if room - need < self.reserve_bytes:
+                raise _DiskFull(
+                    f"disk nearly full: {room} bytes left for {self.path}, {need} needed plus a "
+                    f"{self.reserve_bytes}-byte reserve; recording stopped so that the run file "
+                    f"stays readable"
+                )
         for buf in self._buffers.values():
             if not buf.rows:
                 continue

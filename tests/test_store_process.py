@@ -1,0 +1,107 @@
+"""Writer behaviour that needs a process of its own: interpreter exit, a full disk."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from dropspy.store import load
+
+_ENV = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
+
+
+def _run(code: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args],
+                          capture_output=True, text=True, env=_ENV, timeout=120)
+
+
+def test_writer_left_open_is_closed_at_interpreter_exit(tmp_path):
+    path = tmp_path / "atexit.h5"
+    out = _run(
+        """
+        import sys, numpy as np
+        from dropspy.store import Record, RunWriter, SiteInfo
+        w = RunWriter(sys.argv[1], {"framework": "test"}, flush_seconds=3600)
+        w.declare_site(SiteInfo("d", "d", "Dropout", "output", ("batch",), 0.5))
+        w.submit([Record("d", s, 0, True, (64,), noise=np.arange(64) % (s + 2) == 0)
+                  for s in range(5)])
+        # no close(): the interpreter exits with records still buffered
+        """,
+        str(path),
+    )
+    assert out.returncode == 0, out.stderr
+    run = load(path)
+    assert run.complete and len(run["d"]) == 5
+    assert np.array_equal(run["d"].mask(3), np.arange(64) % 5 == 0)
+
+
+def _fill_the_disk(path, limit_kib):
+    return _run(
+        f"""
+        import json, resource, signal, sys, warnings, numpy as np
+        if {limit_kib}:
+            # RLIMIT_FSIZE makes writes past the limit fail with EFBIG, as a full disk would.
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, ({limit_kib} * 1024, {limit_kib} * 1024))
+        from dropspy.recorder import Session
+        from dropspy.store import Record, RunWriter, SiteInfo
+        w = RunWriter(sys.argv[1], {{"framework": "test"}}, flush_seconds=0.01, flush_bytes=1,
+                      reserve_bytes=256 * 1024)
+        s = Session(w)
+        s.declare_site(SiteInfo("d", "d", "Dropout", "output", ("batch", "feature"), 0.5))
+        rng = np.random.default_rng(0)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for step in range(2000):
+                s.submit(step, [Record("d", step, 0, True, (64, 256),
+                                       noise=rng.random((64, 256)) > 0.5)])
+        w.close()
+        print(json.dumps({{"stats": w.stats, "warnings": [str(c.message) for c in caught]}}))
+        """,
+        str(path),
+    )
+
+
+def _check_stopped_cleanly(path, out):
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    stats = result["stats"]
+    assert "disk nearly full" in stats["error"]
+    dropped = stats["records_dropped"]["disk_full"]
+    assert dropped > 0 and stats["records_written"] + dropped == 2000
+    assert len(result["warnings"]) == 1 and "stopped writing" in result["warnings"][0]
+    run = load(path)
+    assert not run.complete and "disk nearly full" in run.attrs["stop_reason"]
+    assert run.records_dropped["disk_full"] == dropped
+    rng = np.random.default_rng(0)
+    site = run["d"]
+    assert len(site) == stats["records_written"] > 0
+    for i in range(len(site)):
+        assert np.array_equal(site.mask(i), rng.random((64, 256)) > 0.5)
+
+
+def test_file_size_limit_stops_recording_before_hdf5_fails_and_training_goes_on(tmp_path):
+    path = tmp_path / "full.h5"
+    _check_stopped_cleanly(path, _fill_the_disk(path, limit_kib=1024))
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_full_disk_stops_recording_before_hdf5_fails_and_training_goes_on(small_filesystem):
+    path = small_filesystem / "full.h5"
+    _check_stopped_cleanly(path, _fill_the_disk(path, limit_kib=0))
