@@ -595,3 +595,25 @@ def test_an_iteration_whose_step_grad_scaler_skips_is_still_a_step(tmp_path):
     run = dropspy.load(tmp_path / "run.h5")
     assert run["1"].steps.tolist() == [0, 1, 2]
     assert any("GradScaler skipped" in note for note in run.notes)
+
+
+def test_a_step_holding_many_mask_bytes_packs_them_early(tmp_path, monkeypatch):
+    import dropspy.frameworks.torch_capture as capture_module
+
+    monkeypatch.setattr(capture_module, "PACK_EARLY_BYTES", 100)
+    model = nn.Sequential(nn.Dropout(0.5), nn.Dropout2d(0.5))
+    x = torch.randn(4, 8, 3, 3)
+    with dropspy.record(model, tmp_path / "run.h5") as rec:
+        torch.manual_seed(0)
+        model(x)
+        held = [e.noise.dtype for group in rec.adapter._held for e in group]
+    assert held == [torch.uint8, torch.bool]  # the first exceeded the budget: packed
+    early = dropspy.load(tmp_path / "run.h5")
+    monkeypatch.setattr(capture_module, "PACK_EARLY_BYTES", 1 << 30)
+    with dropspy.record(model, tmp_path / "late.h5"):
+        torch.manual_seed(0)
+        model(x)
+    late = dropspy.load(tmp_path / "late.h5")
+    for name in ("0", "1"):
+        assert np.array_equal(early[name].mask(0), late[name].mask(0))
+        assert tuple(early[name].noise_shapes[0]) == tuple(late[name].noise_shapes[0])

@@ -188,6 +188,7 @@ class TorchAdapter:
         entries = [e for group in self._held for e in group] + cap.entries
         self._held, self._held_bytes, cap.entries = [], 0, []
         self._flush(self._step, entries)
+        cap.step_done()
         self._step = self._step + 1 if step is None else int(step)
         cap.capturing = self.session.want_step(self._step)
 
@@ -280,6 +281,7 @@ class TorchAdapter:
         if self._clock == "forward":
             entries, cap.entries = cap.entries, []
             self._flush(self._step, entries)
+            cap.step_done()
             self._step += 1
         elif self._clock == "auto":
             group, cap.entries = cap.entries, []
@@ -296,6 +298,7 @@ class TorchAdapter:
         for group in held:
             self._flush(self._step, group)
             self._step += 1
+        self._capture.step_done()
         self._capture.capturing = self.session.want_step(self._step)
 
     # -- optimizer steps ---------------------------------------------------------------------
@@ -325,6 +328,7 @@ class TorchAdapter:
         self._held, self._held_bytes, cap.entries = [], 0, []
         cap.applied_in_group = False
         self._flush(self._step, entries)
+        cap.step_done()
         self._step += 1
         cap.capturing = self.session.want_step(self._step)
 
@@ -365,7 +369,7 @@ class TorchAdapter:
                          shape=tuple(int(s) for s in e.shape))
             records.append(rec)
             if e.noise is not None:
-                rec.noise_shape = tuple(int(s) for s in e.noise.shape)
+                rec.noise_shape = tuple(int(s) for s in e.noise_shape)
                 masked.append((rec, e.noise))
         if filtered:
             self.session.count_dropped("site_filter", filtered)

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from dropspy.frameworks.torch_pack import pack_early
 from dropspy.frameworks.torch_sites import (
     ALPHA,
     FEATURE,
@@ -49,9 +50,13 @@ _SEEDED = torch.Tag.nondeterministic_seeded
 
 
 class Entry:
-    """One call at one site, held until its step ends (the mask stays a torch bool tensor)."""
+    """One call at one site, held until its step ends (the mask stays a torch bool tensor).
 
-    __slots__ = ("key", "training", "shape", "noise")
+    A step that holds too many mask bytes packs them early: ``noise`` becomes a uint8 tensor
+    of packed bits and ``noise_shape`` keeps the shape.
+    """
+
+    __slots__ = ("key", "training", "shape", "noise", "noise_shape")
 
     def __init__(self, key: SiteKey, training: bool, shape: tuple[int, ...],
                  noise: torch.Tensor | None) -> None:
@@ -59,6 +64,15 @@ class Entry:
         self.training = training
         self.shape = shape
         self.noise = noise
+        self.noise_shape = None if noise is None else tuple(noise.shape)
+
+    def pack_early(self) -> int:
+        """Pack the mask in place; returns the bool bytes freed."""
+        noise = self.noise
+        if noise is None or noise.dtype != torch.bool:
+            return 0
+        self.noise = pack_early(noise)
+        return noise.numel()
 
 
 class Frame:
@@ -96,6 +110,10 @@ def _watch_table() -> dict[Any, str]:
 
 
 _WATCH = _watch_table()
+# Past this many bytes of bool masks held in one step, the held masks are bit-packed at once
+# (8x smaller) instead of at the step's end: a long step (big attention masks, gradient
+# accumulation) must not double the activation memory dropout already keeps.
+PACK_EARLY_BYTES = 256 << 20
 _UNSET = object()
 _SEEDED_CACHE: dict[Any, bool] = {}
 
@@ -268,6 +286,8 @@ class Capture:
         # call that draws nothing (eval) is recorded as not applied.
         self.handmade: dict[str, dict[SiteKey, Entry]] = {}
         self.bypassed = 0
+        self.bool_bytes = 0  # bytes of bool masks held, unpacked
+        self._unpacked: list[Entry] = []
         self._noted: set[str] = set()
         self._called = False
         self._out: Any = _UNSET
@@ -307,7 +327,19 @@ class Capture:
         self.entries.append(entry)
         if noise is not None:
             self.applied_in_group = True
+            self.bool_bytes += noise.numel()
+            if key.kind != "bernoulli":  # a hand-made mask may still be reshaped (taint)
+                self._unpacked.append(entry)
+            if self.bool_bytes > PACK_EARLY_BYTES:
+                for e in self._unpacked:
+                    self.bool_bytes -= e.pack_early()
+                self._unpacked.clear()
         return entry
+
+    def step_done(self) -> None:
+        """The held entries were handed over (or dropped): reset the early-packing budget."""
+        self.bool_bytes = 0
+        self._unpacked.clear()
 
     def _call(self, func: Callable, args: tuple, kwargs: dict) -> Any:
         """Run the framework's own call; marks that it ran and keeps its output."""
@@ -462,9 +494,10 @@ class Capture:
             # Multiplying by data (not by a scale held in a tensor) applies the mask.
             shape = torch.broadcast_shapes(tainted.shape, *(o.shape for o in others))
             shape = tuple(shape)
-            if len(shape) > len(tainted.noise.shape):
+            if len(shape) > tainted.noise.dim():
                 tainted.noise = tainted.noise.reshape(
                     (1,) * (len(shape) - tainted.noise.dim()) + tuple(tainted.noise.shape))
+                tainted.noise_shape = tuple(tainted.noise.shape)
             tainted.shape = shape
             if any(isinstance(o, torch.nn.Parameter) for o in others):
                 _mark_parameter(self.sites.facts(tainted.key), len(shape))

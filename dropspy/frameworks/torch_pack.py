@@ -19,6 +19,8 @@ _BIT_WEIGHTS: dict[torch.device, torch.Tensor] = {}
 def pack_torch(masks: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
     """Pack bool masks into one uint8 tensor on their device.
 
+    A uint8 tensor in ``masks`` is taken as already packed (see :func:`pack_early`).
+
     Returns:
         The packed bytes and the byte offset of each mask (a last entry marks the end).
     """
@@ -29,20 +31,30 @@ def pack_torch(masks: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
         _BIT_WEIGHTS[device] = weights
     parts, offsets, at = [], [0], 0
     for m in masks:
-        flat = m.reshape(-1).to(torch.uint8)
-        pad = (-flat.numel()) % 8
-        if pad:
-            flat = torch.cat([flat, flat.new_zeros(pad)])
-        parts.append(flat)
-        at += flat.numel() // 8
+        if m.dtype == torch.uint8:
+            parts.append(m)
+            at += m.numel()
+        else:
+            flat = m.reshape(-1).to(torch.uint8)
+            pad = (-flat.numel()) % 8
+            if pad:
+                flat = torch.cat([flat, flat.new_zeros(pad)])
+            parts.append((flat.view(-1, 8) * weights).sum(dim=1, dtype=torch.uint8))
+            at += flat.numel() // 8
         offsets.append(at)
-    bits = torch.cat(parts) if len(parts) > 1 else parts[0]
-    packed = (bits.view(-1, 8) * weights).sum(dim=1, dtype=torch.uint8)
+    packed = torch.cat(parts) if len(parts) > 1 else parts[0]
     return packed, offsets
 
 
+def pack_early(mask: torch.Tensor) -> torch.Tensor:
+    """Pack one bool mask now, on its device (bounds the memory a long step holds)."""
+    return pack_torch([mask])[0]
+
+
 def pack_host(mask: torch.Tensor) -> np.ndarray:
-    """Pack one CPU bool mask with numpy (the store's bit order)."""
+    """Pack one CPU mask with numpy (the store's bit order); uint8 is already packed."""
+    if mask.dtype == torch.uint8:
+        return mask.numpy().copy()
     return np.packbits(mask.reshape(-1).numpy())
 
 
