@@ -41,7 +41,7 @@ def _printed_verdicts(stdout: str) -> list[tuple[str, str, str]]:
     v_at, e_at = lines[head].index("verdict"), lines[head].index("what the recorded masks show")
     rows = []
     for line in lines[head + 2:]:
-        if not line.strip():
+        if not line.strip() or line.startswith("```"):
             break
         if line[:4].strip():
             run = re.match(r"(\S+\.h5):", line[e_at:])
@@ -172,3 +172,36 @@ def test_example_writes_an_overview_picture_and_valid_run_files(example):
     for run_file in sorted(out.glob("*.h5")):
         result = RUNNER.invoke(app, ["validate", str(run_file)])
         assert result.exit_code == 0, f"{run_file.name}: {result.output}"
+
+
+def _readme_section(name: str) -> str:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    assert begin in text and end in text, f"README lost its {name} markers"
+    return text[text.index(begin) + len(begin):text.index(end)]
+
+
+def test_readme_main_command_installs_and_runs_the_seed_example():
+    block = re.search(r"```\n(.*?)\n```", _readme_section("main-command"), re.S)
+    assert block, "the main-command section holds one command in a code block"
+    steps = [s.strip() for s in block.group(1).split("&&")]
+    assert any(s.startswith("pip install -e") for s in steps), steps
+    assert steps[-1] == "python examples/dropout_around_lstm.py", steps
+    assert (ROOT / steps[-1].split()[-1]).is_file()
+
+
+def test_readme_findings_show_the_seed_table_and_a_committed_picture():
+    section = _readme_section("findings")
+    for image in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", section):
+        assert (ROOT / image).read_bytes()[:8] == PNG, image
+    assert "docs/" in section and "#    claim" in section
+
+
+def test_readme_findings_table_is_what_the_seed_example_prints_here(keras_example):
+    proc, out = keras_example
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    saved = json.loads((out / "verdicts.json").read_text())
+    section = _readme_section("findings")
+    if f"Keras {saved['keras_version']} / TensorFlow {saved['tensorflow_version']}" not in section:
+        pytest.skip("the README's findings were recorded on other versions")
+    assert _printed_verdicts(section) == _printed_verdicts(proc.stdout)
