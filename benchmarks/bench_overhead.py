@@ -14,7 +14,8 @@ A round runs one block per variant, in an order rotated every round. Keras block
 ``model.fit`` calls (``--steps``, default 6); a block's time runs from its first batch end to
 its last (a callback), so the per-call cost of ``fit`` and the first step are left out alike for
 every variant. Torch blocks are single training steps (``--steps 1``), so neighbouring steps of
-the four variants share the machine's mood. Each block's time includes waiting until the writer
+the four variants share the machine's mood. Process CPU time of each block is measured too
+(a second, steadier ratio when other jobs load the machine; the targets are judged on wall time). Each block's time includes waiting until the writer
 thread has taken in what the block submitted (queue empty), so writer work is charged to the
 variant that caused it. The ratio of a round is block time / the same round's baseline block
 time; the table shows the median of those paired ratios and their quartiles.
@@ -74,23 +75,29 @@ def _order(round_index: int) -> list[str]:
     return names[k:] + names[:k]
 
 
-def _interleave(blocks: dict[str, Callable[[], float]], rounds: int,
-                log: Callable[[str], None]) -> dict[str, list[float]]:
+def _interleave(blocks: dict[str, Callable[[], tuple[float, float]]], rounds: int,
+                log: Callable[[str], None]) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Run the blocks in rotated order; (wall seconds, CPU seconds) per variant and round."""
     times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    cpus: dict[str, list[float]] = {v: [] for v in VARIANTS}
     for r in range(rounds):
         for v in _order(r):
-            times[v].append(blocks[v]())
+            wall, cpu = blocks[v]()
+            times[v].append(wall)
+            cpus[v].append(cpu)
         if (r + 1) % max(1, rounds // 10) == 0 or r + 1 == rounds:
             log(f"  round {r + 1}/{rounds}: " + ", ".join(
                 f"{v} {times[v][-1] * 1e3:.0f} ms" for v in VARIANTS))
-    return times
+    return times, cpus
 
 
-def _summarize(framework: str, times: dict[str, list[float]], timed_steps: int) -> dict[str, Any]:
+def _summarize(framework: str, times: dict[str, list[float]], cpus: dict[str, list[float]],
+               timed_steps: int) -> dict[str, Any]:
     base = times["baseline"]
     out: dict[str, Any] = {}
     for v, ts in times.items():
         ratios = [t / b for t, b in zip(ts, base)]
+        cpu_ratios = [c / b for c, b in zip(cpus[v], cpus["baseline"]) if b > 0]
         per_step = [t / timed_steps * 1e3 for t in ts]
         target = TARGETS[framework].get(v)
         summary = C.ratio_summary(ratios)
@@ -102,6 +109,11 @@ def _summarize(framework: str, times: dict[str, list[float]], timed_steps: int) 
             "target": target,
             "meets_target": None if target is None else summary["median"] <= target,
             "block_seconds": ts,
+            # Process CPU time (all threads: training, framework pools, dropspy's writer) of
+            # the same blocks: steadier than wall time when other jobs share the machine.
+            "cpu_ms_per_step_median": C.quantile([c / timed_steps * 1e3 for c in cpus[v]], 0.5),
+            "cpu_ratio": C.ratio_summary(cpu_ratios),
+            "block_cpu_seconds": cpus[v],
         }
     return out
 
@@ -178,8 +190,11 @@ def bench_keras(rounds: int, steps: int, tmp: Path, log: Callable[[str], None]) 
             super().__init__()
             self.ends: list[float] = []
 
+            self.cpu: list[float] = []
+
         def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
             self.ends.append(time.perf_counter())
+            self.cpu.append(time.process_time())
 
     x, y = C.keras_data(steps)
     models = {v: C.keras_model(seed=0) for v in VARIANTS}
@@ -195,17 +210,18 @@ def bench_keras(rounds: int, steps: int, tmp: Path, log: Callable[[str], None]) 
                           shuffle=False, verbose=0)
         log(f"  keras: traced 4 train functions in {time.perf_counter() - t0:.1f} s")
 
-        def block(v: str) -> Callable[[], float]:
-            def run() -> float:
+        def block(v: str) -> Callable[[], tuple[float, float]]:
+            def run() -> tuple[float, float]:
                 clock = Clock()
                 models[v].fit(x, y, batch_size=C.BATCH, epochs=1, shuffle=False, verbose=0,
                               callbacks=[clock])
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.process_time()
                 _drain(recs.get(v))
-                return clock.ends[-1] - clock.ends[0] + (time.perf_counter() - t)
+                return (clock.ends[-1] - clock.ends[0] + (time.perf_counter() - t),
+                        clock.cpu[-1] - clock.cpu[0] + (time.process_time() - c))
             return run
 
-        times = _interleave({v: block(v) for v in VARIANTS}, rounds, log)
+        times, cpus = _interleave({v: block(v) for v in VARIANTS}, rounds, log)
         steps_seen = {v: recs[v].adapter._step for v in recs}
     finally:
         for v in list(recs):
@@ -216,7 +232,7 @@ def bench_keras(rounds: int, steps: int, tmp: Path, log: Callable[[str], None]) 
                  "Dropout(.2) > Dense(1); batch 64; Adam; model.fit",
         "timed_steps_per_block": steps - 1,
         "rounds": rounds,
-        "variants": _summarize("keras", times, steps - 1),
+        "variants": _summarize("keras", times, cpus, steps - 1),
         "storage": {},
     }
     for v in ("every_step", "every_10", "nothing_sampled"):
@@ -246,13 +262,13 @@ def bench_torch(rounds: int, steps: int, tmp: Path, log: Callable[[str], None]) 
             for tokens, targets in data[:2]:
                 C.torch_train_step(models[v], opts_[v], tokens, targets)
 
-        def block(v: str) -> Callable[[], float]:
+        def block(v: str) -> Callable[[], tuple[float, float]]:
             batches = iter(())
 
-            def run() -> float:
+            def run() -> tuple[float, float]:
                 nonlocal batches
                 model, opt = models[v], opts_[v]
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.process_time()
                 for _ in range(steps):
                     tokens, targets = next(batches, (None, None))
                     if tokens is None:
@@ -260,10 +276,10 @@ def bench_torch(rounds: int, steps: int, tmp: Path, log: Callable[[str], None]) 
                         tokens, targets = next(batches)
                     C.torch_train_step(model, opt, tokens, targets)
                 _drain(recs.get(v))
-                return time.perf_counter() - t
+                return time.perf_counter() - t, time.process_time() - c
             return run
 
-        times = _interleave({v: block(v) for v in VARIANTS}, rounds, log)
+        times, cpus = _interleave({v: block(v) for v in VARIANTS}, rounds, log)
         steps_seen = {v: recs[v].adapter._step for v in recs}
     finally:
         for v in list(recs):
@@ -275,7 +291,7 @@ def bench_torch(rounds: int, steps: int, tmp: Path, log: Callable[[str], None]) 
         "timed_steps_per_block": steps,
         "rounds": rounds,
         "torch_threads": torch.get_num_threads(),
-        "variants": _summarize("torch", times, steps),
+        "variants": _summarize("torch", times, cpus, steps),
         "storage": {},
     }
     for v in ("every_step", "every_10", "nothing_sampled"):
@@ -295,15 +311,17 @@ def print_results(result: dict[str, Any]) -> None:
             continue
         for v, s in r["variants"].items():
             q = s["ratio"]
+            cq = s["cpu_ratio"]
             rows.append([fw, v, s["ms_per_step_median"],
                          "1" if v == "baseline" else f"{q['median']:.3f}",
                          "" if v == "baseline" else f"{q['p25']:.3f}-{q['p75']:.3f}",
+                         "" if v == "baseline" else f"{cq['median']:.3f} ({cq['p25']:.3f}-{cq['p75']:.3f})",
                          "" if s["target"] is None else f"<= {s['target']}",
                          "" if s["meets_target"] is None else ("yes" if s["meets_target"] else "NO")])
     print(f"\nstep overhead ({result['machine']['date_utc']}, {result['machine']['cpu']}, "
           f"{result['machine']['cpus']} CPUs)")
     C.print_table(["framework", "variant", "ms/step", "ratio (median)", "ratio p25-p75",
-                   "target", "met"], rows)
+                   "CPU-time ratio (p25-p75)", "target", "met"], rows)
     rows = []
     for fw in ("keras", "torch"):
         r = result.get(fw)
