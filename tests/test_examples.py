@@ -9,6 +9,7 @@ the verdicts follow the masks, not which claims hold: that is each framework ver
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -27,11 +28,12 @@ RUNNER = typer_testing.CliRunner()
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def _run_example(script: str, out: Path) -> subprocess.CompletedProcess:
+def _start_example(script: str, out: Path) -> subprocess.Popen:
     env = dict(os.environ, DROPSPY_EXAMPLES_SMALL="1", TF_CPP_MIN_LOG_LEVEL="2",
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    return subprocess.run([sys.executable, str(EXAMPLES / script), "--out", str(out)],
-                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    return subprocess.Popen([sys.executable, str(EXAMPLES / script), "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=ROOT, env=env)
 
 
 def _printed_verdicts(stdout: str) -> list[tuple[str, str, str]]:
@@ -117,17 +119,38 @@ TORCH_CLAIMS = {
 
 
 @pytest.fixture(scope="module")
-def keras_example(tmp_path_factory):
-    pytest.importorskip("tensorflow")
-    out = tmp_path_factory.mktemp("dropout_around_lstm")
-    return _run_example("dropout_around_lstm.py", out), out
+def ran(tmp_path_factory):
+    """Both examples, started together (they spend most of their time on one core each)."""
+    scripts = {"keras": ("tensorflow", "dropout_around_lstm.py"),
+               "torch": ("torch", "torch_lstm_dropout.py")}
+    started = {}
+    for name, (module, script) in scripts.items():
+        if importlib.util.find_spec(module) is not None:
+            out = tmp_path_factory.mktemp(script[:-3])
+            started[name] = (_start_example(script, out), out)
+    done = {}
+    for name, (proc, out) in started.items():
+        try:
+            stdout, stderr = proc.communicate(timeout=600)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            stdout, stderr = proc.communicate()
+        done[name] = (subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), out)
+    return done
 
 
 @pytest.fixture(scope="module")
-def torch_example(tmp_path_factory):
-    pytest.importorskip("torch")
-    out = tmp_path_factory.mktemp("torch_lstm_dropout")
-    return _run_example("torch_lstm_dropout.py", out), out
+def keras_example(ran):
+    if "keras" not in ran:
+        pytest.skip("tensorflow is not installed")
+    return ran["keras"]
+
+
+@pytest.fixture(scope="module")
+def torch_example(ran):
+    if "torch" not in ran:
+        pytest.skip("torch is not installed")
+    return ran["torch"]
 
 
 @pytest.fixture(params=["keras", "torch"])
