@@ -262,6 +262,9 @@ def test_dropout_drawn_inside_the_time_loop_is_opaque_and_counted_as_dropped(tmp
             self.gen = keras.random.SeedGenerator(1)
             self.proj = L.Dense(units)
 
+        def build(self, input_shape):
+            self.proj.build(input_shape)
+
         def call(self, x, states, training=False):
             if training:
                 x = keras.random.dropout(x, 0.3, seed=self.gen)
