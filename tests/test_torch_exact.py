@@ -436,3 +436,17 @@ def test_a_scheduled_rate_change_is_noted(tmp_path):
     run = dropspy.load(tmp_path / "run.h5")
     assert run["0"].rate == 0.5 and len(run["0"]) == 2
     assert any("changed from 0.5 to 0.1" in note for note in run.notes)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16],
+                         ids=["float64", "bfloat16", "float16"])
+@pytest.mark.parametrize("make", [lambda: nn.Dropout(0.3), lambda: nn.Dropout2d(0.3)],
+                         ids=["Dropout", "Dropout2d"])
+def test_masks_are_exact_in_every_float_dtype(tmp_path, dtype, make):
+    layer = make()
+    x = _with_zeros(4, 6, 3, 3).to(dtype)
+    seen = {}
+    layer.register_forward_hook(lambda m, a, out: seen.update(out=out.clone()))
+    run = _record_once(nn.Sequential(layer), x, tmp_path / "run.h5")
+    mask = torch.from_numpy(run["0"].mask(0))
+    assert torch.equal(_dropout_expected(x, mask, 0.3), seen["out"])
