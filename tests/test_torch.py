@@ -203,6 +203,29 @@ def test_distributed_data_parallel_is_refused_by_name(tmp_path):
         dropspy.record(ddp, tmp_path / "run.h5").__enter__()
 
 
+def test_the_module_inside_ddp_records_as_the_refusal_suggests(tmp_path):
+    import socket
+
+    dist = pytest.importorskip("torch.distributed")
+    if not dist.is_available() or dist.is_initialized():
+        pytest.skip("needs torch.distributed with no process group yet")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        ddp = nn.parallel.DistributedDataParallel(_mlp())
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+        with dropspy.record(ddp.module, tmp_path / "run.h5"):
+            for _ in range(3):
+                opt.zero_grad()
+                ddp(torch.randn(2, 4)).sum().backward()
+                opt.step()
+    finally:
+        dist.destroy_process_group()
+    assert dropspy.load(tmp_path / "run.h5")["1"].steps.tolist() == [0, 1, 2]
+
+
 def test_compiled_model_is_refused_with_the_way_forward(tmp_path):
     model = _mlp()
     model.compile()  # lazily compiled: nothing is traced until the first call
