@@ -262,3 +262,37 @@ def test_gaussian_noise_layers_are_opaque_sites(tmp_path):
     run, _, _ = run_probe(layer, x, tmp_path / "run.h5")
     site = run[layer.name]
     assert site.opaque and "Gaussian" in site.opaque and len(site) == 0
+
+
+@pytest.mark.parametrize("mode", ["graph", "eager"])
+def test_time_distributed_dropout_records_a_mask_per_timestep(mode, tmp_path):
+    inner = L.Dropout(0.5)
+    layer = L.TimeDistributed(inner)
+    x = planted((6, 5, 8))
+    run, logs, _ = run_probe(layer, x, tmp_path / "run.h5", eager=mode == "eager")
+    site = run[f"{layer.name}/{inner.name}"]
+    assert site.axes == ("batch", "time", "feature")
+    assert site.noise(0).shape == (6, 5, 8) and tuple(site.shapes[0]) == (6, 5, 8)
+    mask = site.mask(0)
+    assert_dropout_exact(x, logs["y"], mask, site.scale)
+    assert varies_over_time(mask)
+
+
+def test_custom_layer_using_its_random_generator_is_a_custom_site(tmp_path):
+    class Noisy(tf_keras.layers.Layer):
+        def __init__(self, **kw):
+            super().__init__(**kw)
+            from tf_keras.src import backend as kbackend
+
+            self._random_generator = kbackend.RandomGenerator(seed=3)
+
+        def call(self, x, training=False):
+            return self._random_generator.dropout(x, 0.45, noise_shape=[x.shape[0] or 6, 1, 5])
+
+    layer = Noisy(name="noisy")
+    x = planted((6, 4, 5))
+    run, logs, _ = run_probe(layer, x, tmp_path / "run.h5")
+    site = run["noisy"]
+    assert site.role == "custom" and site.layer_class == "Noisy"
+    assert site.noise(0).shape == (6, 1, 5)
+    assert_dropout_exact(x, logs["y"], site.mask(0), site.scale)

@@ -317,59 +317,110 @@ class TfKerasAdapter:
         out, keep = cap.exact_dropout(generator, inputs, rate, noise_shape)
         if owner is None:
             return out
-        spec = slot.spec if slot is not None else sm.dropout.get(id(owner))
-        if spec is None:
-            if slot is None:
-                self._unknown_draw(owner)
-            return out   # drawn and never applied (e.g. LSTM masks 1-3 on the cuDNN path)
+        if slot is not None:
+            spec = slot.spec
+            if spec is None:
+                return out   # drawn and never applied (e.g. LSTM masks 1-3, cuDNN-eligible)
+        else:
+            spec = sm.dropout.get(id(owner)) or self._custom_spec(owner, rate, noise_shape)
         if keep is None:
             self._unobservable(spec, "the keep-mask could not be read from TF's dropout ops")
             return out
         loop = trace.loops[-1] if trace.loops else None
-        in_trace_graph = trace.eager or keep.graph is trace.graph
-        if slot is not None and slot.kind == "step":
-            if loop is None:
-                self._unobservable(spec, "an RNN cell drew a mask outside an RNN layer's loop")
-            elif in_trace_graph:
-                loop.outer[spec.name] = (spec, keep)
+        kind = slot.kind if slot is not None else "output"
+        if kind != "sequence" and loop is not None:
+            # Inside backend.rnn: a cell's masks, or a layer run per timestep (TimeDistributed).
+            step_shape = tf.shape(keep if slot is not None else inputs, out_type=tf.int32)
+            if trace.eager or keep.graph is trace.graph:
+                entry = loop.outer.setdefault(spec.name, (spec, [], step_shape))
+                entry[1].append(keep)
             elif keep.graph is loop.body_graph:
                 loop.body[spec.name] = keep
             else:
                 self._unobservable(spec, "the mask is drawn inside a TensorFlow branch (tf.cond; "
                                          "is `training` a tensor?) and cannot leave the step")
             return out
-        if not in_trace_graph:
+        if kind == "step":
+            self._unobservable(spec, "an RNN cell drew a mask outside an RNN layer's loop")
+            return out
+        if not (trace.eager or keep.graph is trace.graph):
             self._unobservable(spec, "the mask is drawn inside a TensorFlow loop or branch "
                                      "(tf.while_loop / tf.cond) and cannot leave the step")
             return out
-        shape = tf.shape(keep, out_type=tf.int32)
-        applied = shape if slot is not None else tf.shape(inputs, out_type=tf.int32)
-        self._add_draw(trace, spec, keep, shape, applied, rank=int(keep.shape.rank))
+        noise = tf.shape(keep, out_type=tf.int32)
+        applied = noise if kind == "sequence" else tf.shape(inputs, out_type=tf.int32)
+        rank = int(keep.shape.rank)
+        td = self._sites.time_distributed.get(id(owner))
+        if td is not None:
+            # TimeDistributed ran the layer once on the (batch * time, ...) reshaped input.
+            t = self._static_time(td)
+            if t is None:
+                self._unobservable(spec, "TimeDistributed with an unknown number of timesteps")
+                return out
+            t = tf.cast(t, tf.int32)
+            shared = tf.equal(noise[:1], 1)   # noise_shape (1, ...): one mask for all rows
+            lead = tf.concat([tf.where(shared, 1, noise[:1] // t), tf.where(shared, 1, [t])], 0)
+            keep = tf.reshape(keep, tf.concat([lead, noise[1:]], 0))
+            noise = tf.shape(keep, out_type=tf.int32)
+            applied = tf.concat([applied[:1] // t, [t], applied[1:]], 0)
+            rank += 1
+        self._add_draw(trace, spec, keep, noise, applied, rank=rank)
         return out
 
     def on_loop_done(self, trace: Any, loop: Any) -> None:
         """After one ``backend.rnn`` call: export its masks, per timestep where they were."""
         import tensorflow as tf
 
-        for name, (spec, keep) in loop.outer.items():
+        for name, (spec, keeps, step_shape) in loop.outer.items():
+            t = tf.reshape(loop.time_steps(), [1])
+            applied = tf.concat([step_shape[:1], t, step_shape[1:]], 0)
+            rank = int(keeps[-1].shape.rank) + 1
             buf = loop.buffers.get(name)
+            per_step = None
             if buf is not None:
-                if loop.go_backwards:
-                    buf = tf.reverse(buf, [0])   # loop order -> input order
-                rank = int(buf.shape.rank)
-                noise = buf if loop.time_major else tf.transpose(buf, [1, 0, *range(2, rank)])
-                shape = tf.shape(noise, out_type=tf.int32)
-                self._add_draw(trace, spec, noise, shape, shape, rank=rank)
-            elif name in loop.missing or (loop.body_graph is not None and name not in loop.body):
+                per_step = buf     # drawn in the while-loop body, one slice per iteration
+            elif loop.body_graph is not None:
                 self._unobservable(spec, "the loop body drew no mask where the first timestep "
                                          "did; dropspy cannot tell which mask was applied")
+                continue
+            elif len(keeps) > 1:
+                # Eager or unrolled, a layer without a mask cache draws at every timestep (eager
+                # loops also call it once at time 0 for shape inference, never applied).
+                steps = keeps if loop.unroll else keeps[1:]
+                if trace.eager and len(steps) != int(t[0]):
+                    self._unobservable(spec, f"{len(keeps)} draws in a loop of {int(t[0])} "
+                                             f"timesteps; dropspy cannot tell which were applied")
+                    continue
+                per_step = tf.stack(steps, 0)
+            if per_step is not None:
+                if loop.go_backwards:
+                    per_step = tf.reverse(per_step, [0])   # loop order -> input order
+                noise = per_step if loop.time_major else tf.transpose(
+                    per_step, [1, 0, *range(2, rank)])
+                self._add_draw(trace, spec, noise, tf.shape(noise, out_type=tf.int32), applied,
+                               rank=rank)
             else:
-                # Eager or unroll=True: the cached mask drawn once serves every timestep.
-                ns = tf.shape(keep, out_type=tf.int32)
-                t = tf.reshape(loop.time_steps(), [1])
-                applied = tf.concat([ns[:1], t, ns[1:]], 0)
-                self._add_draw(trace, spec, keep, ns, applied, rank=int(keep.shape.rank) + 1,
-                               expand_time=True)
+                # One cached mask (eager or unroll=True) serves every timestep.
+                self._add_draw(trace, spec, keeps[0], tf.shape(keeps[0], out_type=tf.int32),
+                               applied, rank=rank, expand_time=True)
+
+    @staticmethod
+    def _static_time(td: Any) -> Any:
+        """The number of timesteps of the running ``TimeDistributed`` call (int or tensor)."""
+        # TimeDistributed.call computes it (static or tf.shape) before calling its layer.
+        frame = sys._getframe(1)
+        for _ in range(64):
+            if frame is None:
+                break
+            if frame.f_locals.get("self") is td and "input_length" in frame.f_locals:
+                value = frame.f_locals["input_length"]
+                if value is not None:
+                    return value
+            frame = frame.f_back
+        try:
+            return int(td.input_shape[1])
+        except Exception:  # never called symbolically, or an unknown length
+            return None
 
     def on_untraced_dropout(self, generator: Any) -> None:
         """A dropout drawn outside any recorded train step (custom loop?): say so, once."""
@@ -409,11 +460,22 @@ class TfKerasAdapter:
         trace.draws.append(self._cap.Draw(spec=spec, keep=keep, noise_shape=noise_shape,
                                           applied_shape=applied_shape, expand_time=expand_time))
 
-    def _unknown_draw(self, owner: Any) -> None:
+    def _custom_spec(self, owner: Any, rate: Any, noise_shape: Any) -> Any:
+        """A site for a layer dropspy does not know that calls its generator's dropout."""
+        from dropspy.frameworks.tf_keras_sites import SiteSpec
+
         path = self._sites.layer_paths.get(id(owner), owner.name)
-        self._note_once(f"unknown:{path}",
-                        f"{path} ({type(owner).__name__}) drew a dropout mask that dropspy does "
-                        f"not know how it applies; it is not recorded")
+        configured = None
+        if isinstance(noise_shape, (list, tuple)):
+            configured = tuple(d if isinstance(d, int) else None for d in noise_shape)
+        spec = SiteSpec(
+            name=path, layer=path, layer_class=type(owner).__name__, role="custom",
+            rate=float(rate) if isinstance(rate, (int, float)) else None,
+            noise=(lambda r, c=configured: c if c is not None and len(c) == r else (None,) * r),
+            extra={"drawn_by": "self._random_generator.dropout in the layer's call()"},
+        )
+        self._sites.dropout[id(owner)] = spec
+        return spec
 
     def _unobservable(self, spec: Any, why: str) -> None:
         if not spec.declared and spec.rank is not None:

@@ -57,17 +57,20 @@ class RoleFrame:
 class Loop:
     """One ``backend.rnn`` call while a step is traced.
 
-    ``outer``: masks drawn outside the while loop in this call (site name -> (spec, keep)), at
-    time 0 (graph mode: shape inference only, never applied) or once for all timesteps (eager,
-    ``unroll=True``). ``body``: masks drawn while tracing the loop body. ``buffers``: the
-    per-timestep masks that left the loop, ``(time, batch, ...)`` in loop order.
+    ``outer``: masks drawn outside a while-loop body in this call, site name ->
+    ``(spec, [keep, ...], step_shape)``: in graph mode the draw at time 0 (for shape inference
+    only: never applied when the loop body draws again); in eager mode or with ``unroll=True``
+    every draw, in order (RNN cells cache theirs: one draw serves every timestep).
+    ``step_shape`` is the applied shape at one timestep. ``body``: masks drawn while tracing the
+    loop body. ``buffers``: the per-timestep masks that left the loop, ``(time, batch, ...)`` in
+    loop order.
     """
 
     inputs: Any
     go_backwards: bool
     time_major: bool
     unroll: bool
-    outer: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+    outer: dict[str, tuple[Any, list[Any], Any]] = field(default_factory=dict)
     body: dict[str, Any] = field(default_factory=dict)
     body_graph: Any = None
     buffers: dict[str, Any] = field(default_factory=dict)
@@ -199,7 +202,7 @@ def _capturing_while_loop(cond: Any, body: Any, loop_vars: Any, **kwargs: Any) -
     t = loop.time_steps()
     buffers = tuple(
         tf.zeros(tf.concat([tf.reshape(t, [1]), tf.shape(keep, out_type=tf.int32)], 0), tf.bool)
-        for _, keep in (loop.outer[n] for n in names))
+        for _, keeps, _ in (loop.outer[n] for n in names) for keep in keeps[-1:])
     n_vars = len(loop_vars)
 
     def cond2(*args: Any) -> Any:

@@ -108,6 +108,7 @@ class SiteMap:
     layer_paths: dict[int, str] = field(default_factory=dict)
     owners: dict[int, Any] = field(default_factory=dict)         # id(generator) -> layer
     dropout: dict[int, SiteSpec] = field(default_factory=dict)    # id(layer) -> spec
+    time_distributed: dict[int, Any] = field(default_factory=dict)  # inner layer id -> TD layer
     slots: dict[tuple[int, str], list[DrawSlot]] = field(default_factory=dict)  # (layer, role)
     mask_getters: list[tuple[Any, str]] = field(default_factory=list)  # (layer, role) to wrap
     rnns: dict[int, Any] = field(default_factory=dict)           # RNN layers, by id
@@ -271,7 +272,19 @@ def find_sites(model: Any) -> SiteMap:
         cls = type(layer).__name__
         if isinstance(layer, klayers.Dropout):
             if layer.rate:
-                sm.dropout[id(layer)] = _dropout_spec(layer, path)
+                spec = _dropout_spec(layer, path)
+                if isinstance(parent, klayers.TimeDistributed):
+                    # Keras 3 names this site the same way, with a time axis at position 1.
+                    base_axes, base_noise = spec.axes, spec.noise
+                    spec.axes = lambda r, a=base_axes: (a(r - 1)[0], "time", *a(r - 1)[1:])
+                    spec.noise = lambda r, n=base_noise: (n(r - 1)[0], None, *n(r - 1)[1:])
+                    spec.rank = _static_rank(parent)
+                    spec.extra = {"wrapper": "TimeDistributed",
+                                  "drawn": "a different mask at every timestep (the layer runs "
+                                           "on the (batch * time, ...) reshaped input, or on "
+                                           "each time slice in a loop)"}
+                    sm.time_distributed[id(layer)] = parent
+                sm.dropout[id(layer)] = spec
         elif cls in _NOISE_LAYERS and (getattr(layer, "rate", 0) or getattr(layer, "stddev", 0)):
             sm.opaque.append(SiteSpec(name=path, layer=path, layer_class=cls, role="output",
                                       rate=getattr(layer, "rate", None),
