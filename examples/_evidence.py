@@ -73,7 +73,7 @@ def parse_args(description: str, name: str) -> argparse.Namespace:
 def sites_of(analysis: RunAnalysis, layer: str, role: str | None = None) -> list[SiteAnalysis]:
     """The analysed sites of one layer (by its name or the last part of its path), by role."""
     return [s for s in analysis.sites
-            if (s.layer == layer or s.layer.split("/")[-1] == layer or s.layer.endswith("." + layer))
+            if layer in (s.layer, s.layer.split("/")[-1], s.layer.split(".")[-1])
             and (role is None or s.role == role)]
 
 

@@ -41,7 +41,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import dropspy  # noqa: E402
-from dropspy.analysis import analyze_run  # noqa: E402
+from dropspy.analysis import RunAnalysis, analyze_run  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _evidence import (  # noqa: E402
@@ -119,10 +119,9 @@ def record_all(out, samples: int, batch: int) -> dict[str, str]:
     return files
 
 
-def judge(files: dict[str, str]) -> list[Verdict]:
+def judge(files: dict[str, str], an: dict[str, RunAnalysis]) -> list[Verdict]:
     """Every claim, judged on the analysis of the run file that answers it."""
     runs = {name: dropspy.load(path) for name, path in files.items()}
-    an = {name: analyze_run(run) for name, run in runs.items()}
     f = {name: os.path.basename(str(path)) for name, path in files.items()}
     v = [
         axes_verdict("1", "Dropout before LSTM: no privileged axis (sample, step and "
@@ -162,14 +161,15 @@ def judge(files: dict[str, str]) -> list[Verdict]:
     return v
 
 
-def pictures(out, files: dict[str, str], details: bool = True) -> list:
+def pictures(out, files: dict[str, str], an: dict[str, RunAnalysis],
+             details: bool = True) -> list:
     """An overview PNG (feature down, time across) and, with ``details``, one PNG per site."""
-    from dropspy.plot import plot_site
+    from dropspy.plot import find_record, plot_site
 
     rows = []
     for name, path in files.items():
+        analysis = an[name]
         with dropspy.load(path) as run:
-            analysis = analyze_run(run)
             for role in ("output", "input", "recurrent"):
                 found = [s for s in sites_of(analysis, "dropout", role)
                          + sites_of(analysis, "spatial_dropout1d", role)
@@ -179,14 +179,15 @@ def pictures(out, files: dict[str, str], details: bool = True) -> list:
                 label = LABELS[name] + ("" if role == "output" else f"\n{role} mask")
                 if len(found) == 1:
                     site = run[found[0].site]
-                    panels = mask_panels(site.axes, site.mask(0))
+                    panels = mask_panels(site.axes, site.mask(find_record(site)))
                     if found[0].gates is not None and found[0].gates.verdict == "identical":
                         label += "\n(one for all gates)"
                 else:  # one sample, the gates side by side
                     label += "s, sample 0"
-                    panels = [(f"gate {run[s.site].gate}", *rest) for s in found
-                              for _, *rest in mask_panels(run[s.site].axes,
-                                                          run[s.site].mask(0), samples=1)]
+                    gates = [run[s.site] for s in found]
+                    panels = [(f"gate {g.gate}", *rest) for g in gates
+                              for _, *rest in mask_panels(g.axes, g.mask(find_record(g)),
+                                                          samples=1)]
                 rows.append((label, panels))
                 if details:
                     plot_site(run, found[0].site, out / f"{name}.{role}.png")
@@ -207,19 +208,24 @@ def main() -> int:
     args = parse_args(__doc__.splitlines()[0], "dropout_around_lstm")
     samples, batch = (64, 16) if args.small else (256, 32)
     version = _version()
+    device = "GPU" if tf.config.list_physical_devices("GPU") else "CPU"
     print(f"Dropout before or after an LSTM? Masks recorded by dropspy on Keras {version} "
-          f"(TensorFlow {tf.__version__}, {'GPU' if tf.config.list_physical_devices('GPU') else 'CPU'}).")
+          f"(TensorFlow {tf.__version__}, {device}).")
     print(f"Input (batch={batch}, steps={STEPS}, features={FEATURES}), LSTM({UNITS}), rate "
           f"{RATE}, {samples // batch} training steps per configuration.\n", flush=True)
     files = record_all(args.out, samples, batch)
-    verdicts = judge(files)
+    analyses = {}
+    for name, path in files.items():
+        with dropspy.load(path) as run:
+            analyses[name] = analyze_run(run)
+    verdicts = judge(files, analyses)
     print_table(verdicts)
     write_verdicts(args.out, verdicts, {"framework": "keras", "keras_version": version,
                                         "tensorflow_version": tf.__version__,
                                         "steps": STEPS, "features": FEATURES, "batch": batch,
                                         "training_steps": samples // batch})
     if not args.no_pictures:
-        pictures(args.out, files, details=not args.small)
+        pictures(args.out, files, analyses, details=not args.small)
     print(f"\nRun files, verdicts.json and pictures: {args.out}  "
           f"({time.perf_counter() - STARTED:.0f} s)")
     print(f"Look closer: dropspy inspect {args.out / 'spatial_dropout1d.h5'}")

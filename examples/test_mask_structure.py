@@ -59,7 +59,8 @@ def test_a_wrong_expectation_says_expected_and_observed(dropspy_record):
     with dropspy_record(model) as rec:
         _fit(keras, model)
     # "SpatialDropout1D drops entire time steps" is a claim the masks refute:
-    with pytest.raises(AssertionError, match=r"shared axes: expected \{feature\}, observed \{time\}"):
+    refuted = r"shared axes: expected \{feature\}, observed \{time\}"
+    with pytest.raises(AssertionError, match=refuted):
         assert_mask_structure(rec.path, "spatial_dropout1d", shared=["feature"])
 
 

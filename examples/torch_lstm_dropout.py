@@ -169,9 +169,9 @@ def applied_verdict(claim: str, text: str, run: str, analysis, layer: str, role:
         return Verdict(claim, text, run, (s.site,), HOLDS,
                        f"{s.site}: masks applied in {s.applied_records} of {s.records} calls, "
                        f"observed rate {rate.observed:.3f} (configured {rate.configured:g})")
-    why = next((f.message for f in s.findings if f.code == "never-applied"), None)
-    return Verdict(claim, text, run, (s.site,), FAILS,
-                   f"{s.site}: " + (why or f"no mask applied ({', '.join(codes) or 'no findings'})"))
+    why = next((f.message for f in s.findings if f.code == "never-applied"),
+               f"no mask applied ({', '.join(codes) or 'no findings'})")
+    return Verdict(claim, text, run, (s.site,), FAILS, f"{s.site}: {why}")
 
 
 def eval_verdict(claim: str, text: str, run: str, analysis, site) -> Verdict:
