@@ -450,3 +450,20 @@ def test_masks_are_exact_in_every_float_dtype(tmp_path, dtype, make):
     run = _record_once(nn.Sequential(layer), x, tmp_path / "run.h5")
     mask = torch.from_numpy(run["0"].mask(0))
     assert torch.equal(_dropout_expected(x, mask, 0.3), seen["out"])
+
+
+def test_grouped_query_sdpa_records_query_heads(tmp_path):
+    class GQA(nn.Module):
+        def forward(self, q, k):
+            p = 0.3 if self.training else 0.0
+            return F.scaled_dot_product_attention(q, k, k, dropout_p=p, enable_gqa=True)
+
+    model = GQA()
+    q, k = _with_zeros(2, 8, 5, 4), _with_zeros(2, 2, 6, 4, seed=1)
+    with dropspy.record(model, tmp_path / "run.h5"):
+        model(q, k)
+        model.eval()
+        model(q, k)
+    site = dropspy.load(tmp_path / "run.h5")["attention"]
+    assert [tuple(s) for s in site.shapes] == [(2, 8, 5, 6), (2, 8, 5, 6)]
+    assert site.applied.tolist() == [True, False]

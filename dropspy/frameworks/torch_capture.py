@@ -640,7 +640,10 @@ class Capture:
         a.update(kwargs)
         p = float(a.get("dropout_p", 0.0))
         q, k = a["query"], a["key"]
-        batch = tuple(torch.broadcast_shapes(q.shape[:-2], k.shape[:-2]))
+        try:
+            batch = tuple(torch.broadcast_shapes(q.shape[:-2], k.shape[:-2]))
+        except RuntimeError:  # grouped-query attention: fewer key heads than query heads
+            batch = tuple(q.shape[:-2])
         shape = batch + (q.shape[-2], k.shape[-2])
         if p == 0.0:
             key = SiteKey(frame.path, "attention", self._attention_where(frame))
