@@ -18,34 +18,18 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import numpy as np
-
 from dropspy.errors import RecordingError, UnsupportedModelError
+from dropspy.frameworks._keras_common import OUTPUT_KEY, DrawMeta, decode_step
 from dropspy.frameworks.keras_draws import DrawRouter, _static_bool
-from dropspy.store import Record
 
 __all__ = ["KerasAdapter"]
 
-# Key of the extra train-step output; removed before Keras' callbacks see the logs.
-_OUTPUT_KEY = "_dropspy_masks"
 _trace_ids = itertools.count(1)
 
 
 @dataclass
-class _DrawMeta:
-    """What the host needs to turn one exported draw back into a Record."""
-
-    site: str
-    noise_rank: int
-    rank: int
-    training: bool
-    applied: bool
-    expand_time: bool
-
-
-@dataclass
 class _TraceMeta:
-    draws: list[_DrawMeta]
+    draws: list[DrawMeta]
     eager: bool
     lost: dict[str, int]
 
@@ -309,7 +293,7 @@ class KerasAdapter(DrawRouter):
             )
             return logs
         logs = dict(logs)
-        logs[_OUTPUT_KEY] = self._payload(trace)
+        logs[OUTPUT_KEY] = self._payload(trace)
         return logs
 
     def _payload(self, trace: Any) -> dict[str, Any]:
@@ -319,7 +303,7 @@ class KerasAdapter(DrawRouter):
         tid = next(_trace_ids)
         metas, keeps, dims = [], [], []
         for d in trace.draws:
-            metas.append(_DrawMeta(site=d.spec.name, noise_rank=int(d.noise_shape.shape[0]),
+            metas.append(DrawMeta(site=d.spec.name, noise_rank=int(d.noise_shape.shape[0]),
                                    rank=int(d.applied_shape.shape[0]),
                                    training=d.training, applied=d.applied,
                                    expand_time=d.expand_time))
@@ -394,9 +378,9 @@ class KerasAdapter(DrawRouter):
     def _host_wrapper(self, inner: Callable[[Any], Any]) -> Any:
         def train_function(iterator: Any) -> Any:
             logs = inner(iterator)
-            if isinstance(logs, dict) and _OUTPUT_KEY in logs:
+            if isinstance(logs, dict) and OUTPUT_KEY in logs:
                 logs = dict(logs)
-                payload = logs.pop(_OUTPUT_KEY)
+                payload = logs.pop(OUTPUT_KEY)
                 step = self._step
                 self._step += 1
                 self._on_step(step, payload)
@@ -420,27 +404,7 @@ class KerasAdapter(DrawRouter):
         if not self.session.want_step(step):
             self.session.count_dropped("sampling", len(meta.draws))
             return
-        bits = np.asarray(payload["bits"])
-        dims = np.asarray(payload["dims"]).tolist()
-        records: list[Record] = []
-        calls: dict[str, int] = {}
-        off = boff = 0
-        for m in meta.draws:
-            ns = tuple(dims[off:off + m.noise_rank])
-            off += m.noise_rank
-            shape = tuple(dims[off:off + m.rank])
-            off += m.rank
-            noise = None
-            if m.applied:
-                n = int(np.prod(ns))
-                noise = bits[boff:boff + n].reshape(ns)
-                boff += n
-                if m.expand_time:
-                    noise = noise[:, None]
-            call = calls.get(m.site, 0)
-            calls[m.site] = call + 1
-            records.append(Record(site=m.site, step=step, call=call, training=m.training,
-                                  shape=shape, noise=noise))
+        records = decode_step(step, meta.draws, payload["bits"], payload["dims"])
         self.session.submit(step, records)
 
 

@@ -11,12 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import numpy as np
 from keras import layers as klayers
 from keras.src.layers.rnn.conv_lstm import ConvLSTMCell
 from keras.src.layers.rnn.dropout_rnn_cell import DropoutRNNCell
 from keras.src.layers.rnn.stacked_rnn_cells import StackedRNNCells
 
+from dropspy.frameworks._keras_common import axes_for, float32_scale
 from dropspy.store import SiteInfo
 
 __all__ = ["SiteSpec", "CellSites", "SiteMap", "axes_for", "find_sites"]
@@ -34,47 +34,6 @@ _NOISE_LAYERS = {
         "does not record AlphaDropout yet"
     ),
 }
-
-
-def _spatial_names(n: int) -> tuple[str, ...]:
-    return {1: ("width",), 2: ("height", "width"), 3: ("depth", "height", "width")}.get(
-        n, tuple(f"spatial{k}" for k in range(n))
-    )
-
-
-def axes_for(rank: int, data_format: str | None = None, *,
-             sequence: bool = True) -> tuple[str, ...]:
-    """Names for the axes of a tensor of ``rank`` in Keras' layout.
-
-    Args:
-        rank: Number of dimensions, batch included.
-        data_format: ``"channels_last"`` (Keras' default), ``"channels_first"``, or None for a
-            layer without one (treated as channels-last).
-        sequence: Whether a rank-3 tensor is ``(batch, time, feature)`` (True) or an image-like
-            ``(batch, width, channel)``.
-
-    Returns:
-        A tuple of axis names, e.g. ``("batch", "time", "feature")``.
-    """
-    if rank <= 0:
-        return ()
-    if rank == 1:
-        return ("batch",)
-    if rank == 2:
-        return ("batch", "feature")
-    if rank == 3 and sequence:
-        return ("batch", "time", "feature")
-    spatial = _spatial_names(rank - 2)
-    if data_format == "channels_first":
-        return ("batch", "channel", *spatial)
-    return ("batch", *spatial, "channel")
-
-
-def _float32_scale(rate: float | None) -> float | None:
-    """The float32 multiplier TF applies to kept elements (``1 / (1 - rate)`` rounded)."""
-    if rate is None or not 0.0 < rate < 1.0:
-        return None
-    return float(np.float32(1.0 / (1.0 - rate)))
 
 
 @dataclass
@@ -125,7 +84,7 @@ class SiteSpec:
             rate=None if self.rate is None else float(self.rate),
             gate=self.gate,
             noise_shape=noise,
-            scale=_float32_scale(self.rate),
+            scale=float32_scale(self.rate),
             opaque=self.opaque,
             extra=dict(self.extra),
         )
