@@ -588,7 +588,9 @@ def test_an_internal_error_never_breaks_or_repeats_the_users_call(tmp_path, monk
     with dropspy.record(probe, tmp_path / "run.h5"):
         recorded = probe(x)
     assert torch.equal(plain, recorded)  # ran exactly once, with the same draw
-    assert any("internal error" in note for note in dropspy.load(tmp_path / "run.h5").notes)
+    run = dropspy.load(tmp_path / "run.h5")
+    assert any("internal error" in note for note in run.notes)
+    assert run.records_dropped["capture_error"] == 1
 
 
 def test_the_frameworks_own_errors_propagate_unchanged(tmp_path):

@@ -138,7 +138,8 @@ class TorchAdapter:
         for name, module in model.named_modules():
             paths[id(module)] = name
         registry = SiteRegistry(self.session.declare_site, paths.values(), _layout3(model))
-        self._capture = capture = Capture(registry, self.session.note, self.cudnn_rnn)
+        self._capture = capture = Capture(registry, self.session.note, self.cudnn_rnn,
+                                          self.session.count_dropped)
         try:
             for name, module in model.named_modules():
                 if module is not model and not _may_draw(module):

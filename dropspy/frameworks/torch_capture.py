@@ -266,15 +266,19 @@ class Capture:
     Args:
         sites: Names and declares sites.
         note: ``Session.note``.
+        count_dropped: ``Session.count_dropped``: calls dropspy failed to record are counted
+            (cause ``capture_error``), never silently lost.
         cudnn_rnn: ``"opaque"`` (default: cuDNN RNN dropout reported as opaque, training
             untouched) or ``"exact"`` (run those RNN calls without cuDNN so the masks can be
             recorded; this changes the random stream and is announced as a perturbation).
     """
 
     def __init__(self, sites: SiteRegistry, note: Callable[[str], None],
-                 cudnn_rnn: str = "opaque") -> None:
+                 cudnn_rnn: str = "opaque",
+                 count_dropped: Callable[[str, int], None] | None = None) -> None:
         self.sites = sites
         self.note = note
+        self.count_dropped = count_dropped or (lambda cause, n: None)
         self.cudnn_rnn = cudnn_rnn
         self.stack: list[Frame] = []
         self.capturing = True
@@ -364,8 +368,10 @@ class Capture:
                 if called and out is _UNSET:
                     raise  # the framework's own error: not ours to hide
                 name = getattr(func, "__name__", str(func))
+                self.count_dropped("capture_error", 1)
                 self.note_once(f"error:{name}", f"internal error while recording {name} "
-                               f"({type(exc).__name__}: {exc}); that call was not recorded")
+                               f"({type(exc).__name__}: {exc}); such calls are not recorded "
+                               f"(counted as dropped: capture_error)")
                 return out if called else func(*args, **kwargs)
         return run
 
@@ -410,7 +416,7 @@ class Capture:
                 out = self._call(func, args, kwargs)
             self._log(g.draws)
             if len(g.draws) != 1:
-                self._unexpected(key, f"{len(g.draws)} masks drawn, expected 1")
+                self._unexpected(key, f"{len(g.draws)} masks drawn, expected 1", g)
                 return out
             noise = g.draws[0].mask
         else:
@@ -445,9 +451,12 @@ class Capture:
         self.add(key, frame.module.training, tuple(x.shape), noise)
         return out
 
-    def _unexpected(self, key: SiteKey, what: str) -> None:
+    def _unexpected(self, key: SiteKey, what: str, grabber: Grabber | None = None) -> None:
+        if grabber is not None and grabber.error:
+            what += f" (copying the mask failed: {grabber.error})"
+        self.count_dropped("capture_error", 1)
         self.note_once(f"unexpected:{key}", f"site {key.path or '<root>'} ({key.kind}): {what}; "
-                       "this call is not recorded")
+                       "this call is not recorded (counted as dropped: capture_error)")
 
     # -- hand-made masks -----------------------------------------------------------------------
 
@@ -599,7 +608,7 @@ class Capture:
                     out = self._call(func, args, kwargs)
             self._log(g.draws)
             if len(g.draws) != len(keys):
-                self._unexpected(keys[0], f"{len(g.draws)} masks drawn for {len(keys)} gaps")
+                self._unexpected(keys[0], f"{len(g.draws)} masks drawn for {len(keys)} gaps", g)
                 return out
             for key, d in zip(keys, g.draws):
                 self.add(key, module.training, tuple(d.mask.shape), d.mask)
@@ -675,7 +684,7 @@ class Capture:
             self._opaque_attention(key, module, p, g.other_random)
             return out
         if len(g.draws) != 1:
-            self._unexpected(key, f"{len(g.draws)} masks drawn, expected 1")
+            self._unexpected(key, f"{len(g.draws)} masks drawn, expected 1", g)
             return out
         mask = g.draws[0].mask
         if mask.dim() == 3 and heads and mask.shape[0] % heads == 0:
