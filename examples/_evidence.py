@@ -10,6 +10,7 @@ pictures) matplotlib are used, so the same code serves the Keras and the PyTorch
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 from collections.abc import Iterable, Sequence
@@ -67,6 +68,9 @@ def parse_args(description: str, name: str) -> argparse.Namespace:
     parser.add_argument("--no-pictures", action="store_true", help="skip the PNG pictures")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    if not args.no_pictures and importlib.util.find_spec("matplotlib") is None:
+        print("(no pictures: matplotlib is not installed; pip install 'dropspy[plot]')")
+        args.no_pictures = True
     return args
 
 
