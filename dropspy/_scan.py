@@ -66,19 +66,23 @@ def _constant_along(noise: np.ndarray, k: int) -> bool:
 
 @dataclass
 class _PairLog:
-    """Pairs of records compared for identity (freshness, calls within a step, gates)."""
+    """Pairs of records compared for identity (freshness, calls within a step, gates).
 
-    # Record index of the later mask of each pair; compact arrays, as a long run has one
-    # pair per record.
-    compared: array = field(default_factory=lambda: array("q"))
-    identical: array = field(default_factory=lambda: array("q"))
+    A long run has about one pair per record, so pairs are counted, with the noise shapes
+    seen (for the chance of a coincidence), not listed.
+    """
+
+    pairs: int = 0
+    shapes: set[tuple[int, ...]] = field(default_factory=set)
+    identical: array = field(default_factory=lambda: array("q"))   # later record of each repeat
     first_pair: tuple[int, int] | None = None            # first proven repeat (earlier, later)
     deferred: list[tuple[int, int]] = field(default_factory=list)  # verify by re-reading
 
     def note(self, earlier: int, later: int, fp_a: Any, fp_b: Any,
              a: tuple[np.ndarray, int] | None, b: tuple[np.ndarray, int] | None) -> None:
         """Record a compared pair; ``a``/``b`` are (batch, row) when held in memory."""
-        self.compared.append(later)
+        self.pairs += 1
+        self.shapes.add(fp_b[0])
         if fp_a != fp_b:
             return
         if a is not None and b is not None:
@@ -105,8 +109,9 @@ class SiteScan:
 
     Attributes:
         rank: Number of axes.
-        used: Indices of the records the structure statistics come from (training records
-            that applied a mask; every applied record when the site has no training ones).
+        used: Number of records the structure statistics come from (training records that
+            applied a mask; every applied record when the site has no training ones).
+        groups: (applied shape, noise shape) -> number of used records with them.
         varies_at: Per axis, the first used record whose noise varies along it, or -1.
         kept: Kept noise elements over used records.
         elements: Noise elements over used records.
@@ -119,8 +124,9 @@ class SiteScan:
     """
 
     rank: int
-    used: np.ndarray
+    used: int
     varies_at: list[int]
+    groups: dict[tuple[tuple[int, ...], tuple[int, ...]], int] = field(default_factory=dict)
     kept: int = 0
     elements: int = 0
     inference_dropping: list[int] = field(default_factory=list)
@@ -153,7 +159,8 @@ def scan_site(site: Any, *, want_digests: bool = False, max_bytes: int = 16 << 2
     steps = np.asarray(site.steps)[:n]
     calls = np.asarray(site.calls)[:n]
     use_mask = applied & training if (applied & training).any() else applied
-    scan = SiteScan(rank=rank, used=np.flatnonzero(use_mask), varies_at=[-1] * rank)
+    applied_shapes = np.asarray(site.shapes, dtype=np.int64).reshape(n, rank)
+    scan = SiteScan(rank=rank, used=int(use_mask.sum()), varies_at=[-1] * rank)
     if want_digests:
         scan.digests = np.zeros(n, dtype=np.int64)
     if n == 0 or not applied.any():
@@ -185,6 +192,7 @@ def scan_site(site: Any, *, want_digests: bool = False, max_bytes: int = 16 << 2
             continue
         scan.kept += int(kept.sum())
         scan.elements += size * k
+        _count_shapes(scan.groups, applied_shapes[idx], shape)
         for ax in list(undecided):
             if shape[ax] > 1:
                 const = _constant_along_batch(batch, ax)
@@ -220,6 +228,17 @@ def scan_site(site: Any, *, want_digests: bool = False, max_bytes: int = 16 << 2
         if progress is not None:
             progress(nb * len(use))
     return scan
+
+
+def _count_shapes(groups: dict, applied: np.ndarray, noise_shape: tuple[int, ...]) -> None:
+    """Add a batch's (applied shape, noise shape) pairs to ``groups`` (usually one pair)."""
+    if (applied == applied[0]).all():
+        rows, counts = applied[:1], [len(applied)]
+    else:
+        rows, counts = np.unique(applied, axis=0, return_counts=True)
+    for row, c in zip(rows.tolist(), np.asarray(counts).tolist()):
+        key = (tuple(row), noise_shape)
+        groups[key] = groups.get(key, 0) + c
 
 
 # Records at least this big are handled one at a time (as views, never copied into a batch).

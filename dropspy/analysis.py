@@ -439,36 +439,38 @@ def _conclude(site: Any, scan: SiteScan, threshold: float, confidence: float,
     training = np.asarray(site.training, dtype=bool)[:n]
     applied = np.asarray(site.applied, dtype=bool)[:n]
     steps_arr = np.asarray(site.steps)[:n]
-    shapes = np.asarray(site.shapes, dtype=np.int64).reshape(n, rank)
-    nshapes = np.asarray(site.noise_shapes, dtype=np.int64).reshape(n, rank)
-    used = scan.used
     extra = dict(getattr(site, "extra", {}) or {})
     findings: list[Finding] = []
 
+    # Shapes of the used records, grouped: (applied shape, noise shape, records), so that
+    # nothing here costs memory per record.
+    groups = list(scan.groups.items())
+    shapes = np.array([g[0][0] for g in groups], dtype=np.int64).reshape(len(groups), rank)
+    nshapes = np.array([g[0][1] for g in groups], dtype=np.int64).reshape(len(groups), rank)
+    counts = np.array([g[1] for g in groups], dtype=np.int64)
     constant = np.array([v < 0 for v in scan.varies_at], dtype=bool)
-    eff = np.where(constant[None, :], 1, nshapes[used]) if rank else np.ones((len(used), 0))
-    eff_elements = int(np.prod(eff, axis=1).sum()) if len(used) else 0
+
+    def independent_elements(noise_shapes: np.ndarray) -> np.ndarray:
+        """Independently drawn elements per noise shape: axes seen constant count once."""
+        return np.prod(np.where(constant[None, :], 1, noise_shapes), axis=1)
+
+    eff = np.where(constant[None, :], 1, nshapes)
+    eff_elements = int((independent_elements(nshapes) * counts).sum()) if len(groups) else 0
     rate = _rate(site.rate, scan, eff_elements, confidence)
     low = rate.low if rate.low is not None else 0.0
     high = rate.high if rate.high is not None else 1.0
 
-    used_shapes, used_nshapes = shapes[used], nshapes[used]
     verdicts = tuple(
-        _axis_verdict(k, axes[k], scan, used_shapes, used_nshapes, eff, low, high,
+        _axis_verdict(k, axes[k], scan, shapes, nshapes, counts, eff, low, high,
                       threshold, extra, steps_arr)
         for k in range(rank)
     )
-    del used_shapes, used_nshapes
-    pattern = _pattern(verdicts) if len(used) else "unobserved"
+    pattern = _pattern(verdicts) if scan.used else "unobserved"
 
     log_w = math.log10(worst_keep_probability(low, high))
-    # Independently drawn elements per record (axes seen constant count once), for the chance
-    # that two fresh draws coincide.
-    eff_all = (np.prod(np.where(constant[None, :], 1, nshapes), axis=1) if rank
-               else np.ones(n, dtype=np.int64))
-    freshness = _pair_check(scan.fresh, eff_all, log_w, threshold,
+    freshness = _pair_check(scan.fresh, independent_elements, log_w, threshold,
                             ("fresh", "stale"), "each record vs the same call at the previous step")
-    over_time = _over_time(verdicts, scan, eff_all, log_w, threshold)
+    over_time = _over_time(verdicts, scan, independent_elements, log_w, threshold)
 
     # -- findings ----------------------------------------------------------------------
     opaque = getattr(site, "opaque", None)
@@ -557,11 +559,12 @@ def _rate(configured: float | None, scan: SiteScan, eff_elements: int,
 
 
 def _axis_verdict(k: int, name: str, scan: SiteScan, shapes: np.ndarray, nshapes: np.ndarray,
-                  eff: np.ndarray, low: float, high: float, threshold: float,
+                  counts: np.ndarray, eff: np.ndarray, low: float, high: float, threshold: float,
                   extra: Mapping[str, Any], steps: np.ndarray) -> AxisVerdict:
-    size = int(shapes[:, k].max()) if len(shapes) else 0
+    """Verdict on one axis from shape groups (applied shape, noise shape, records)."""
     if len(shapes) == 0:
         return AxisVerdict(name, "inconclusive", False, 0, None, "no masks recorded")
+    size = int(shapes[:, k].max())
     if scan.varies_at[k] >= 0:
         at = scan.varies_at[k]
         return AxisVerdict(name, "independent", False, size, None,
@@ -579,8 +582,8 @@ def _axis_verdict(k: int, name: str, scan: SiteScan, shapes: np.ndarray, nshapes
                            "the framework applies one drawn mask at every timestep")
     lengths = nshapes[observed, k]
     others = np.delete(eff[observed], k, axis=1)
-    counts = np.prod(others, axis=1) if others.shape[1] else np.ones(len(lengths))
-    log10_chance = log10_constant_fibers(lengths, counts, low, high)
+    fibers = np.prod(others, axis=1) if others.shape[1] else np.ones(len(lengths), dtype=np.int64)
+    log10_chance = log10_constant_fibers(lengths, fibers * counts[observed], low, high)
     if log10_chance < math.log10(threshold):
         return AxisVerdict(name, "shared", False, size, log10_chance,
                            f"observed constant along {name} in every record "
@@ -609,14 +612,15 @@ def _pattern(verdicts: Sequence[AxisVerdict]) -> str:
     return "shared:" + ",".join(v.name for v in informative if v.verdict == "shared")
 
 
-def _pair_check(log: Any, eff: np.ndarray, log_w: float, threshold: float,
-                words: tuple[str, str], source: str) -> PairCheck | None:
+def _pair_check(log: Any, independent_elements: Callable[[np.ndarray], np.ndarray],
+                log_w: float, threshold: float, words: tuple[str, str],
+                source: str) -> PairCheck | None:
     """Verdict from pairs compared for identity; ``words`` = (all different, all repeated)."""
-    pairs = len(log.compared)
+    pairs = log.pairs
     if pairs == 0:
         return None
     repeats = len(log.identical)
-    smallest = int(eff[np.frombuffer(log.compared, dtype=np.int64)].min())
+    smallest = int(independent_elements(np.array(sorted(log.shapes), dtype=np.int64)).min())
     log_pair = smallest * log_w
     tail = log10_repeat_tail(pairs, repeats, log_pair)
     if repeats == 0:
@@ -626,13 +630,14 @@ def _pair_check(log: Any, eff: np.ndarray, log_w: float, threshold: float,
     return PairCheck("inconclusive", pairs, repeats, tail, source)
 
 
-def _over_time(verdicts: Sequence[AxisVerdict], scan: SiteScan, eff: np.ndarray,
+def _over_time(verdicts: Sequence[AxisVerdict], scan: SiteScan,
+               independent_elements: Callable[[np.ndarray], np.ndarray],
                log_w: float, threshold: float) -> PairCheck | None:
     for v in verdicts:
         if v.name == "time" and v.size > 1:
             word = {"shared": "constant", "independent": "resampled"}.get(v.verdict, "inconclusive")
             return PairCheck(word, 0, 0, v.log10_chance, f"time axis: {v.reason}")
-    check = _pair_check(scan.calls, eff, log_w, threshold, ("resampled", "constant"),
+    check = _pair_check(scan.calls, independent_elements, log_w, threshold, ("resampled", "constant"),
                         "calls within a step vs call 0")
     if check is not None and 0 < check.identical < check.pairs:
         # One call that differs from call 0 proves the mask is redrawn within the step.
