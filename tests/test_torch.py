@@ -578,7 +578,7 @@ def test_an_internal_error_never_breaks_or_repeats_the_users_call(tmp_path, monk
     def broken():
         raise RuntimeError("dropspy bug")
 
-    monkeypatch.setattr(capture_module, "_caller", broken)
+    monkeypatch.setattr(capture_module, "caller", broken)
     probe = nn.Sequential(nn.Linear(4, 4))
     probe.forward = lambda x: F.dropout(x, 0.5, True)  # a functional call: needs _caller
     x = torch.randn(3, 4)

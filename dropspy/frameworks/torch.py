@@ -207,14 +207,14 @@ class TorchAdapter:
             if cap.bypassed:
                 if not module.training and cap.capturing:
                     if isinstance(module, torch.nn.MultiheadAttention):
-                        cap.mha_while_bypassed(frame, args)
+                        cap.composites.mha_while_bypassed(frame, args)
                     else:
                         cap.module_while_bypassed(frame, args)
             elif fast_path and not module.training and self._step_aside():
                 frame.bypass = True
                 cap.bypassed += 1
                 if cap.capturing and isinstance(module, torch.nn.MultiheadAttention):
-                    cap.mha_while_bypassed(frame, args)
+                    cap.composites.mha_while_bypassed(frame, args)
         return hook
 
     def _post_hook(self, path: str) -> Callable:

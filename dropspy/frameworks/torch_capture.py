@@ -19,9 +19,6 @@ Why this shape:
 
 from __future__ import annotations
 
-import inspect
-import os
-import sys
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -29,8 +26,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from dropspy.frameworks.torch_composite import RNN_FUNCS, CompositeHandlers
+from dropspy.frameworks.torch_grab import Draw, Grabber, caller
 from dropspy.frameworks.torch_pack import pack_early
 from dropspy.frameworks.torch_sites import (
     ALPHA,
@@ -42,11 +40,14 @@ from dropspy.frameworks.torch_sites import (
     dropout_scale,
 )
 
-_aten = torch.ops.aten
 _VF = torch._C._VariableFunctions
-_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
-_DROPSPY_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
-_SEEDED = torch.Tag.nondeterministic_seeded
+
+
+# Past this many bytes of bool masks held in one step, the held masks are bit-packed at once
+# (8x smaller) instead of at the step's end: a long step (big attention masks, gradient
+# accumulation) must not double the activation memory dropout already keeps.
+PACK_EARLY_BYTES = 256 << 20
+_UNSET = object()
 
 
 class Entry:
@@ -86,106 +87,6 @@ class Frame:
         self.drew = False  # drew a mask during this call
         self.bypass = False  # the function mode stepped aside for this call (eval fast path)
         self.pushed = False  # this top-level call put the function mode on the stack
-
-
-class Draw:
-    """A mask ATen drew while a :class:`Grabber` was active."""
-
-    __slots__ = ("op", "mask", "p", "dtype")
-
-    def __init__(self, op: str, mask: torch.Tensor, p: Any, dtype: torch.dtype) -> None:
-        self.op = op
-        self.mask = mask
-        self.p = p
-        self.dtype = dtype
-
-
-def _watch_table() -> dict[Any, str]:
-    table = {}
-    for packet, what in ((_aten.bernoulli_, "bernoulli_"), (_aten.bernoulli, "bernoulli"),
-                         (_aten.native_dropout, "native_dropout")):
-        for name in packet.overloads():
-            table[getattr(packet, name)] = what
-    return table
-
-
-_WATCH = _watch_table()
-# Past this many bytes of bool masks held in one step, the held masks are bit-packed at once
-# (8x smaller) instead of at the step's end: a long step (big attention masks, gradient
-# accumulation) must not double the activation memory dropout already keeps.
-PACK_EARLY_BYTES = 256 << 20
-_UNSET = object()
-_SEEDED_CACHE: dict[Any, bool] = {}
-
-
-class Grabber(TorchDispatchMode):
-    """Copies every keep-mask ATen draws while active; lists other seeded (random) ops."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.draws: list[Draw] = []
-        self.other_random: list[str] = []
-        self.error: str | None = None
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
-        out = func(*args, **kwargs) if kwargs else func(*args)
-        what = _WATCH.get(func)
-        if what is None:
-            seeded = _SEEDED_CACHE.get(func)
-            if seeded is None:
-                seeded = _SEEDED_CACHE[func] = _SEEDED in func.tags
-            if seeded:
-                self.other_random.append(str(func.overloadpacket))
-            return out
-        try:
-            self._grab(what, func, args, kwargs or {}, out)
-        except Exception as exc:  # noqa: BLE001 - a copy that fails must not fail the op
-            self.error = f"{type(exc).__name__}: {exc}"
-        return out
-
-    def _grab(self, what: str, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
-        if what == "native_dropout":
-            train = args[2] if len(args) > 2 else kwargs.get("train")
-            if train is not False:
-                self.draws.append(Draw("native_dropout", out[1].clone(), args[1], args[0].dtype))
-        elif func is _aten.bernoulli.default:
-            self.draws.append(Draw("bernoulli", out != 0, args[0], out.dtype))  # p: a tensor
-        else:
-            # Copied now: ATen scales this very tensor in place right after. The dispatcher
-            # drops arguments equal to their default, so bernoulli_(0.5) arrives without p.
-            p = args[1] if len(args) > 1 else kwargs.get("p", 0.5)
-            self.draws.append(Draw(what, out != 0, p, out.dtype))
-
-
-_CALLERS: dict[tuple[Any, int], str] = {}
-
-
-def _caller() -> str:
-    """``"file.py:line:col"`` of the user's call (innermost frame outside torch and dropspy).
-
-    The column tells apart two calls on one line (``F.dropout(F.dropout(x))``).
-    """
-    f = sys._getframe(2)
-    while f is not None:
-        code = f.f_code
-        name = code.co_filename
-        if not name.startswith(_TORCH_DIR) and not name.startswith(_DROPSPY_DIR):
-            key = (code, f.f_lasti)
-            where = _CALLERS.get(key)
-            if where is None:
-                col = None
-                if hasattr(code, "co_positions"):
-                    positions = list(code.co_positions())
-                    index = f.f_lasti // 2
-                    if index < len(positions):
-                        col = positions[index][2]
-                where = f"{os.path.basename(name)}:{f.f_lineno}"
-                if col is not None:
-                    where += f":{col}"
-                _CALLERS[key] = where
-            return where
-        f = f.f_back
-    return "?"
 
 
 def _looks_like_dropout(module: torch.nn.Module) -> bool:
@@ -234,7 +135,6 @@ def _dropout_specs() -> dict[Callable, _DropoutSpec]:
 
 _DROPOUT_SPECS = _dropout_specs()
 _BERNOULLI = {_VF.bernoulli, torch.Tensor.bernoulli, torch.Tensor.bernoulli_}
-_RNN_FUNCS = {_VF.lstm: "LSTM", _VF.gru: "GRU", _VF.rnn_tanh: "RNN", _VF.rnn_relu: "RNN"}
 _RANDOM = {
     _VF.rand, _VF.rand_like, _VF.randn, _VF.randn_like, _VF.randint, _VF.randint_like,
     _VF.normal, _VF.multinomial, _VF.poisson, _VF.randperm,
@@ -256,8 +156,6 @@ _MODULE_KINDS = {
 FAST_PATH_MODULES = (torch.nn.MultiheadAttention, torch.nn.TransformerEncoderLayer,
                      torch.nn.TransformerEncoder)
 _EXPAND = {torch.Tensor.expand, torch.Tensor.expand_as, _VF.broadcast_to, torch.Tensor.broadcast_to}
-_MHA_SIG = inspect.signature(F.multi_head_attention_forward)
-_SDPA_NAMES = ("query", "key", "value", "attn_mask", "dropout_p")
 
 
 class Capture:
@@ -301,17 +199,18 @@ class Capture:
         self.handlers[_VF.native_dropout] = self._on_native_dropout
         for fn in _BERNOULLI:
             self.handlers[fn] = self._on_bernoulli
-        for fn in _RNN_FUNCS:
-            self.handlers[fn] = self._on_rnn
-        self.handlers[F.multi_head_attention_forward] = self._on_mha
-        self.handlers[F.scaled_dot_product_attention] = self._on_sdpa
+        self.composites = composites = CompositeHandlers(self)
+        for fn in RNN_FUNCS:
+            self.handlers[fn] = composites.on_rnn
+        self.handlers[F.multi_head_attention_forward] = composites.on_mha
+        self.handlers[F.scaled_dot_product_attention] = composites.on_sdpa
         for fn in _RANDOM:
             self.handlers[fn] = self._on_random
         self.handlers = {fn: self.safe(h) for fn, h in self.handlers.items()}
 
     # -- helpers -----------------------------------------------------------------------------
 
-    def _frame(self) -> Frame | None:
+    def frame(self) -> Frame | None:
         """The innermost running module of the recorded model, if recording applies now."""
         if not self.capturing or not self.stack:
             return None
@@ -345,7 +244,7 @@ class Capture:
         self.bool_bytes = 0
         self._unpacked.clear()
 
-    def _call(self, func: Callable, args: tuple, kwargs: dict) -> Any:
+    def call(self, func: Callable, args: tuple, kwargs: dict) -> Any:
         """Run the framework's own call; marks that it ran and keeps its output."""
         self._called = True
         out = func(*args, **kwargs)
@@ -375,7 +274,7 @@ class Capture:
                 return out if called else func(*args, **kwargs)
         return run
 
-    def _log(self, draws: list[Draw]) -> None:
+    def log(self, draws: list[Draw]) -> None:
         if self.draw_log is not None:
             self.draw_log.extend(draws)
 
@@ -383,9 +282,9 @@ class Capture:
 
     def _dropout_handler(self, spec: _DropoutSpec) -> Callable:
         def handler(func: Callable, args: tuple, kwargs: dict) -> Any:
-            frame = self._frame()
+            frame = self.frame()
             if frame is None:
-                return self._call(func, args, kwargs)
+                return self.call(func, args, kwargs)
             return self._on_dropout(spec, frame, func, args, kwargs)
         return handler
 
@@ -397,7 +296,7 @@ class Capture:
             shape = (1,) + shape  # F.dropout1d/3d unsqueeze unbatched input; ATen sees this
         module = frame.module
         own = isinstance(module, torch.nn.modules.dropout._DropoutNd)
-        key = SiteKey(frame.path, spec.kind, None if own else _caller())
+        key = SiteKey(frame.path, spec.kind, None if own else caller())
         self.sites.learn(key, lambda: self._dropout_facts(spec.kind, module, p, own))
         facts = self.sites.facts(key)
         if facts.rate != p:
@@ -408,20 +307,20 @@ class Capture:
         if isinstance(x, torch.nn.Parameter):
             _mark_parameter(self.sites.facts(key), x.dim())
         if not train:
-            out = self._call(func, args, kwargs)
+            out = self.call(func, args, kwargs)
             self.add(key, module.training, shape, None)
             return out
         if 0.0 < p < 1.0 and x.numel() > 0:
             with Grabber() as g:
-                out = self._call(func, args, kwargs)
-            self._log(g.draws)
+                out = self.call(func, args, kwargs)
+            self.log(g.draws)
             if len(g.draws) != 1:
-                self._unexpected(key, f"{len(g.draws)} masks drawn, expected 1", g)
+                self.unexpected(key, f"{len(g.draws)} masks drawn, expected 1", g)
                 return out
             noise = g.draws[0].mask
         else:
             # p == 0 keeps everything and p == 1 drops everything without any draw.
-            out = self._call(func, args, kwargs)
+            out = self.call(func, args, kwargs)
             nshape = shape if spec.kind not in FEATURE else shape[:2] + (1,) * (len(shape) - 2)
             noise = torch.full(nshape, p < 1.0, dtype=torch.bool, device=x.device)
         if noise.dim() < len(shape):
@@ -438,20 +337,20 @@ class Capture:
                          scale=dropout_scale(kind, p), extra=extra)
 
     def _on_native_dropout(self, func: Callable, args: tuple, kwargs: dict) -> Any:
-        frame = self._frame()
-        out = self._call(func, args, kwargs)
+        frame = self.frame()
+        out = self.call(func, args, kwargs)
         if frame is None:
             return out
         x = args[0] if args else kwargs["input"]
         p = float(args[1] if len(args) > 1 else kwargs["p"])
         train = args[2] if len(args) > 2 else kwargs.get("train")
-        key = SiteKey(frame.path, "native_dropout", _caller())
+        key = SiteKey(frame.path, "native_dropout", caller())
         self.sites.learn(key, lambda: self._dropout_facts("dropout", frame.module, p, False))
         noise = out[1].clone() if train is not False else None
         self.add(key, frame.module.training, tuple(x.shape), noise)
         return out
 
-    def _unexpected(self, key: SiteKey, what: str, grabber: Grabber | None = None) -> None:
+    def unexpected(self, key: SiteKey, what: str, grabber: Grabber | None = None) -> None:
         if grabber is not None and grabber.error:
             what += f" (copying the mask failed: {grabber.error})"
         self.count_dropped("capture_error", 1)
@@ -461,8 +360,8 @@ class Capture:
     # -- hand-made masks -----------------------------------------------------------------------
 
     def _on_bernoulli(self, func: Callable, args: tuple, kwargs: dict) -> Any:
-        frame = self._frame()
-        out = self._call(func, args, kwargs)
+        frame = self.frame()
+        out = self.call(func, args, kwargs)
         if frame is None:
             return out
         mask = out != 0
@@ -471,13 +370,13 @@ class Capture:
         else:
             p = args[1] if len(args) > 1 else kwargs.get("p", args[0] if args else kwargs["input"])
         module = frame.module
-        key = SiteKey(frame.path, "bernoulli", _caller())
+        key = SiteKey(frame.path, "bernoulli", caller())
         self.sites.learn(key, lambda: SiteFacts(
             layer_class=type(module).__name__, role="custom", rate=_rate_of(p),
             own=_looks_like_dropout(module),
             extra={"mask_source": "bernoulli draw, 1 = kept; applied shape from the first "
                    "multiplication by the mask"}))
-        self._log([Draw(func.__name__, mask, p, out.dtype)])
+        self.log([Draw(func.__name__, mask, p, out.dtype)])
         frame.drew = True
         entry = self.add(key, module.training, tuple(mask.shape), mask)
         self.taint[id(out)] = (weakref.ref(out), entry)
@@ -542,176 +441,14 @@ class Capture:
         self.sites.learn(key, lambda: self._dropout_facts(kind, module, float(module.p), True))
         self.add(key, module.training, shape, None)
 
-    def mha_while_bypassed(self, frame: Frame, args: tuple) -> None:
-        """Record an eval call of ``nn.MultiheadAttention`` taking its fast path."""
-        mha = frame.module
-        if not mha.dropout or len(args) < 2:
-            return
-        q, k = args[0], args[1]
-        if q.dim() == 3:
-            batch, tgt, src = ((q.shape[0], q.shape[1], k.shape[1]) if mha.batch_first
-                               else (q.shape[1], q.shape[0], k.shape[0]))
-        else:
-            batch, tgt, src = 1, q.shape[0], k.shape[0]
-        src += (mha.bias_k is not None) + bool(mha.add_zero_attn)
-        key = SiteKey(frame.path, "attention", None)
-        p = float(mha.dropout)
-        self.sites.learn(key, lambda: SiteFacts(
-            layer_class=type(mha).__name__, role="attention", rate=p,
-            scale=dropout_scale("dropout", p), extra={"layout": "(batch, head, target, source)"}))
-        self.add(key, mha.training, (batch, mha.num_heads, tgt, src), None)
-
-    # -- composites: RNN layer stacks and attention --------------------------------------------
-
-    def _on_rnn(self, func: Callable, args: tuple, kwargs: dict) -> Any:
-        frame = self._frame()
-        if frame is None:
-            return self._call(func, args, kwargs)
-        packed = len(args) > 3 and isinstance(args[3], (list, tuple))
-        off = 1 if packed else 0
-        num_layers, p, train = int(args[4 + off]), float(args[5 + off]), bool(args[6 + off])
-        if p == 0.0:
-            return self._call(func, args, kwargs)
-        x = args[0]
-        module = frame.module
-        gaps = max(num_layers - 1, 1)
-        keys = [SiteKey(frame.path, "between_layers" if gaps == 1 else f"between_layers/{g}",
-                        None if isinstance(module, torch.nn.RNNBase) else _caller())
-                for g in range(gaps)]
-        cls = _RNN_FUNCS[func]
-        opaque = None
-        cudnn = x.is_cuda and torch.backends.cudnn.enabled and torch.backends.cudnn.is_acceptable(x)
-        if cudnn and num_layers > 1 and self.cudnn_rnn != "exact":
-            opaque = ("cuDNN applies the between-layer dropout inside its fused RNN kernel with "
-                      "its own random state; the mask cannot be observed")
-        for g, key in enumerate(keys):
-            extra: dict[str, Any] = {"after_layer": g, "num_layers": num_layers}
-            if num_layers == 1:
-                extra["never_applied"] = ("num_layers=1: torch applies RNN dropout only between "
-                                          "stacked layers")
-            self.sites.learn(key, lambda extra=extra: SiteFacts(
-                layer_class=type(module).__name__ if isinstance(module, torch.nn.RNNBase) else cls,
-                role="between_layers", rate=p, scale=dropout_scale("dropout", p), opaque=opaque,
-                extra=extra))
-        if opaque is not None:
-            self.sites.resolve(keys[0], 3)
-            for key in keys[1:]:
-                self.sites.resolve(key, 3)
-            return self._call(func, args, kwargs)
-        apply = train and num_layers > 1
-        if apply and 0.0 < p < 1.0 and x.numel() > 0:
-            with Grabber() as g:
-                if cudnn:
-                    with torch.backends.cudnn.flags(enabled=False):
-                        out = self._call(func, args, kwargs)
-                else:
-                    out = self._call(func, args, kwargs)
-            self._log(g.draws)
-            if len(g.draws) != len(keys):
-                self._unexpected(keys[0], f"{len(g.draws)} masks drawn for {len(keys)} gaps", g)
-                return out
-            for key, d in zip(keys, g.draws):
-                self.add(key, module.training, tuple(d.mask.shape), d.mask)
-            frame.drew = True
-            return out
-        out = self._call(func, args, kwargs)
-        shape = _layer_output_shape(out[0], packed, args)
-        for key in keys:
-            if apply:  # p == 1 zeroes every layer output without drawing
-                noise = torch.full(shape, p < 1.0, dtype=torch.bool, device=x.device)
-                self.add(key, module.training, shape, noise)
-            else:
-                self.add(key, module.training, shape, None)
-        return out
-
-    def _on_mha(self, func: Callable, args: tuple, kwargs: dict) -> Any:
-        frame = self._frame()
-        if frame is None:
-            return self._call(func, args, kwargs)
-        bound = _MHA_SIG.bind(*args, **kwargs)
-        a = bound.arguments
-        p = float(a["dropout_p"])
-        if p == 0.0:
-            return self._call(func, args, kwargs)
-        training = a.get("training", True)
-        heads = int(a["num_heads"])
-        q, k = a["query"], a["key"]
-        batch = q.shape[1] if q.dim() == 3 else 1
-        src = k.shape[0] + (a.get("bias_k") is not None) + bool(a.get("add_zero_attn", False))
-        shape = (batch, heads, q.shape[0], src)
-        return self._attention(frame, func, args, kwargs, p, training, shape, heads)
-
-    def _on_sdpa(self, func: Callable, args: tuple, kwargs: dict) -> Any:
-        frame = self._frame()
-        if frame is None:
-            return self._call(func, args, kwargs)
-        a = dict(zip(_SDPA_NAMES, args))
-        a.update(kwargs)
-        p = float(a.get("dropout_p", 0.0))
-        q, k = a["query"], a["key"]
-        try:
-            batch = tuple(torch.broadcast_shapes(q.shape[:-2], k.shape[:-2]))
-        except RuntimeError:  # grouped-query attention: fewer key heads than query heads
-            batch = tuple(q.shape[:-2])
-        shape = batch + (q.shape[-2], k.shape[-2])
-        if p == 0.0:
-            key = SiteKey(frame.path, "attention", self._attention_where(frame))
-            if self.sites.facts(key) is not None:
-                self.add(key, frame.module.training, shape, None)
-            return self._call(func, args, kwargs)
-        return self._attention(frame, func, args, kwargs, p, True, shape, None)
-
-    def _attention_where(self, frame: Frame) -> str | None:
-        own = isinstance(frame.module, torch.nn.MultiheadAttention)
-        return None if own else _caller()
-
-    def _attention(self, frame: Frame, func: Callable, args: tuple, kwargs: dict, p: float,
-                   training: bool, shape: tuple[int, ...], heads: int | None) -> Any:
-        module = frame.module
-        key = SiteKey(frame.path, "attention", self._attention_where(frame))
-        self.sites.learn(key, lambda: SiteFacts(
-            layer_class=type(module).__name__, role="attention", rate=p,
-            scale=dropout_scale("dropout", p),
-            extra={"layout": "(batch, head, target, source)"}))
-        if not training:
-            out = self._call(func, args, kwargs)
-            self.add(key, module.training, shape, None)
-            return out
-        with Grabber() as g:
-            out = self._call(func, args, kwargs)
-        self._log(g.draws)
-        if not g.draws and g.other_random:
-            self._opaque_attention(key, module, p, g.other_random)
-            return out
-        if len(g.draws) != 1:
-            self._unexpected(key, f"{len(g.draws)} masks drawn, expected 1", g)
-            return out
-        mask = g.draws[0].mask
-        if mask.dim() == 3 and heads and mask.shape[0] % heads == 0:
-            # The need_weights path drops on (batch * heads, target, source): same elements,
-            # same order, recorded with heads split out so every call has one layout.
-            mask = mask.reshape(mask.shape[0] // heads, heads, *mask.shape[1:])
-        frame.drew = True
-        self.add(key, module.training, tuple(mask.shape), mask)
-        return out
-
-    def _opaque_attention(self, key: SiteKey, module: torch.nn.Module, p: float,
-                          ops: list[str]) -> None:
-        okey = SiteKey(key.path, "attention_fused", key.where)
-        reason = (f"a fused attention kernel ({', '.join(sorted(set(ops)))}) applies dropout "
-                  "inside the kernel; the mask cannot be observed")
-        self.sites.learn(okey, lambda: SiteFacts(layer_class=type(module).__name__,
-                                                 role="attention", rate=p, opaque=reason))
-        self.sites.resolve(okey, 4)
-
     # -- random draws that are not masks -------------------------------------------------------
 
     def _on_random(self, func: Callable, args: tuple, kwargs: dict) -> Any:
-        frame = self._frame()
+        frame = self.frame()
         if frame is not None and _looks_like_dropout(frame.module):
             module = frame.module
             name = getattr(func, "__name__", str(func))
-            key = SiteKey(frame.path, "untracked", _caller())
+            key = SiteKey(frame.path, "untracked", caller())
             if self.sites.facts(key) is None:
                 reason = (f"{type(module).__name__} draws random numbers with {name}, which "
                           "dropspy cannot turn into a mask (only Bernoulli draws and torch's "
@@ -720,7 +457,7 @@ class Capture:
                     layer_class=type(module).__name__, role="custom", rate=None, opaque=reason))
                 name_ = self.sites.resolve(key, 1)
                 self.note(f"untracked random draw at {name_ or frame.path}: {reason}")
-        return self._call(func, args, kwargs)
+        return self.call(func, args, kwargs)
 
 
 def _mark_parameter(facts: SiteFacts | None, rank: int) -> None:
@@ -745,18 +482,6 @@ def _rate_of(p: Any) -> float | None:
         if bool((flat == flat[0]).all()):
             return 1.0 - float(flat[0])
     return None
-
-
-def _layer_output_shape(output: torch.Tensor, packed: bool, args: tuple) -> tuple[int, ...]:
-    """Shape of an RNN layer's output as the layer stack sees it (time-major or packed)."""
-    if packed:
-        return tuple(output.shape)
-    batch_first = bool(args[8]) if len(args) > 8 else False
-    if output.dim() == 3 and batch_first:
-        return (output.shape[1], output.shape[0], output.shape[2])
-    if output.dim() == 2:  # unbatched input: ATen adds a batch dim of 1
-        return (output.shape[0], 1, output.shape[1])
-    return tuple(output.shape)
 
 
 class FunctionMode(TorchFunctionMode):
