@@ -41,7 +41,8 @@ def _data(n=8):
 def _patched_state(model):
     """Every trace of dropspy on the model and on Keras; empty when fully restored."""
     left = []
-    for name in ("train_step", "make_train_function", "call"):
+    for name in ("train_step", "make_train_function", "test_step", "make_test_function",
+                 "predict_step", "make_predict_function", "call"):
         if name in model.__dict__:
             left.append(f"model.{name}")
     for layer in model._flatten_layers(include_self=False, recursive=True):
@@ -57,13 +58,17 @@ def test_record_restores_everything_and_the_previous_train_function(tmp_path):
     model = _model()
     x, y = _data()
     model.fit(x, y, verbose=0)
-    before = model.train_function
+    model.evaluate(x, y, verbose=0)
+    model.predict(x, verbose=0)
+    before = (model.train_function, model.test_function, model.predict_function)
     with dropspy.record(model, tmp_path / "run.h5"):
         assert keras_capture.installed()
         model.fit(x, y, verbose=0)
-        assert model.train_function is not before
+        model.evaluate(x, y, verbose=0)
+        assert model.predict(x, verbose=0).shape == (8, 1)
+        assert model.train_function is not before[0]
     assert _patched_state(model) == []
-    assert model.train_function is before
+    assert (model.train_function, model.test_function, model.predict_function) == before
     model.fit(x, y, verbose=0)   # still trains, with its own function
 
 

@@ -102,20 +102,49 @@ def test_run_eagerly_matches_graph_weights_and_records(tmp_path):
     assert all(len(s) == 4 for s in run.values())
 
 
-def test_masks_drawn_in_evaluate_and_predict_are_not_recorded(tmp_path):
+def test_masks_drawn_in_evaluate_and_predict_are_recorded_as_not_applied(tmp_path):
     x, y = _data()
     keras.utils.set_random_seed(0)
     inp = keras.Input((T, F))
-    hidden = L.LSTM(3, dropout=0.3, recurrent_dropout=0.3)(L.Dropout(0.2)(inp))
+    hidden = L.LSTM(3, dropout=0.3, recurrent_dropout=0.3)(L.Dropout(0.2, name="d")(inp))
     model = keras.Model(inp, L.Dense(1)(hidden))
     model.compile(optimizer="sgd", loss="mse")
     with dropspy.record(model, tmp_path / "run.h5"):
         model.fit(x, y, batch_size=4, epochs=1, validation_data=(x, y), verbose=0)
-        model.evaluate(x, y, verbose=0)
-        model.predict(x, verbose=0)
+        model.evaluate(x, y, batch_size=7, verbose=0)
+        model.predict(x, batch_size=7, verbose=0)
     run = dropspy.load(tmp_path / "run.h5")
-    for site in run.values():
-        assert len(site) == 4 and site.training.all() and site.applied.all()
+    assert len(run["d"]) == 4 and run["d"].training.all()   # Dropout draws only in training
+    for name, site in run.items():
+        train = site.training
+        assert train.sum() == 4 and site.applied[train].all(), name
+        assert not site.applied[~train].any(), name
+        if name != "d":   # RNN masks are drawn in every mode: 4 + 2 + 2 eval batches
+            assert (~train).sum() == 8, name
+            assert (site.steps[~train] == 4).all()   # they join the step after training
+        pairs = list(zip(site.steps.tolist(), site.calls.tolist()))
+        assert len(pairs) == len(set(pairs)), name
+
+
+def test_monte_carlo_dropout_in_predict_is_recorded_as_dropout_at_inference(tmp_path):
+    class MCDropout(L.Dropout):
+        def call(self, inputs, training=None):
+            return super().call(inputs, training=True)
+
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((F,))
+    model = keras.Model(inp, L.Dense(1)(MCDropout(0.5, name="mc")(inp)))
+    model.compile(optimizer="sgd", loss="mse")
+    x = planted((6, F))
+    with dropspy.record(model, tmp_path / "run.h5"):
+        model.predict(x, batch_size=3, verbose=0)
+    site = dropspy.load(tmp_path / "run.h5")["mc"]
+    assert len(site) == 2 and site.applied.all() and not site.training.any()
+    from dropspy.analysis import analyze_run
+
+    findings = [f for s in analyze_run(dropspy.load(tmp_path / "run.h5")).sites
+                for f in s.findings]
+    assert any(f.code == "inference-dropout" for f in findings)
 
 
 def test_rnn_masks_drawn_while_not_training_are_recorded_as_not_applied(tmp_path):

@@ -7,6 +7,9 @@ getters push a frame on a small stack so a draw knows its layer, role, gate and 
 ``model.train_step`` is wrapped so the masks drawn in a step become extra outputs of the
 (compiled, possibly XLA) train step, and ``model.train_function`` is wrapped so those outputs are
 taken out of the logs before any callback sees them and handed to the session once per step.
+``test_step``/``predict_step`` get the same treatment, so masks drawn in evaluate and predict
+are recorded with the training flag the layers saw (RNN masks drawn but not applied; Monte
+Carlo dropout applied at inference); they belong to the step after the last train step.
 No variable, no ``numpy_function``, no extra random op: the trained weights and the seed
 generators end exactly where they would without dropspy.
 """
@@ -25,6 +28,7 @@ from dropspy.frameworks.keras_draws import DrawRouter, _static_bool
 __all__ = ["KerasAdapter"]
 
 _trace_ids = itertools.count(1)
+_PREDICT_OUTPUTS = "_dropspy_outputs"
 
 
 @dataclass
@@ -86,6 +90,8 @@ class KerasAdapter(DrawRouter):
         self._sites: Any = None
         self._traces: dict[int, _TraceMeta] = {}
         self._step = 0
+        self._calls_step = -1
+        self._calls: dict[str, int] = {}
         self._noted: set[str] = set()
 
 
@@ -226,28 +232,39 @@ class KerasAdapter(DrawRouter):
         return get_mask
 
     def _wrap_training(self) -> None:
-        model = self.model
+        """Wrap train/test/predict steps and their compiled functions (see module doc).
+
+        Train steps count steps. Evaluate and predict batches are recorded too, with the
+        training flag the layers saw, at the current step: a mask applied there is dropout
+        active at inference (e.g. Monte Carlo dropout), and the analysis says so.
+        """
         self._check_compiled_options()
-        original_step = model.train_step
-        original_make = model.make_train_function
+        for kind in ("train", "test", "predict"):
+            self._wrap_step_kind(kind)
 
-        def train_step(data: Any) -> Any:
-            return self._traced_step(original_step, data)
+    def _wrap_step_kind(self, kind: str) -> None:
+        model = self.model
+        original_step = getattr(model, f"{kind}_step")
+        original_make = getattr(model, f"make_{kind}_function")
+        attr = f"{kind}_function"
 
-        def make_train_function(force: bool = False) -> Any:
+        def step_fn(data: Any) -> Any:
+            return self._traced_step(original_step, data, predict=kind == "predict")
+
+        def make_function(force: bool = False) -> Any:
             self._check_compiled_options()
-            fn = model.__dict__.get("train_function")
+            fn = model.__dict__.get(attr)
             if fn is not None and not force:
                 return fn
             original_make(force=True)
-            model.train_function = self._host_wrapper(model.train_function)
-            return model.train_function
+            setattr(model, attr, self._host_wrapper(getattr(model, attr), kind))
+            return getattr(model, attr)
 
-        self._set_attr(model, "train_step", train_step)
-        self._set_attr(model, "make_train_function", make_train_function)
-        # A train function built before recording has no mask outputs: set it aside (restored on
-        # detach) so fit/train_on_batch build one with the wrapped train_step.
-        self._set_attr(model, "train_function", None)
+        self._set_attr(model, f"{kind}_step", step_fn)
+        self._set_attr(model, f"make_{kind}_function", make_function)
+        # A function built before recording has no mask outputs: set it aside (restored on
+        # detach) so fit/evaluate/predict build one with the wrapped step.
+        self._set_attr(model, attr, None)
 
     def _check_compiled_options(self) -> None:
         model = self.model
@@ -272,7 +289,8 @@ class KerasAdapter(DrawRouter):
             )
 
 
-    def _traced_step(self, original_step: Callable[[Any], Any], data: Any) -> Any:
+    def _traced_step(self, original_step: Callable[[Any], Any], data: Any, *,
+                     predict: bool = False) -> Any:
         import tensorflow as tf
 
         cap = self._cap
@@ -285,6 +303,8 @@ class KerasAdapter(DrawRouter):
             logs = original_step(data)
         finally:
             cap.pop_trace(trace)
+        if predict:   # outputs of any structure: carry them next to the masks
+            return {_PREDICT_OUTPUTS: logs, OUTPUT_KEY: self._payload(trace)}
         if not isinstance(logs, dict):
             self._note_once(
                 "logs",
@@ -375,20 +395,23 @@ class KerasAdapter(DrawRouter):
         self._wrap_layers(only=set(fresh))
 
 
-    def _host_wrapper(self, inner: Callable[[Any], Any]) -> Any:
-        def train_function(iterator: Any) -> Any:
-            logs = inner(iterator)
-            if isinstance(logs, dict) and OUTPUT_KEY in logs:
-                logs = dict(logs)
-                payload = logs.pop(OUTPUT_KEY)
+    def _host_wrapper(self, inner: Callable[[Any], Any], kind: str = "train") -> Any:
+        def function(data: Any) -> Any:
+            out = inner(data)
+            if isinstance(out, dict) and OUTPUT_KEY in out:
+                out = dict(out)
+                payload = out.pop(OUTPUT_KEY)
+                if kind == "predict":
+                    out = out[_PREDICT_OUTPUTS]
                 step = self._step
-                self._step += 1
+                if kind == "train":
+                    self._step += 1
                 self._on_step(step, payload)
-            return logs
+            return out
 
-        train_function._dropspy_owner = self  # type: ignore[attr-defined]
-        train_function.__wrapped__ = inner  # type: ignore[attr-defined]
-        return train_function
+        function._dropspy_owner = self  # type: ignore[attr-defined]
+        function.__wrapped__ = inner  # type: ignore[attr-defined]
+        return function
 
     def _on_step(self, step: int, payload: dict[str, Any]) -> None:
         tid = int(payload["trace"])
@@ -405,6 +428,15 @@ class KerasAdapter(DrawRouter):
             self.session.count_dropped("sampling", len(meta.draws))
             return
         records = decode_step(step, meta.draws, payload["bits"], payload["dims"])
+        # Evaluate/predict batches share the step of the next train step: number their calls
+        # on from what this step already holds, so (step, call) stays unique per site.
+        if self._calls_step != step:
+            self._calls_step, self._calls = step, {}
+        for r in records:
+            base = self._calls.get(r.site, 0)
+            r.call += base
+        for r in records:
+            self._calls[r.site] = max(self._calls.get(r.site, 0), r.call + 1)
         self.session.submit(step, records)
 
 
