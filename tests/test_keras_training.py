@@ -131,14 +131,22 @@ def test_monte_carlo_dropout_in_predict_is_recorded_as_dropout_at_inference(tmp_
         def call(self, inputs, training=None):
             return super().call(inputs, training=True)
 
-    keras.utils.set_random_seed(0)
-    inp = keras.Input((F,))
-    model = keras.Model(inp, L.Dense(1)(MCDropout(0.5, name="mc")(inp)))
-    model.compile(optimizer="sgd", loss="mse")
-    x = planted((6, F))
+    def build():
+        keras.utils.set_random_seed(0)
+        inp = keras.Input((16,))
+        model = keras.Model(inp, MCDropout(0.5, name="mc")(inp))
+        model.compile(optimizer="sgd", loss="mse")
+        return model
+
+    x = planted((6, 16))
+    plain = build().predict(x, batch_size=3, verbose=0)
+    model = build()
     with dropspy.record(model, tmp_path / "run.h5"):
-        model.predict(x, batch_size=3, verbose=0)
+        y = model.predict(x, batch_size=3, verbose=0)
+    np.testing.assert_array_equal(plain.view(np.uint32), y.view(np.uint32))
     site = dropspy.load(tmp_path / "run.h5")["mc"]
+    for i in range(2):
+        assert_dropout_exact(x[3 * i:3 * i + 3], y[3 * i:3 * i + 3], site.mask(i), site.scale)
     assert len(site) == 2 and site.applied.all() and not site.training.any()
     from dropspy.analysis import analyze_run
 
