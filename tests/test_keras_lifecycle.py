@@ -288,3 +288,52 @@ def test_dropout_drawn_inside_the_time_loop_is_opaque_and_counted_as_dropped(tmp
     assert "loop" in site.opaque and len(site) == 0
     assert run.records_dropped.get("unobservable") == 2 * 5   # 2 steps x 5 timesteps
     assert any("rnn/noisy" in n and "not recorded" in n for n in run.notes)
+
+
+def test_several_replicas_are_refused_with_the_reason(tmp_path):
+    code = textwrap.dedent(f"""
+        import tensorflow as tf
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        import keras, dropspy
+        strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+        with strategy.scope():
+            model = keras.Sequential([keras.Input((3,)), keras.layers.Dropout(0.5)])
+            model.compile(optimizer="sgd", loss="mse")
+        try:
+            with dropspy.record(model, {str(tmp_path / 'run.h5')!r}):
+                pass
+        except dropspy.UnsupportedModelError as exc:
+            print("REFUSED", exc)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=180)
+    assert "REFUSED" in out.stdout, out.stderr[-2000:]
+    assert "2 replicas" in out.stdout and "MirroredStrategy" in out.stdout
+
+
+def test_custom_cell_dropout_in_an_unrolled_rnn_is_recorded_per_timestep(tmp_path):
+    class NoisyCell(L.Layer):
+        def __init__(self, units, **kw):
+            super().__init__(**kw)
+            self.state_size = units
+            self.gen = keras.random.SeedGenerator(1)
+
+        def call(self, x, states, training=False):
+            if training:
+                x = keras.random.dropout(x, 0.5, seed=self.gen)
+            return x + states[0], [x + states[0]]
+
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((4, 3))
+    rnn = L.RNN(NoisyCell(3, name="noisy"), unroll=True, return_sequences=True, name="rnn")
+    model = keras.Model(inp, L.Dense(1)(rnn(inp)))
+    model.compile(optimizer="sgd", loss="mse")
+    x, y = _data()
+    with dropspy.record(model, tmp_path / "run.h5"):
+        model.fit(x[:, :4], y, batch_size=8, verbose=0)
+    site = dropspy.load(tmp_path / "run.h5")["rnn/noisy"]
+    assert site.role == "custom" and not site.opaque
+    assert site.calls.tolist() == [0, 1, 2, 3]     # one fresh mask per timestep
+    assert site.axes == ("batch", "feature")
