@@ -55,7 +55,8 @@ def _is_tf_keras_model(model: Any) -> bool:
 
 
 class KerasAdapter(DrawRouter):
-    """Records a Keras 3 model (TensorFlow backend) trained with ``fit`` or ``train_on_batch``.
+    """Records a Keras 3 model (TensorFlow backend): ``fit``, ``train_on_batch``, ``evaluate``,
+    ``predict``, and eager custom loops (each ``model(x, training=True)`` is one step).
 
     Args:
         model: A ``keras.Model``.
@@ -93,7 +94,6 @@ class KerasAdapter(DrawRouter):
         self._calls_step = -1
         self._calls: dict[str, int] = {}
         self._noted: set[str] = set()
-
 
     def meta(self) -> dict[str, Any]:
         """Framework, versions, backend and devices, for the run file's root attributes."""
@@ -150,7 +150,6 @@ class KerasAdapter(DrawRouter):
                 )
         self._attached = False
         self._traces.clear()
-
 
     def _set_attr(self, obj: Any, name: str, value: Any) -> None:
         """Set an instance attribute behind Keras' tracking, and remember how to undo it."""
@@ -288,7 +287,6 @@ class KerasAdapter(DrawRouter):
                 f"not be). Expected a single replica. Received: {type(strategy).__name__}."
             )
 
-
     def _traced_step(self, original_step: Callable[[Any], Any], data: Any, *,
                      predict: bool = False) -> Any:
         import tensorflow as tf
@@ -374,7 +372,6 @@ class KerasAdapter(DrawRouter):
         call.__wrapped__ = original  # type: ignore[attr-defined]
         return call
 
-
     def _refresh_sites(self) -> None:
         """Add layers created since attach (lazy builds) to the site map, and wrap them."""
         from dropspy.frameworks.keras_sites import find_sites
@@ -393,7 +390,6 @@ class KerasAdapter(DrawRouter):
             if spec.rank is not None and not spec.declared:
                 self._declare(spec, spec.rank)
         self._wrap_layers(only=set(fresh))
-
 
     def _host_wrapper(self, inner: Callable[[Any], Any], kind: str = "train") -> Any:
         def function(data: Any) -> Any:
