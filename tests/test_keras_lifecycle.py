@@ -150,6 +150,7 @@ def test_keras3_adapter_refuses_a_tf_keras_model_naming_tf_keras():
         KerasAdapter(model, session=None)
 
 
+@pytest.mark.slow
 def test_other_keras_backend_is_refused_naming_it(tmp_path):
     pytest.importorskip("torch")
     code = textwrap.dedent(f"""
@@ -290,6 +291,7 @@ def test_dropout_drawn_inside_the_time_loop_is_opaque_and_counted_as_dropped(tmp
     assert any("rnn/noisy" in n and "not recorded" in n for n in run.notes)
 
 
+@pytest.mark.slow
 def test_several_replicas_are_refused_with_the_reason(tmp_path):
     code = textwrap.dedent(f"""
         import tensorflow as tf

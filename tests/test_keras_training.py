@@ -59,7 +59,8 @@ def _bits(a):
     return np.asarray(a).view(np.uint32)
 
 
-@pytest.mark.parametrize("jit", [False, True], ids=["graph", "xla"])
+@pytest.mark.parametrize("jit", [False, pytest.param(True, marks=pytest.mark.slow)],
+                         ids=["graph", "xla"])
 def test_fit_weights_and_seed_states_bit_identical_with_and_without_record(jit, tmp_path):
     x, y = _data()
     rnn = "simple" if jit else True

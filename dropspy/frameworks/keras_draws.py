@@ -161,9 +161,13 @@ class DrawRouter:
         module = type(layer).__module__
         if module.startswith("keras.src.layers.preprocessing") or id(layer) in self._sites.dropout:
             return
-        caller = sys._getframe(2).f_globals.get("__name__", "")
-        if caller.startswith("keras.src.initializers"):
-            return  # a weight initializer of a layer built lazily in the step, not noise
+        frame = sys._getframe(2)
+        for _ in range(8):   # initializer -> keras.random -> backend: a few frames up
+            if frame is None:
+                break
+            if frame.f_globals.get("__name__", "").startswith("keras.src.initializers"):
+                return  # a weight initializer of a layer built lazily in the step, not noise
+            frame = frame.f_back
         from dropspy.frameworks.keras_sites import _NOISE_LAYERS, SiteSpec
 
         path = self._sites.layer_paths.get(id(layer), layer.name)
