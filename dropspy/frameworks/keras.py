@@ -21,6 +21,8 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import numpy as np
+
 from dropspy.errors import RecordingError, UnsupportedModelError
 from dropspy.frameworks._keras_common import OUTPUT_KEY, DrawMeta, decode_step
 from dropspy.frameworks.keras_draws import DrawRouter, _static_bool
@@ -329,11 +331,12 @@ class KerasAdapter(DrawRouter):
             if d.applied:
                 keeps.append(tf.reshape(d.keep, [-1]))
         self._traces[tid] = _TraceMeta(draws=metas, eager=trace.eager, lost=dict(trace.lost))
+        # Two tensors per step: the trace id and every shape in one small int32 vector (read
+        # every step: it says which trace ran), the keep-bits in one bool vector (copied to the
+        # host only for sampled steps).
         return {
-            "trace": tf.constant(tid, tf.int32),
-            # One flat bool tensor and one int tensor: one device-to-host copy each per step.
             "bits": tf.concat(keeps, 0) if keeps else tf.zeros([0], tf.bool),
-            "dims": tf.concat(dims, 0) if dims else tf.zeros([0], tf.int32),
+            "dims": tf.concat([tf.constant([tid], tf.int32), *dims], 0),
         }
 
     def _model_call_wrapper(self, original: Callable[..., Any]) -> Any:
@@ -410,7 +413,8 @@ class KerasAdapter(DrawRouter):
         return function
 
     def _on_step(self, step: int, payload: dict[str, Any]) -> None:
-        tid = int(payload["trace"])
+        dims = np.asarray(payload["dims"])
+        tid = int(dims[0])
         meta = self._traces.get(tid)
         if meta is None:
             return
@@ -423,7 +427,7 @@ class KerasAdapter(DrawRouter):
         if not self.session.want_step(step):
             self.session.count_dropped("sampling", len(meta.draws))
             return
-        records = decode_step(step, meta.draws, payload["bits"], payload["dims"])
+        records = decode_step(step, meta.draws, payload["bits"], dims[1:])
         # Evaluate/predict batches share the step of the next train step: number their calls
         # on from what this step already holds, so (step, call) stays unique per site.
         if self._calls_step != step:
