@@ -34,6 +34,11 @@ def _model(rnn=None, *, eager=False, jit=False, seed=0):
     return model
 
 
+def _light():
+    """A cheap RNN to trace (no cuDNN-eligible variants): for tests of the lifecycle."""
+    return L.SimpleRNN(4, dropout=0.3, unroll=True)
+
+
 def _data(n=12):
     rng = np.random.default_rng(0)
     return rng.normal(size=(n, 5, 3)).astype(np.float32), rng.normal(size=(n, 1)).astype(
@@ -106,12 +111,12 @@ def test_while_loop_path_warns_before_recording_and_notes_it_in_the_file(kind, t
 
 
 def test_xla_warns_that_keras2_dropout_is_not_reproducible_there(tmp_path):
-    model = _model(jit=True)
+    model = _model(_light, jit=True)
     x, y = _data()
     with pytest.warns(DropspyWarning, match="jit_compile=True"):
         with dropspy.record(model, tmp_path / "run.h5"):
             model.fit(x, y, batch_size=4, verbose=0)
-    assert len(dropspy.load(tmp_path / "run.h5")["lstm/input"]) == 3
+    assert len(dropspy.load(tmp_path / "run.h5")["simple_rnn/input"]) == 3
 
 
 def _patched_state(model):
@@ -130,7 +135,7 @@ def _patched_state(model):
 
 
 def test_record_restores_everything_and_the_previous_train_function(tmp_path):
-    model = _model(lambda: L.LSTM(4, dropout=0.3, unroll=True))
+    model = _model(_light)
     x, y = _data()
     model.fit(x, y, verbose=0)
     before = model.train_function
@@ -162,13 +167,13 @@ def test_record_restores_everything_when_training_raises(tmp_path):
 
 
 def test_recording_twice_in_a_row_gives_two_complete_runs(tmp_path):
-    model = _model()
+    model = _model(_light)
     x, y = _data(8)
     for name in ("a.h5", "b.h5"):
         with dropspy.record(model, tmp_path / name):
             model.fit(x, y, batch_size=4, verbose=0)
     a, b = dropspy.load(tmp_path / "a.h5"), dropspy.load(tmp_path / "b.h5")
-    assert set(a) == set(b) == {"spatial_dropout1d", "lstm/input", "dropout"}
+    assert set(a) == set(b) == {"spatial_dropout1d", "simple_rnn/input", "dropout"}
     for name in a:
         assert len(a[name]) == len(b[name]) == 2
 
@@ -180,21 +185,24 @@ def test_callbacks_never_see_the_mask_outputs(tmp_path):
         def on_train_batch_end(self, batch, logs=None):
             seen.append(sorted(logs))
 
-    model = _model()
+    model = _model(_light)
     x, y = _data(8)
     with dropspy.record(model, tmp_path / "run.h5"):
-        hist = model.fit(x, y, batch_size=4, verbose=0, callbacks=[Spy()])
+        hist = model.fit(x, y, batch_size=4, verbose=0, callbacks=[Spy()],
+                         validation_data=(x, y))
     assert seen == [["loss"], ["loss"]]
-    assert set(hist.history) == {"loss"}
+    assert set(hist.history) == {"loss", "val_loss"}
+    # Validation draws no mask (tf_keras applies none outside training): train steps only.
+    assert all(len(s) == 2 for s in dropspy.load(tmp_path / "run.h5").values())
 
 
 def test_train_on_batch_counts_steps_across_calls(tmp_path):
-    model = _model()
+    model = _model(_light)
     x, y = _data(8)
     with dropspy.record(model, tmp_path / "run.h5"):
         for _ in range(3):
             model.train_on_batch(x, y)
-    site = dropspy.load(tmp_path / "run.h5")["lstm/input"]
+    site = dropspy.load(tmp_path / "run.h5")["simple_rnn/input"]
     assert site.steps.tolist() == [0, 1, 2] and site.calls.tolist() == [0, 0, 0]
     # A fresh mask every step.
     assert not np.array_equal(site.noise(0), site.noise(1))
@@ -202,7 +210,7 @@ def test_train_on_batch_counts_steps_across_calls(tmp_path):
 
 def test_adapter_claims_only_tf_keras_models():
     keras = pytest.importorskip("keras")
-    model = _model()
+    model = _model(_light)
     assert TfKerasAdapter.claims(model)
     assert find_adapter(model) is TfKerasAdapter
     k3 = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
@@ -218,7 +226,7 @@ def test_layer_that_is_not_a_model_is_refused_with_what_to_do(tmp_path):
 
 
 def test_steps_per_execution_above_one_is_refused(tmp_path):
-    model = _model()
+    model = _model(_light)
     model.compile(optimizer="sgd", loss="mse", steps_per_execution=2)
     with pytest.raises(UnsupportedModelError, match="steps_per_execution=2"):
         with dropspy.record(model, tmp_path / "run.h5"):
@@ -227,7 +235,7 @@ def test_steps_per_execution_above_one_is_refused(tmp_path):
 
 
 def test_masks_drawn_outside_fit_are_noted_not_recorded(tmp_path):
-    model = _model()
+    model = _model(_light)
     x, _ = _data(4)
     with dropspy.record(model, tmp_path / "run.h5"):
         model(x, training=True)
@@ -237,7 +245,7 @@ def test_masks_drawn_outside_fit_are_noted_not_recorded(tmp_path):
 
 
 def test_meta_names_framework_and_versions(tmp_path):
-    model = _model()
+    model = _model(_light)
     x, y = _data(4)
     with dropspy.record(model, tmp_path / "run.h5"):
         model.fit(x, y, verbose=0)

@@ -8,14 +8,14 @@ axes the same way and ``dropspy diff`` lines the two runs up site by site.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import numpy as np
 
-from dropspy.store import Record
+from dropspy.store import Record, SiteInfo
 
-__all__ = ["OUTPUT_KEY", "DrawMeta", "axes_for", "float32_scale", "decode_step"]
+__all__ = ["OUTPUT_KEY", "DrawMeta", "SiteSpec", "axes_for", "float32_scale", "decode_step"]
 
 # Key of the extra train-step output; removed before any callback sees the logs.
 OUTPUT_KEY = "_dropspy_masks"
@@ -60,6 +60,63 @@ def float32_scale(rate: float | None) -> float | None:
     if rate is None or not 0.0 < rate < 1.0:
         return None
     return float(np.float32(1.0 / (1.0 - rate)))
+
+
+@dataclass
+class SiteSpec:
+    """What recording knows about one site before (and after) its rank is known.
+
+    Field for field the Keras 3 adapter's ``keras_sites.SiteSpec``, so both adapters can share
+    this one.
+
+    Args:
+        name: Site name (``"dropout"``, ``"lstm/input/i"``).
+        layer: Layer path.
+        layer_class: Class name of the layer the site belongs to.
+        role: Site role (see :class:`~dropspy.store.SiteInfo`).
+        rate: Configured drop rate, or None when unknown.
+        gate: Gate name for per-gate RNN masks.
+        axes_fn: Maps the applied mask's rank to axis names.
+        noise_fn: Maps the rank to the configured noise shape (None entries follow the input).
+        rank: Applied rank when known in advance.
+        opaque: Reason the site cannot be observed, or None.
+        extra: JSON-able facts stored with the site.
+    """
+
+    name: str
+    layer: str
+    layer_class: str
+    role: str
+    rate: float | None
+    gate: str | None = None
+    axes_fn: Callable[[int], tuple[str, ...]] = lambda r: axes_for(r)
+    noise_fn: Callable[[int], tuple[int | None, ...] | None] | None = None
+    rank: int | None = None
+    opaque: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    declared: bool = False
+    selected: bool = True
+
+    def info(self, rank: int | None = None) -> SiteInfo:
+        """The :class:`SiteInfo` for this site at ``rank`` (the spec's own rank by default)."""
+        rank = self.rank if rank is None else rank
+        if rank is None:
+            raise ValueError(f"Site {self.name!r}: rank unknown")
+        self.rank = rank
+        noise = self.noise_fn(rank) if self.noise_fn is not None else (None,) * rank
+        return SiteInfo(
+            name=self.name,
+            layer=self.layer,
+            layer_class=self.layer_class,
+            role=self.role,
+            axes=self.axes_fn(rank),
+            rate=None if self.rate is None else float(self.rate),
+            gate=self.gate,
+            noise_shape=noise,
+            scale=float32_scale(self.rate),
+            opaque=self.opaque,
+            extra=dict(self.extra),
+        )
 
 
 @dataclass

@@ -462,7 +462,7 @@ class TfKerasAdapter:
 
     def _custom_spec(self, owner: Any, rate: Any, noise_shape: Any) -> Any:
         """A site for a layer dropspy does not know that calls its generator's dropout."""
-        from dropspy.frameworks.tf_keras_sites import SiteSpec
+        from dropspy.frameworks._keras_common import SiteSpec
 
         path = self._sites.layer_paths.get(id(owner), owner.name)
         configured = None
@@ -471,7 +471,8 @@ class TfKerasAdapter:
         spec = SiteSpec(
             name=path, layer=path, layer_class=type(owner).__name__, role="custom",
             rate=float(rate) if isinstance(rate, (int, float)) else None,
-            noise=(lambda r, c=configured: c if c is not None and len(c) == r else (None,) * r),
+            noise_fn=(lambda r, c=configured: c if c is not None and len(c) == r
+                      else (None,) * r),
             extra={"drawn_by": "self._random_generator.dropout in the layer's call()"},
         )
         self._sites.dropout[id(owner)] = spec

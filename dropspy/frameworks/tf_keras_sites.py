@@ -25,10 +25,9 @@ from tf_keras.src import layers as klayers
 from tf_keras.src.layers.rnn.dropout_rnn_cell_mixin import DropoutRNNCellMixin
 from tf_keras.src.layers.rnn.stacked_rnn_cells import StackedRNNCells
 
-from dropspy.frameworks._keras_common import axes_for, float32_scale
-from dropspy.store import SiteInfo
+from dropspy.frameworks._keras_common import SiteSpec, axes_for
 
-__all__ = ["SiteSpec", "SiteMap", "find_sites", "DrawSlot"]
+__all__ = ["SiteMap", "find_sites", "DrawSlot"]
 
 _GATES = {"LSTMCell": ("i", "f", "c", "o"), "GRUCell": ("z", "r", "h"),
           "ConvLSTMCell": ("i", "f", "c", "o")}
@@ -41,52 +40,6 @@ _NOISE_LAYERS = {
     "AlphaDropout": ("builds its keep-mask from random_uniform with an affine correction; "
                      "dropspy does not record AlphaDropout yet"),
 }
-
-
-@dataclass
-class SiteSpec:
-    """One site of a tf_keras model, before and after its declaration.
-
-    Args:
-        name: Site name (``"dropout"``, ``"lstm/input/i"``).
-        layer: Layer path.
-        layer_class: Class name of the layer the site belongs to.
-        role: Site role (see :class:`~dropspy.store.SiteInfo`).
-        rate: Configured drop rate.
-        gate: Gate name for per-gate RNN masks.
-        noise: Configured noise shape for a given rank (None entries follow the input).
-        axes: Axis names for a given rank.
-        rank: Applied rank, when known before the first draw.
-        opaque: Reason the site cannot be observed, or None.
-        extra: JSON-able facts stored with the site.
-    """
-
-    name: str
-    layer: str
-    layer_class: str
-    role: str
-    rate: float | None
-    gate: str | None = None
-    noise: Any = None
-    axes: Any = None
-    rank: int | None = None
-    opaque: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-    declared: bool = False
-    selected: bool = True
-
-    def info(self, rank: int | None = None) -> SiteInfo:
-        """The :class:`SiteInfo` of this site at ``rank`` (the spec's own rank by default)."""
-        rank = self.rank if rank is None else rank
-        if rank is None:
-            raise ValueError(f"Site {self.name!r}: rank unknown")
-        self.rank = rank
-        noise = self.noise(rank) if self.noise is not None else (None,) * rank
-        axes = self.axes(rank) if self.axes is not None else axes_for(rank)
-        return SiteInfo(name=self.name, layer=self.layer, layer_class=self.layer_class,
-                        role=self.role, axes=axes, rate=self.rate, gate=self.gate,
-                        noise_shape=noise, scale=float32_scale(self.rate), opaque=self.opaque,
-                        extra=dict(self.extra))
 
 
 @dataclass
@@ -166,7 +119,7 @@ def _dropout_spec(layer: Any, path: str) -> SiteSpec:
             lambda r, c=tuple(configured): c if len(c) == r else (None,) * r)
         axes = lambda r: axes_for(r)  # noqa: E731
     return SiteSpec(name=path, layer=path, layer_class=type(layer).__name__, role="output",
-                    rate=float(layer.rate), noise=noise, axes=axes, rank=_static_rank(layer))
+                    rate=float(layer.rate), noise_fn=noise, axes_fn=axes, rank=_static_rank(layer))
 
 
 def _rnn_specs(sm: SiteMap, rnn: Any, path: str, cell: Any, prefix: str, in_rank: int | None,
@@ -215,9 +168,9 @@ def _rnn_specs(sm: SiteMap, rnn: Any, path: str, cell: Any, prefix: str, in_rank
             extra["time_axis_by_construction"] = True
         name = f"{prefix}/{role}" + (f"/{gate}" if gate else "")
         return SiteSpec(name=name, layer=path, layer_class=rnn_cls, role=role, rate=rate,
-                        gate=gate, noise=(lambda r: (None,) * r) if per_timestep
+                        gate=gate, noise_fn=(lambda r: (None,) * r) if per_timestep
                         else (lambda r: (None, 1) + (None,) * (r - 2)),
-                        axes=axes, rank=rank, extra=extra)
+                        axes_fn=axes, rank=rank, extra=extra)
 
     n = count or 1
     rate_in = float(getattr(cell, "dropout", 0.0) or 0.0)
@@ -275,9 +228,9 @@ def find_sites(model: Any) -> SiteMap:
                 spec = _dropout_spec(layer, path)
                 if isinstance(parent, klayers.TimeDistributed):
                     # Keras 3 names this site the same way, with a time axis at position 1.
-                    base_axes, base_noise = spec.axes, spec.noise
-                    spec.axes = lambda r, a=base_axes: (a(r - 1)[0], "time", *a(r - 1)[1:])
-                    spec.noise = lambda r, n=base_noise: (n(r - 1)[0], None, *n(r - 1)[1:])
+                    base_axes, base_noise = spec.axes_fn, spec.noise_fn
+                    spec.axes_fn = lambda r, a=base_axes: (a(r - 1)[0], "time", *a(r - 1)[1:])
+                    spec.noise_fn = lambda r, n=base_noise: (n(r - 1)[0], None, *n(r - 1)[1:])
                     spec.rank = _static_rank(parent)
                     spec.extra = {"wrapper": "TimeDistributed",
                                   "drawn": "a different mask at every timestep (the layer runs "
