@@ -750,6 +750,40 @@ class Site:
             i = j
 
 
+    def iter_batches(
+        self, start: int = 0, stop: int | None = None, *, max_bytes: int = 16 << 20,
+        max_records: int = 4096,
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield ``(indices, noise)`` with noise stacked as ``(k, *noise_shape)`` (bool).
+
+        Consecutive applied records of one noise shape are read with one HDF5 read and
+        unpacked with one ``np.unpackbits`` call: per-record work dominates small masks (GRU
+        gate masks are a few hundred bytes). Records with no mask are skipped.
+        """
+        stop = len(self) if stop is None else min(stop, len(self))
+        idx = np.flatnonzero(self.applied[start:stop]) + start
+        if not len(idx):
+            return
+        ns, off, nb = self.noise_shapes[idx], self.offsets[idx], self.nbytes[idx]
+        brk = np.ones(len(idx), dtype=bool)
+        brk[1:] = (ns[1:] != ns[:-1]).any(axis=1) | (off[1:] != off[:-1] + nb[:-1])
+        firsts = np.flatnonzero(brk).tolist()
+        bits = self._g["bits"]
+        for a, b in zip(firsts, firsts[1:] + [len(idx)]):
+            width, shape = int(nb[a]), tuple(int(x) for x in ns[a])
+            size = math.prod(shape)
+            per = max(1, min(max_records, max_bytes // max(width, 1)))
+            for c in range(a, b, per):
+                d = min(b, c + per)
+                k = d - c
+                raw = bits[int(off[c]):int(off[c]) + width * k]
+                if size % 8 == 0:
+                    flat = np.unpackbits(raw)
+                else:
+                    flat = np.unpackbits(raw.reshape(k, width), axis=1, count=size)
+                yield idx[c:d], flat.view(np.bool_).reshape((k, *shape))
+
+
 def _unpack(raw: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     count = math.prod(shape)
     return np.unpackbits(raw, count=count).view(np.bool_).reshape(shape)
@@ -840,6 +874,16 @@ class Run(Mapping[str, Site]):
 
     def __repr__(self) -> str:
         return f"<Run {str(self.path)!r} {self.framework} sites={len(self)} complete={self.complete}>"
+
+    def report(self, **kwargs: Any) -> Any:
+        """Analyse every site: the facts ``dropspy inspect`` prints.
+
+        Keyword arguments go to :func:`dropspy.analysis.analyze_run` (``sites``,
+        ``threshold``, ``confidence``...). Returns a :class:`dropspy.analysis.RunAnalysis`.
+        """
+        from dropspy.analysis import analyze_run
+
+        return analyze_run(self, **kwargs)
 
     def close(self) -> None:
         """Close the underlying HDF5 file."""

@@ -67,6 +67,10 @@ def test_random_masks_read_back_bit_for_bit(tmp_path, data):
             assert np.array_equal(got, want)
         streamed = [m for _, m in site.iter_noise(max_bytes=3)]
         assert all(np.array_equal(m, r[1]) for m, r in zip(streamed, recs))
+        batched = {int(i): m for idx, ms in site.iter_batches(max_bytes=3, max_records=2)
+                   for i, m in zip(idx, ms)}
+        assert sorted(batched) == list(range(len(recs)))
+        assert all(np.array_equal(batched[i], r[1]) for i, r in enumerate(recs))
         assert validate_file(path) == []
 
 
@@ -88,6 +92,7 @@ def test_variable_batch_and_unapplied_records(tmp_path):
     assert site.training.tolist() == [True, True, False]
     assert np.array_equal(site.mask(1), np.broadcast_to(last, (5, 10, 8)))
     assert site.mask(2) is None and site.noise(2) is None
+    assert [i.tolist() for i, _ in site.iter_batches()] == [[0], [1]]
     assert [m.shape for m in site.masks(step=1) if m is not None] == [(5, 10, 8)]
     assert site.noise_shape == (None, 1, None)
     run.close()
@@ -265,3 +270,17 @@ def test_public_api_is_small_and_explicit():
     assert set(dropspy.__all__) >= {"record", "load", "Run", "DropspyError", "RunFileError"}
     for name in dropspy.__all__:
         assert hasattr(dropspy, name)
+
+
+def test_run_report_analyses_the_planted_structure(tmp_path):
+    path = tmp_path / "report.h5"
+    rng = np.random.default_rng(5)
+    with RunWriter(path, {"framework": "test"}) as w:
+        w.declare_site(_site(noise_shape=(None, 1, None), rate=0.3))
+        w.submit([Record("drop", s, 0, True, (32, 12, 16), noise=rng.random((32, 1, 16)) >= 0.3)
+                  for s in range(6)])
+    report = load(path).report()
+    site = report["drop"]
+    assert site.pattern == "time-shared"
+    assert site.shared_axes == ("time",) or list(site.shared_axes) == ["time"]
+    assert set(site.independent_axes) == {"batch", "feature"}
