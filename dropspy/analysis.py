@@ -574,12 +574,14 @@ def _axis_verdict(k: int, name: str, scan: SiteScan, shapes: np.ndarray, nshapes
                            f"{name} has size 1 in every record")
     informative = shapes[:, k] > 1
     observed = informative & (nshapes[:, k] > 1)
-    if not observed.any():
-        return AxisVerdict(name, "shared", True, size, None,
-                           f"the noise has size 1 along {name} (broadcast)")
+    # The framework's own fact (one drawn mask reused at every timestep) says more than the
+    # broadcast that records it, so it is named first.
     if name == "time" and extra.get("time_axis_by_construction"):
         return AxisVerdict(name, "shared", True, size, None,
                            "the framework applies one drawn mask at every timestep")
+    if not observed.any():
+        return AxisVerdict(name, "shared", True, size, None,
+                           f"the noise has size 1 along {name} (broadcast)")
     lengths = nshapes[observed, k]
     others = np.delete(eff[observed], k, axis=1)
     fibers = np.prod(others, axis=1) if others.shape[1] else np.ones(len(lengths), dtype=np.int64)
