@@ -241,7 +241,7 @@ def test_masks_drawn_outside_fit_are_noted_not_recorded(tmp_path):
         model(x, training=True)
     run = dropspy.load(tmp_path / "run.h5")
     assert all(len(s) == 0 for s in run.values())
-    assert any("outside model.fit" in n for n in run.notes)
+    assert any("outside model.fit/evaluate/predict" in n for n in run.notes)
 
 
 def test_meta_names_framework_and_versions(tmp_path):
@@ -253,3 +253,33 @@ def test_meta_names_framework_and_versions(tmp_path):
     assert run.attrs["framework"] == "tf_keras"
     assert run.attrs["framework_version"] == tf_keras.__version__
     assert run.attrs["tensorflow_version"] == tf.__version__
+
+
+def test_monte_carlo_dropout_in_predict_is_recorded_as_dropout_at_inference(tmp_path):
+    from _keras_util import assert_dropout_exact, planted
+
+    from dropspy.analysis import analyze_run
+
+    def build():
+        tf_keras.backend.clear_session()
+        tf_keras.utils.set_random_seed(0)
+        inp = tf_keras.Input((16,))
+        model = tf_keras.Model(inp, L.Dropout(0.5, name="mc")(inp, training=True))
+        model.compile(optimizer="sgd", loss="mse")
+        return model
+
+    x = planted((6, 16))
+    plain = build().predict(x, batch_size=3, verbose=0)
+    model = build()
+    with dropspy.record(model, tmp_path / "run.h5"):
+        y = model.predict(x, batch_size=3, verbose=0)
+        model.evaluate(x, np.zeros((6, 16), np.float32), batch_size=3, verbose=0)
+    np.testing.assert_array_equal(plain.view(np.uint32), y.view(np.uint32))
+    site = dropspy.load(tmp_path / "run.h5")["mc"]
+    for i in range(2):
+        assert_dropout_exact(x[3 * i:3 * i + 3], y[3 * i:3 * i + 3], site.mask(i), site.scale)
+    assert len(site) == 4 and site.applied.all() and not site.training.any()
+    assert site.steps.tolist() == [0] * 4 and site.calls.tolist() == [0, 1, 2, 3]
+    codes = {f.code for s in analyze_run(dropspy.load(tmp_path / "run.h5")).sites
+             for f in s.findings}
+    assert "inference-dropout" in codes

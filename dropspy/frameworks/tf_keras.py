@@ -21,12 +21,16 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import numpy as np
+
 from dropspy.errors import RecordingError, UnsupportedModelError
 from dropspy.frameworks._keras_common import OUTPUT_KEY, DrawMeta, decode_step
 
 __all__ = ["TfKerasAdapter"]
 
 _trace_ids = itertools.count(1)
+# Key under which a predict step's own outputs travel next to the masks.
+_PREDICT_OUTPUTS = "_dropspy_predict_outputs"
 
 
 @dataclass
@@ -47,7 +51,7 @@ def _tf_keras_layer_class() -> Any:
 
 
 class TfKerasAdapter:
-    """Records a tf_keras (Keras 2) model trained with ``fit`` or ``train_on_batch``.
+    """Records a tf_keras (Keras 2) model: ``fit``, ``train_on_batch``, ``evaluate``, ``predict``.
 
     Args:
         model: A ``tf_keras.Model`` (also ``tf.keras.Model`` under ``TF_USE_LEGACY_KERAS=1``).
@@ -86,6 +90,8 @@ class TfKerasAdapter:
         self._sites: Any = None
         self._traces: dict[int, _TraceMeta] = {}
         self._step = 0
+        self._calls_step = -1
+        self._calls: dict[str, int] = {}
         self._noted: set[str] = set()
 
     # -- contract -------------------------------------------------------------------------
@@ -185,30 +191,41 @@ class TfKerasAdapter:
         return get_mask
 
     def _wrap_training(self) -> None:
+        """Wrap the train/test/predict steps and the functions tf_keras compiles from them.
+
+        Train steps count steps. Evaluate and predict batches are recorded too, at the current
+        step and with ``training=False``: a mask applied there is dropout at inference (e.g.
+        Monte Carlo dropout, ``Dropout()(x, training=True)``), and the analysis says so.
+        """
+        for kind in ("train", "test", "predict"):
+            self._wrap_step_kind(kind)
+
+    def _wrap_step_kind(self, kind: str) -> None:
         model = self.model
-        original_step = model.train_step
-        original_make = model.make_train_function
+        original_step = getattr(model, f"{kind}_step")
+        original_make = getattr(model, f"make_{kind}_function")
+        attr = f"{kind}_function"
 
-        def train_step(data: Any) -> Any:
-            return self._traced_step(original_step, data)
+        def step_fn(data: Any) -> Any:
+            return self._traced_step(original_step, data, kind)
 
-        def make_train_function(force: bool = False) -> Any:
+        def make_function(force: bool = False) -> Any:
             self._check_compiled_options()
-            fn = model.__dict__.get("train_function")
+            fn = model.__dict__.get(attr)
             if fn is not None and not force and getattr(fn, "_dropspy_owner", None) is self:
                 return fn
-            object.__setattr__(model, "train_function", None)
+            object.__setattr__(model, attr, None)
             original_make(force=True)
-            wrapped = self._host_wrapper(model.train_function)
-            object.__setattr__(model, "train_function", wrapped)
+            wrapped = self._host_wrapper(getattr(model, attr), kind)
+            object.__setattr__(model, attr, wrapped)
             return wrapped
 
-        self._set_attr(model, "train_step", train_step)
-        self._set_attr(model, "make_train_function", make_train_function)
-        # A train function built before recording has no mask outputs: set it aside (restored on
-        # detach) so fit/train_on_batch build one with the wrapped train_step.
-        self._set_attr(model, "train_function", None)
-        self._set_attr(model, "train_tf_function", None)
+        self._set_attr(model, f"{kind}_step", step_fn)
+        self._set_attr(model, f"make_{kind}_function", make_function)
+        # A function built before recording has no mask outputs: set it aside (restored on
+        # detach) so fit/evaluate/predict build one with the wrapped step.
+        self._set_attr(model, attr, None)
+        self._set_attr(model, f"{kind}_tf_function", None)
 
     def _check_compiled_options(self) -> None:
         model = self.model
@@ -261,25 +278,36 @@ class TfKerasAdapter:
 
     # -- trace time -------------------------------------------------------------------------
 
-    def _traced_step(self, original_step: Callable[[Any], Any], data: Any) -> Any:
+    def _traced_step(self, original_step: Callable[[Any], Any], data: Any,
+                     kind: str = "train") -> Any:
         import tensorflow as tf
 
         cap = self._cap
         eager = tf.executing_eagerly()
         graph = None if eager else tf.compat.v1.get_default_graph()
-        trace = cap.Trace(owner=self, graph=graph, eager=eager)
+        trace = cap.Trace(owner=self, graph=graph, eager=eager, training=kind == "train")
         cap.push_trace(trace)
         try:
-            logs = original_step(data)
+            out = original_step(data)
         finally:
             cap.pop_trace(trace)
-        if not isinstance(logs, dict):
+        if kind == "predict":   # outputs of any structure: carry them next to the masks
+            return {_PREDICT_OUTPUTS: out, OUTPUT_KEY: self._payload(trace)}
+        if not isinstance(out, dict):
             self._note_once(
                 "logs",
-                f"train_step returned {type(logs).__name__}, not a dict of logs: dropspy cannot "
+                f"{kind}_step returned {type(out).__name__}, not a dict of logs: dropspy cannot "
                 f"attach the masks to it, and records nothing for this model.",
             )
-            return logs
+            return out
+        out = dict(out)
+        out[OUTPUT_KEY] = self._payload(trace)
+        return out
+
+    def _payload(self, trace: Any) -> dict[str, Any]:
+        """The step's draws as two tensors; their metadata stays on the host by trace id."""
+        import tensorflow as tf
+
         tid = next(_trace_ids)
         metas, keeps, dims = [], [], []
         for d in trace.draws:
@@ -289,16 +317,13 @@ class TfKerasAdapter:
             dims += [tf.cast(d.noise_shape, tf.int32), tf.cast(d.applied_shape, tf.int32)]
             if d.applied:
                 keeps.append(tf.reshape(d.keep, [-1]))
-        self._traces[tid] = _TraceMeta(draws=metas, eager=eager)
-        payload = {
-            "trace": tf.constant(tid, tf.int32),
-            # One flat bool tensor and one int tensor: one device-to-host copy each per step.
+        self._traces[tid] = _TraceMeta(draws=metas, eager=trace.eager)
+        # The trace id and every shape in one small int32 vector (read every step: it says
+        # which trace ran); the keep-bits in one bool vector, read only for sampled steps.
+        return {
             "bits": tf.concat(keeps, 0) if keeps else tf.zeros([0], tf.bool),
-            "dims": tf.concat(dims, 0) if dims else tf.zeros([0], tf.int32),
+            "dims": tf.concat([tf.constant([tid], tf.int32), *dims], 0),
         }
-        logs = dict(logs)
-        logs[OUTPUT_KEY] = payload
-        return logs
 
     def on_dropout(self, trace: Any, generator: Any, inputs: Any, rate: Any,
                    noise_shape: Any) -> Any:
@@ -432,9 +457,9 @@ class TfKerasAdapter:
         path = self._sites.layer_paths.get(id(owner), owner.name)
         self._note_once(
             "untraced",
-            f"{path} drew a dropout mask outside model.fit/train_on_batch (a custom training "
-            f"loop, or model(x, training=True)): dropspy records the masks of tf_keras train "
-            f"steps only; masks drawn elsewhere are not recorded.",
+            f"{path} drew a dropout mask outside model.fit/evaluate/predict (a custom training "
+            f"loop, or model(x, training=True)): dropspy records the masks of tf_keras train, "
+            f"test and predict steps only; masks drawn elsewhere are not recorded.",
         )
 
     # -- helpers ------------------------------------------------------------------------------
@@ -458,7 +483,8 @@ class TfKerasAdapter:
         if not self._declare(spec, rank):
             return
         trace.draws.append(self._cap.Draw(spec=spec, keep=keep, noise_shape=noise_shape,
-                                          applied_shape=applied_shape, expand_time=expand_time))
+                                          applied_shape=applied_shape, training=trace.training,
+                                          expand_time=expand_time))
 
     def _custom_spec(self, owner: Any, rate: Any, noise_shape: Any) -> Any:
         """A site for a layer dropspy does not know that calls its generator's dropout."""
@@ -491,31 +517,43 @@ class TfKerasAdapter:
 
     # -- host side ----------------------------------------------------------------------------
 
-    def _host_wrapper(self, inner: Callable[[Any], Any]) -> Any:
-        def train_function(iterator: Any) -> Any:
-            logs = inner(iterator)
-            if isinstance(logs, dict) and OUTPUT_KEY in logs:
-                logs = dict(logs)
-                payload = logs.pop(OUTPUT_KEY)
+    def _host_wrapper(self, inner: Callable[[Any], Any], kind: str = "train") -> Any:
+        def function(*args: Any, **kwargs: Any) -> Any:
+            out = inner(*args, **kwargs)
+            if isinstance(out, dict) and OUTPUT_KEY in out:
+                out = dict(out)
+                payload = out.pop(OUTPUT_KEY)
+                if kind == "predict":
+                    out = out[_PREDICT_OUTPUTS]
                 step = self._step
-                self._step += 1
+                if kind == "train":
+                    self._step += 1
                 self._on_step(step, payload)
-            return logs
+            return out
 
-        train_function._dropspy_owner = self  # type: ignore[attr-defined]
-        train_function.__wrapped__ = inner  # type: ignore[attr-defined]
-        return train_function
+        function._dropspy_owner = self  # type: ignore[attr-defined]
+        function.__wrapped__ = inner  # type: ignore[attr-defined]
+        return function
 
     def _on_step(self, step: int, payload: dict[str, Any]) -> None:
-        tid = int(payload["trace"])
-        meta = self._traces.get(tid)
+        dims = np.asarray(payload["dims"])
+        meta = self._traces.get(int(dims[0]))
         if meta is None:
             return
         if meta.eager:
-            del self._traces[tid]
+            del self._traces[int(dims[0])]
         if not meta.draws:
             return
         if not self.session.want_step(step):
             self.session.count_dropped("sampling", len(meta.draws))
             return
-        self.session.submit(step, decode_step(step, meta.draws, payload["bits"], payload["dims"]))
+        records = decode_step(step, meta.draws, payload["bits"], dims[1:])
+        # Evaluate/predict batches share the step of the next train step: number their calls
+        # on from what this step already holds, so (step, call) stays unique per site.
+        if self._calls_step != step:
+            self._calls_step, self._calls = step, {}
+        for r in records:
+            r.call += self._calls.get(r.site, 0)
+        for r in records:
+            self._calls[r.site] = max(self._calls.get(r.site, 0), r.call + 1)
+        self.session.submit(step, records)

@@ -102,6 +102,7 @@ class Trace:
     owner: Any
     graph: Any
     eager: bool
+    training: bool = True        # a train step (False: an evaluate or predict step)
     roles: list[RoleFrame] = field(default_factory=list)
     loops: list[Loop] = field(default_factory=list)
     draws: list[Draw] = field(default_factory=list)
