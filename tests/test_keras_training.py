@@ -292,3 +292,19 @@ def test_unbuilt_sequential_declares_its_sites_at_the_first_step(tmp_path):
     assert run["lstm/input"].axes == ("batch", "time", "feature")
     assert run["out"].axes == ("batch", "feature")
     assert all(len(s) == 2 for s in run.values())
+
+
+def test_sites_filter_keeps_selected_sites_and_counts_the_rest(tmp_path):
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((T, F))
+    x = L.Dropout(0.3, name="d")(inp)
+    x = L.LSTM(3, dropout=0.3, recurrent_dropout=0.3, name="lstm")(x)
+    model = keras.Model(inp, L.Dense(1)(x))
+    model.compile(optimizer="sgd", loss="mse")
+    x, y = _data()
+    with dropspy.record(model, tmp_path / "run.h5", sites="lstm/input/*"):
+        model.fit(x, y, batch_size=7, verbose=0)
+    run = dropspy.load(tmp_path / "run.h5")
+    assert sorted(run) == [f"lstm/input/{g}" for g in "cfio"]
+    assert all(len(s) == 2 for s in run.values())
+    assert run.records_dropped.get("site_filter") == 2 * 5   # d + 4 recurrent, 2 steps
