@@ -296,3 +296,27 @@ def test_custom_layer_using_its_random_generator_is_a_custom_site(tmp_path):
     assert site.role == "custom" and site.layer_class == "Noisy"
     assert site.noise(0).shape == (6, 1, 5)
     assert_dropout_exact(x, logs["y"], site.mask(0), site.scale)
+
+
+def _gpu_available():
+    return bool(tf.config.list_physical_devices("GPU"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _gpu_available(), reason="needs a CUDA GPU")
+def test_gpu_cudnn_lstm_input_masks_reproduce_output(tmp_path):
+    # On a GPU the cuDNN-eligible path really runs the cuDNN kernel; its input mask is applied
+    # before the kernel (one per timestep), so it stays observable there.
+    layer = L.LSTM(U, dropout=0.4, return_sequences=True)
+    x = planted((B, T, F))
+    with tf.device("/GPU:0"):
+        run, logs, _ = run_probe(layer, x, tmp_path / "run.h5")
+    site = run[f"{layer.name}/input"]
+    assert site.extra["tf_keras_path"] == "cuDNN-eligible"
+    assert site.noise(0).shape == (B, T, F) and varies_over_time(site.mask(0))
+    assert "GPU" in str(run.attrs["devices"])
+    k, rk, b = rnn_weights(layer)
+    in_m = [multipliers(site)] * 4
+    ones = [np.ones((B, T, U))] * 4
+    np.testing.assert_allclose(lstm_ref(x.astype(np.float64), k, rk, b, in_m, ones), logs["y"],
+                               rtol=1e-3, atol=1e-4)

@@ -27,7 +27,8 @@ def _spatial_names(n: int) -> tuple[str, ...]:
     )
 
 
-def axes_for(rank: int, data_format: str | None = None, *, sequence: bool = True) -> tuple[str, ...]:
+def axes_for(rank: int, data_format: str | None = None, *,
+             sequence: bool = True) -> tuple[str, ...]:
     """Names for the axes of a tensor of ``rank`` in Keras' layout.
 
     The same rule as ``dropspy.frameworks.keras_sites.axes_for``.
