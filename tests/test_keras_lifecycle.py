@@ -339,3 +339,14 @@ def test_custom_cell_dropout_in_an_unrolled_rnn_is_recorded_per_timestep(tmp_pat
     assert site.role == "custom" and not site.opaque
     assert site.calls.tolist() == [0, 1, 2, 3]     # one fresh mask per timestep
     assert site.axes == ("batch", "feature")
+
+
+def test_a_single_replica_strategy_is_recorded(tmp_path):
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
+    with strategy.scope():
+        model = _model()
+    x, y = _data()
+    with dropspy.record(model, tmp_path / "run.h5"):
+        model.fit(x, y, batch_size=4, verbose=0)
+    run = dropspy.load(tmp_path / "run.h5")
+    assert len(run) == 10 and all(len(s) == 2 for s in run.values())
