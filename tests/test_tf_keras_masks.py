@@ -320,3 +320,12 @@ def test_gpu_cudnn_lstm_input_masks_reproduce_output(tmp_path):
     ones = [np.ones((B, T, U))] * 4
     np.testing.assert_allclose(lstm_ref(x.astype(np.float64), k, rk, b, in_m, ones), logs["y"],
                                rtol=1e-3, atol=1e-4)
+
+
+def test_time_major_rnn_sites_are_opaque_with_the_reason(tmp_path):
+    layer = L.LSTM(3, dropout=0.3, recurrent_dropout=0.2, time_major=True)
+    run, _, _ = run_probe(layer, planted((5, 4, 3)), tmp_path / "run.h5")
+    assert set(run) == {f"{layer.name}/input", f"{layer.name}/recurrent"}
+    for site in run.values():
+        assert "time_major=True" in site.opaque and len(site) == 0
+    assert not [n for n in run.notes if n.startswith("perturbation")]

@@ -345,6 +345,12 @@ class TfKerasAdapter:
         if slot is not None:
             spec = slot.spec
             if spec is None:
+                if slot.unknown:
+                    path = sm.layer_paths.get(id(owner), owner.name)
+                    self._note_once(f"unknown:{path}:{role.role}",
+                                    f"{path} ({type(owner).__name__}) drew more {role.role} "
+                                    f"masks per call than dropspy knows it applies; the extra "
+                                    f"ones are not recorded")
                 return out   # drawn and never applied (e.g. LSTM masks 1-3, cuDNN-eligible)
         else:
             spec = sm.dropout.get(id(owner)) or self._custom_spec(owner, rate, noise_shape)

@@ -52,6 +52,7 @@ class DrawSlot:
 
     spec: SiteSpec | None
     kind: str
+    unknown: bool = False    # a draw beyond what dropspy knows the layer draws (not recorded)
 
 
 @dataclass
@@ -88,7 +89,7 @@ class SiteMap:
             return None
         if k < len(slots):
             return slots[k]
-        return DrawSlot(None, slots[0].kind)
+        return DrawSlot(None, slots[0].kind, unknown=True)
 
 
 def _static_rank(layer: Any) -> int | None:
@@ -175,6 +176,19 @@ def _rnn_specs(sm: SiteMap, rnn: Any, path: str, cell: Any, prefix: str, in_rank
     n = count or 1
     rate_in = float(getattr(cell, "dropout", 0.0) or 0.0)
     rate_rec = float(getattr(cell, "recurrent_dropout", 0.0) or 0.0)
+    if getattr(rnn, "time_major", False):
+        # (time, batch, ...) layouts would need their own axis order and time-axis handling.
+        sm.loop_paths[id(rnn)] = "time-major"   # nothing captured: no loop outputs added
+        for role, rate in (("input", rate_in), ("recurrent", rate_rec)):
+            if rate:
+                sm.opaque.append(SiteSpec(
+                    name=f"{prefix}/{role}", layer=path, layer_class=rnn_cls, role=role,
+                    rate=rate, rank=in_rank or 3,
+                    opaque="time_major=True: dropspy does not record time-major RNNs yet"))
+                owner = rnn if cudnn and role == "input" else cell
+                sm.slots[(id(owner), role)] = [DrawSlot(None, "step")] * n
+                sm.mask_getters.append((owner, role))
+        return
     if rate_in:
         if cudnn:
             s = spec("input", rate_in, None, in_rank, n, 1)
