@@ -139,7 +139,8 @@ def test_record_restores_everything_and_the_previous_train_function(tmp_path):
     x, y = _data()
     model.fit(x, y, verbose=0)
     before = model.train_function
-    with dropspy.record(model, tmp_path / "run.h5"):
+    with pytest.warns(DropspyWarning, match="built before recording started"), \
+            dropspy.record(model, tmp_path / "run.h5"):
         assert cap.installed()
         model.fit(x, y, verbose=0)
         assert model.train_function is not before
@@ -283,3 +284,27 @@ def test_monte_carlo_dropout_in_predict_is_recorded_as_dropout_at_inference(tmp_
     codes = {f.code for s in analyze_run(dropspy.load(tmp_path / "run.h5")).sites
              for f in s.findings}
     assert "inference-dropout" in codes
+
+
+def test_recording_after_the_train_function_was_built_warns_and_recompiling_avoids_it(tmp_path):
+    # Stateful dropout ops keep their random state inside the compiled train function; the new
+    # function dropspy builds restarts those streams (measured: different weights), so say so.
+    x, y = _data()
+    model = _model()
+    model.fit(x, y, batch_size=4, verbose=0)
+    with pytest.warns(DropspyWarning, match="built before recording started"):
+        with dropspy.record(model, tmp_path / "late.h5"):
+            model.fit(x, y, batch_size=4, verbose=0)
+
+    def fit_twice(path):
+        m = _model()
+        m.fit(x, y, batch_size=4, verbose=0, shuffle=False)
+        m.compile(optimizer="sgd", loss="mse")   # a fresh train function in both runs
+        return _fit(m, x, y, path)
+
+    base = fit_twice(None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DropspyWarning)
+        recorded = fit_twice(tmp_path / "run.h5")
+    for a, b in zip(_bits(base), _bits(recorded)):
+        np.testing.assert_array_equal(a, b)

@@ -267,6 +267,17 @@ class TfKerasAdapter:
                 f"set for all timesteps), or recurrent_dropout=0 with the default activations "
                 f"(the cuDNN-eligible path, one mask per timestep drawn before the loop)."
             )
+        built = model.__dict__.get("train_function")
+        if built is not None and self._legacy_stateful():
+            self.session.warn_perturbation(
+                "this model's train function was built before recording started. tf_keras' "
+                "stateful dropout ops keep their random state inside that compiled function; "
+                "dropspy must build a new one (with the masks as extra outputs), whose random "
+                "streams start again from the seeds, and restores the old one on exit. The "
+                "masks drawn while recording, and the training from here on, differ from a run "
+                "without dropspy. To keep training bit-identical, start recording before the "
+                "first fit/train_on_batch, or call model.compile() again before recording."
+            )
         jit = getattr(model, "_jit_compile", None)
         if jit and sm.all_specs():
             self.session.warn_perturbation(
@@ -275,6 +286,16 @@ class TfKerasAdapter:
                 "after identical seeded runs), so dropspy cannot prove it leaves training "
                 "unchanged. The recorded masks are the ones applied."
             )
+
+    def _legacy_stateful(self) -> bool:
+        """Whether some dropout generator of the model uses TF's stateful (legacy) random ops."""
+        from tf_keras.src import backend as kbackend
+
+        legacy = kbackend.RandomGenerator.RNG_LEGACY_STATEFUL
+        sm = self._sites
+        owners = set(sm.dropout) | {lid for lid, _ in sm.slots}
+        return any(getattr(gen_owner._random_generator, "_rng_type", legacy) == legacy
+                   for gen_owner in sm.owners.values() if id(gen_owner) in owners)
 
     # -- trace time -------------------------------------------------------------------------
 
