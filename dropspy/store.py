@@ -607,7 +607,9 @@ def _attr_value(value: Any) -> Any:
         return int(value)
     if isinstance(value, (int, float, np.integer, np.floating)):
         return value
-    if not isinstance(value, str):
+    if isinstance(value, str):
+        value = str(value)  # a str subclass (torch.__version__) is not a str to h5py
+    else:
         value = json.dumps(value, sort_keys=True, default=str)
     return np.bytes_(value.encode("utf-8")) if value else np.bytes_(b"")
 
