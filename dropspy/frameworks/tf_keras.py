@@ -1,17 +1,20 @@
-"""The Keras 2 adapter (``tf_keras``, the legacy ``tf.keras``): record the masks ``fit`` applies.
+"""The Keras 2 adapter (``tf_keras``, the legacy ``tf.keras``): record the masks it applies.
 
-The mechanism is the Keras 3 adapter's (``keras.py``): the masks drawn in a train step become
-extra outputs of the (compiled) train step, taken out of the logs before any callback sees them
-and handed to the session once per step. What differs is where Keras 2 draws and applies them
-(see ``tf_keras_sites`` and ``tf_keras_capture``): dropout goes through
+The mechanism is the Keras 3 adapter's (``keras.py``): the masks drawn in a train (test,
+predict) step become extra outputs of the compiled step, taken out of the logs before any
+callback sees them and handed to the session once per step. What differs is where Keras 2 draws
+and applies them (see ``tf_keras_sites`` and ``tf_keras_capture``): dropout goes through
 ``backend.RandomGenerator.dropout``, a draw is attributed to the layer owning the generator,
 and RNN cells draw a new mask at every timestep inside the time loop, captured there.
 
 Zero perturbation: in graph mode only non-random ops are added (reads of the keep-masks TF
 already computes; TF derives op seeds from a per-graph count of random ops, so the random
-streams are unchanged). Where tf_keras itself is not reproducible run to run (random ops in a
-``while`` loop body; legacy stateful random ops under XLA) dropspy cannot prove that it leaves
-training unchanged, and says so before it records.
+streams are unchanged). dropspy says so before it records where it cannot prove it:
+
+- tf_keras itself is not reproducible run to run: random ops in a ``while`` loop body (RNN cell
+  path in graph mode), legacy stateful random ops under XLA;
+- the train function was built before recording: legacy stateful random ops keep their state
+  inside it, and the function dropspy builds restarts their streams.
 """
 
 from __future__ import annotations
