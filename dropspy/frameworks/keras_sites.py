@@ -9,15 +9,14 @@ first draw); both paths go through :meth:`SiteSpec.info`, so the declaration is 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from keras import layers as klayers
 from keras.src.layers.rnn.conv_lstm import ConvLSTMCell
 from keras.src.layers.rnn.dropout_rnn_cell import DropoutRNNCell
 from keras.src.layers.rnn.stacked_rnn_cells import StackedRNNCells
 
-from dropspy.frameworks._keras_common import axes_for, float32_scale
-from dropspy.store import SiteInfo
+from dropspy.frameworks._keras_common import SiteSpec, axes_for
 
 __all__ = ["SiteSpec", "CellSites", "SiteMap", "axes_for", "find_sites"]
 
@@ -34,60 +33,6 @@ _NOISE_LAYERS = {
         "does not record AlphaDropout yet"
     ),
 }
-
-
-@dataclass
-class SiteSpec:
-    """What recording knows about one site before (and after) its rank is known.
-
-    Args:
-        name: Site name (``"dropout"``, ``"lstm/input/i"``, ``"mha/attention"``).
-        layer: Layer path.
-        layer_class: Class name of the layer the site belongs to.
-        role: Site role (see :class:`~dropspy.store.SiteInfo`).
-        rate: Configured drop rate, or None when unknown.
-        gate: Gate name for per-gate RNN masks.
-        axes_fn: Maps the applied mask's rank to axis names.
-        noise_fn: Maps the rank to the configured noise shape (None entries follow the input).
-        rank: Applied rank when known in advance.
-        opaque: Reason the site cannot be observed, or None.
-        extra: JSON-able facts stored with the site.
-    """
-
-    name: str
-    layer: str
-    layer_class: str
-    role: str
-    rate: float | None
-    gate: str | None = None
-    axes_fn: Callable[[int], tuple[str, ...]] = lambda r: axes_for(r)
-    noise_fn: Callable[[int], tuple[int | None, ...] | None] | None = None
-    rank: int | None = None
-    opaque: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-    declared: bool = False
-    selected: bool = True
-
-    def info(self, rank: int | None = None) -> SiteInfo:
-        """The :class:`SiteInfo` for this site at ``rank`` (the spec's own rank by default)."""
-        rank = self.rank if rank is None else rank
-        if rank is None:
-            raise ValueError(f"Site {self.name!r}: rank unknown")
-        self.rank = rank
-        noise = self.noise_fn(rank) if self.noise_fn is not None else (None,) * rank
-        return SiteInfo(
-            name=self.name,
-            layer=self.layer,
-            layer_class=self.layer_class,
-            role=self.role,
-            axes=self.axes_fn(rank),
-            rate=None if self.rate is None else float(self.rate),
-            gate=self.gate,
-            noise_shape=noise,
-            scale=float32_scale(self.rate),
-            opaque=self.opaque,
-            extra=dict(self.extra),
-        )
 
 
 @dataclass
