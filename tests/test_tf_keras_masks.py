@@ -93,6 +93,7 @@ def test_dropout_mask_exact_when_eager_and_under_xla(mode, tmp_path):
 # (id, layer kwargs, probe mode, expected tf_keras path, per gate, per timestep)
 LSTM_CASES = [
     ("cudnn-path", dict(dropout=0.4), "graph", "cuDNN-eligible", False, True),
+    ("cudnn-path-eager", dict(dropout=0.4), "eager", "cuDNN-eligible", False, True),
     ("loop-both", dict(dropout=0.3, recurrent_dropout=0.4), "graph", "while-loop", True, True),
     ("loop-recurrent-only", dict(recurrent_dropout=0.5), "graph", "while-loop", True, True),
     ("loop-xla", dict(dropout=0.3, recurrent_dropout=0.4), "xla", "while-loop", True, True),
