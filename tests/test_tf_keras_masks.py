@@ -330,3 +330,20 @@ def test_time_major_rnn_sites_are_opaque_with_the_reason(tmp_path):
     for site in run.values():
         assert "time_major=True" in site.opaque and len(site) == 0
     assert not [n for n in run.notes if n.startswith("perturbation")]
+
+
+def test_mixed_precision_dropout_mask_stays_exact(tmp_path):
+    tf_keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        layer = L.Dropout(0.3)
+        x = planted((6, 8))
+        run, logs, _ = run_probe(layer, x, tmp_path / "run.h5")
+    finally:
+        tf_keras.mixed_precision.set_global_policy("float32")
+    mask = run[layer.name].mask(0)
+    y = np.asarray(logs["y"])
+    assert y.dtype == np.float16
+    # In float16 the kept elements are multiplied by the float16-rounded 1 / (1 - rate).
+    expected = np.where(mask, x.astype(np.float16) * np.float16(1 / (1 - 0.3)), np.float16(0))
+    np.testing.assert_array_equal(y.view(np.uint16), expected.view(np.uint16))
+    assert np.any(mask & (x == 0))
