@@ -145,10 +145,11 @@ def exact_dropout(generator: Any, inputs: Any, rate: Any, noise_shape: Any = Non
         return out, None
     held: list[Any] = []
     real = nn_ops._dropout
+    me = threading.get_ident()
 
     def holding(*args: Any, **kwargs: Any) -> Any:
         sampler = kwargs.get("uniform_sampler")
-        if sampler is not None:
+        if sampler is not None and threading.get_ident() == me:   # not another thread's draw
             def keep_sample(*a: Any, **k: Any) -> Any:
                 r = sampler(*a, **k)
                 held.append(r)
