@@ -158,11 +158,16 @@ def _rnn_specs(sm: SiteMap, rnn: Any, path: str, cell: Any, prefix: str, in_rank
 
     def spec(role: str, rate: float, gate: str | None, rank: int | None, drawn: int,
              applied: int) -> SiteSpec:
+        # Keys shared with the Keras 3 adapter (masks_per_call, gates_share_mask, gates) mean
+        # the same there: the masks applied per cell step, one per gate or one for all gates.
         extra: dict[str, Any] = {
             "cell_class": cls, "tf_keras_path": loop, "drawn": how,
+            "masks_per_call": applied,
             "masks_drawn_per_call": drawn, "masks_applied_per_call": applied,
-            "gates_share_mask": gate is None and (count or 1) > 1,
         }
+        if gates:   # SimpleRNN has no gates: nothing to share or not
+            extra["gates_share_mask"] = gate is None
+            extra["gates"] = list(gates)
         if hasattr(cell, "implementation"):
             extra["implementation"] = int(impl)
         if not per_timestep:
