@@ -20,6 +20,7 @@ Example:
 from __future__ import annotations
 
 import fnmatch
+import json
 import math
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -205,6 +206,10 @@ class SiteAnalysis:
             axis and no repeated call within a step).
         freshness: New mask each step, or stale (None with fewer than two steps).
         findings: Findings about this site.
+        noise_shape: The configured noise shape (None entries follow the input), or None.
+        scale: The multiplier applied to kept elements, or None when unknown.
+        extra: The adapter's facts about the site as stored in the run (JSON-able), e.g.
+            ``masks_per_call``, ``gates_share_mask``, ``time_axis_by_construction``.
     """
 
     site: str
@@ -225,6 +230,9 @@ class SiteAnalysis:
     over_time: PairCheck | None
     freshness: PairCheck | None
     findings: tuple[Finding, ...]
+    noise_shape: tuple[int | None, ...] | None = None
+    scale: float | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict, hash=False)
 
     @property
     def axis_names(self) -> tuple[str, ...]:
@@ -277,6 +285,7 @@ class RunAnalysis:
         confidence: Confidence level of the rate intervals.
         sites: The analysed sites, in run order.
         findings: Findings about the run as a whole.
+        framework_version: Version of that framework, or "" when the run does not say.
     """
 
     path: str | None
@@ -288,6 +297,7 @@ class RunAnalysis:
     confidence: float
     sites: tuple[SiteAnalysis, ...]
     findings: tuple[Finding, ...]
+    framework_version: str = ""
 
     def __getitem__(self, name: str) -> SiteAnalysis:
         for s in self.sites:
@@ -324,7 +334,8 @@ class SiteDifference:
     Attributes:
         site: Site name.
         aspect: What differs: ``presence``, ``axes``, ``axis:<name>``, ``pattern``,
-            ``rate``, ``gates``, ``over_time``, ``freshness``, ``errors``.
+            ``rate``, ``gates``, ``over_time``, ``freshness``, ``errors``, and with
+            ``diff(..., facts=True)`` ``fact:noise_shape``, ``fact:scale``, ``fact:<key>``.
         a: The first run's value, in words.
         b: The second run's value, in words.
     """
@@ -540,7 +551,20 @@ def _conclude(site: Any, scan: SiteScan, threshold: float, confidence: float,
         records=n, training_records=int(training.sum()), applied_records=int(applied.sum()),
         steps=int(np.unique(steps_arr).size), opaque=opaque, gates=gates, gate_sites=gate_sites,
         over_time=over_time, freshness=freshness, findings=tuple(findings),
+        **_site_facts(site, extra),
     )
+
+
+def _site_facts(site: Any, extra: Mapping[str, Any]) -> dict[str, Any]:
+    """noise_shape, scale and extra in their JSON form, so that a report round trip is lossless."""
+    ns = getattr(site, "noise_shape", None)
+    scale = getattr(site, "scale", None)
+    scale = None if scale is None or not math.isfinite(float(scale)) else float(scale)
+    return {
+        "noise_shape": None if ns is None else tuple(None if d is None else int(d) for d in ns),
+        "scale": scale,
+        "extra": json.loads(json.dumps(dict(extra), default=str, sort_keys=True)),
+    }
 
 
 def _rate(configured: float | None, scan: SiteScan, eff_elements: int,
@@ -732,6 +756,7 @@ def analyze_run(
     return RunAnalysis(
         path=str(run.path) if getattr(run, "path", None) is not None else None,
         framework=str(getattr(run, "framework", "unknown")),
+        framework_version=str((getattr(run, "attrs", None) or {}).get("framework_version", "")),
         complete=bool(getattr(run, "complete", True)),
         records_written=int(getattr(run, "records_written", 0)),
         records_dropped=dict(getattr(run, "records_dropped", {}) or {}),
@@ -846,14 +871,23 @@ def _keys(site: Any) -> np.ndarray:
 # -- comparing two runs -------------------------------------------------------------------
 
 
-def diff(a: RunAnalysis, b: RunAnalysis) -> list[SiteDifference]:
+def diff(a: RunAnalysis, b: RunAnalysis, *, facts: bool = False) -> list[SiteDifference]:
     """Where two runs' mask structure differs, site by site.
 
     Compares presence, axis names, each axis verdict, pattern, observed rate (intervals that
     do not overlap), gates, over-time and freshness verdicts, and error findings.
 
+    Args:
+        a: The first run's analysis.
+        b: The second run's analysis.
+        facts: Also compare what the adapters stated about each site (aspects
+            ``fact:noise_shape``, ``fact:scale`` and ``fact:<key>`` for each key of
+            ``extra``). Two runs can agree on every verdict while the frameworks draw
+            differently, e.g. Keras 2's cuDNN-eligible LSTM draws 4 input masks and applies
+            one (``masks_drawn_per_call``), Keras 3 draws one.
+
     Returns:
-        The differences; empty when the structure agrees.
+        The differences; empty when the structure (and, with ``facts``, the facts) agree.
     """
     out: list[SiteDifference] = []
     names = list(a.site_names) + [n for n in b.site_names if n not in a]
@@ -885,6 +919,35 @@ def diff(a: RunAnalysis, b: RunAnalysis) -> list[SiteDifference]:
         eb = sorted({f.code for f in y.findings if f.severity == Severity.ERROR})
         if ea != eb:
             out.append(SiteDifference(n, "errors", ",".join(ea) or "none", ",".join(eb) or "none"))
+        if facts:
+            out.extend(_diff_facts(n, x, y))
+    return out
+
+
+_ABSENT = object()
+
+
+def _fact_words(value: Any) -> str:
+    if value is _ABSENT:
+        return "absent"
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def _diff_facts(name: str, x: SiteAnalysis, y: SiteAnalysis) -> list[SiteDifference]:
+    out = []
+    na = None if x.noise_shape is None else list(x.noise_shape)
+    nb = None if y.noise_shape is None else list(y.noise_shape)
+    if na != nb:
+        out.append(SiteDifference(name, "fact:noise_shape", _fact_words(na), _fact_words(nb)))
+    if (x.scale is None) != (y.scale is None) or (
+            x.scale is not None and y.scale is not None
+            and not math.isclose(x.scale, y.scale, rel_tol=1e-6)):
+        out.append(SiteDifference(name, "fact:scale", _fact_words(x.scale), _fact_words(y.scale)))
+    keys = list(x.extra) + [k for k in y.extra if k not in x.extra]
+    for k in sorted(keys):
+        va, vb = x.extra.get(k, _ABSENT), y.extra.get(k, _ABSENT)
+        if va is _ABSENT or vb is _ABSENT or _fact_words(va) != _fact_words(vb):
+            out.append(SiteDifference(name, f"fact:{k}", _fact_words(va), _fact_words(vb)))
     return out
 
 

@@ -104,6 +104,11 @@ def _site(s: SiteAnalysis) -> dict[str, Any]:
         "freshness": _pair(s.freshness),
         "severity": None if s.severity is None else str(s.severity),
         "findings": [_finding(f) for f in s.findings],
+        "facts": {
+            "noise_shape": None if s.noise_shape is None else list(s.noise_shape),
+            "scale": _num(s.scale),
+            "extra": json.loads(json.dumps(dict(s.extra), default=str)),
+        },
     }
 
 
@@ -123,6 +128,7 @@ def to_dict(analysis: RunAnalysis) -> dict[str, Any]:
         "dropspy_version": __version__,
         "path": analysis.path,
         "framework": analysis.framework,
+        "framework_version": analysis.framework_version,
         "complete": analysis.complete,
         "records_written": analysis.records_written,
         "records_dropped": {k: int(v) for k, v in analysis.records_dropped.items()},
@@ -155,6 +161,7 @@ def _site_from(d: Mapping[str, Any]) -> SiteAnalysis:
     rate = RateEstimate(d["rate_configured"], d["rate_observed"], interval[0], interval[1],
                         d.get("rate_confidence", 0.999), d.get("rate_elements", 0),
                         d.get("rate_effective_elements", 0), d.get("rate_verdict", "unknown"))
+    facts = d.get("facts") or {}  # reports written before dropspy carried site facts lack it
     axes = tuple(AxisVerdict(a["name"], a["verdict"], a["by_construction"], a["size"],
                              a.get("log10_chance"), a["reason"]) for a in d["axis_verdicts"])
     return SiteAnalysis(
@@ -165,6 +172,8 @@ def _site_from(d: Mapping[str, Any]) -> SiteAnalysis:
         gate_sites=tuple(d.get("gate_sites", ())), over_time=_pair_from(d.get("over_time")),
         freshness=_pair_from(d.get("freshness")),
         findings=tuple(_finding_from(f) for f in d.get("findings", ())),
+        noise_shape=None if facts.get("noise_shape") is None else tuple(facts["noise_shape"]),
+        scale=facts.get("scale"), extra=dict(facts.get("extra") or {}),
     )
 
 
@@ -186,6 +195,7 @@ def from_dict(data: Mapping[str, Any]) -> RunAnalysis:
     try:
         return RunAnalysis(
             path=data.get("path"), framework=data.get("framework", "unknown"),
+            framework_version=data.get("framework_version", ""),
             complete=data.get("complete", True), records_written=data.get("records_written", 0),
             records_dropped=dict(data.get("records_dropped") or {}),
             threshold=data["threshold"], confidence=data["confidence"],

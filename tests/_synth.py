@@ -37,10 +37,14 @@ def records(name: str, shape: Sequence[int], noise_shape: Sequence[int], rate: f
 
 
 def write_run(path: Path, sites: Iterable[tuple[SiteInfo, Sequence[Record]]], *,
-              dropped: dict[str, int] | None = None, notes: Sequence[str] = ()) -> Path:
-    """Write a run file: declare each site, submit its records step by step, close."""
+              dropped: dict[str, int] | None = None, notes: Sequence[str] = (),
+              meta: dict[str, str] | None = None) -> Path:
+    """Write a run file: declare each site, submit its records step by step, close.
+
+    ``meta`` adds root attributes (``framework``, ``framework_version``...).
+    """
     sites = list(sites)
-    with RunWriter(path, {"framework": "synthetic"}) as w:
+    with RunWriter(path, {"framework": "synthetic", **(meta or {})}) as w:
         for site_info, _ in sites:
             w.declare_site(site_info)
         by_step: dict[int, list[Record]] = {}
@@ -54,3 +58,20 @@ def write_run(path: Path, sites: Iterable[tuple[SiteInfo, Sequence[Record]]], *,
         for n in notes:
             w.note(n)
     return path
+
+
+KERAS2_CUDNN_LSTM_INPUT = {"masks_per_call": 1, "masks_drawn_per_call": 4,
+                           "masks_applied_per_call": 1, "gates_share_mask": True,
+                           "tf_keras_path": "cudnn-eligible", "time_axis_by_construction": True}
+KERAS3_LSTM_INPUT = {"masks_per_call": 1, "masks_drawn_per_call": 1, "masks_applied_per_call": 1,
+                     "gates_share_mask": True, "time_axis_by_construction": True}
+
+
+def lstm_input_run(path: Path, extra: dict, meta: dict[str, str], *,
+                   noise_shape: Sequence[int | None] | None = None,
+                   scale: float | None = 1 / 0.7) -> Path:
+    """An ``lstm/input`` site with planted adapter facts; the masks depend on nothing else,
+    so two such runs differ only in the facts."""
+    site = info("lstm/input", rate=0.3, layer="lstm", layer_class="LSTM", role="input",
+                noise_shape=noise_shape, scale=scale, extra=extra)
+    return write_run(path, [(site, records("lstm/input", (8, 5, 6), (8, 1, 6), 0.3))], meta=meta)

@@ -9,6 +9,7 @@ import pytest
 
 from dropspy.analysis import MemoryRun, MemorySite, analyze_run
 from dropspy.report import from_dict, from_json, load_schema, to_dict, to_json
+from _synth import info, records, write_run
 
 jsonschema = pytest.importorskip("jsonschema")
 
@@ -21,7 +22,9 @@ def _rich_run() -> MemoryRun:
     stale = rng.random((8, 10, 16)) >= 0.3
     gates = [MemorySite(f"lstm/input/{g}", AXES3, [rng.random((8, 1, 16)) >= 0.3 for _ in range(3)],
                         rate=0.3, shapes=[(8, 12, 16)] * 3, layer="lstm", layer_class="LSTM",
-                        role="input", gate=g) for g in "ifco"]
+                        role="input", gate=g,
+                        extra={"masks_per_call": 4, "gates": tuple("ifco"),
+                               "time_axis_by_construction": True}) for g in "ifco"]
     return MemoryRun(gates + [
         MemorySite("stale", AXES3, [stale] * 3, rate=0.3),
         MemorySite("wrong_rate", ("batch", "feature"), [rng.random((64, 64)) >= 0.5], rate=0.1),
@@ -78,3 +81,45 @@ def test_from_dict_rejects_what_is_not_a_report():
         from_dict({"format": "something"})
     with pytest.raises(ValueError, match="format_version"):
         from_dict({"format": "dropspy.report", "format_version": 99})
+
+
+def _tf_keras_like_run(path):
+    """A run file with the facts a Keras 2 adapter states about a cuDNN-eligible LSTM."""
+    extra = {"masks_per_call": 1, "masks_drawn_per_call": 4, "masks_applied_per_call": 1,
+             "gates_share_mask": True, "tf_keras_path": "cudnn-eligible",
+             "time_axis_by_construction": True}
+    site = info("lstm/input", rate=0.3, layer="lstm", layer_class="LSTM", role="input",
+                noise_shape=(None, 1, None), scale=1 / 0.7, extra=extra)
+    return write_run(path, [(site, records("lstm/input", (8, 5, 6), (8, 1, 6), 0.3))],
+                     meta={"framework": "tf_keras", "framework_version": "2.17.0"})
+
+
+def test_report_carries_site_facts_and_framework_version(tmp_path):
+    data = to_dict(analyze_run(_tf_keras_like_run(tmp_path / "run.h5")))
+    jsonschema.Draft202012Validator(load_schema("report")).validate(data)
+    assert (data["framework"], data["framework_version"]) == ("tf_keras", "2.17.0")
+    facts = data["sites"][0]["facts"]
+    assert facts["noise_shape"] == [None, 1, None]
+    assert facts["scale"] == pytest.approx(1 / 0.7)
+    assert facts["extra"]["masks_drawn_per_call"] == 4
+    assert facts["extra"]["masks_applied_per_call"] == 1
+    assert facts["extra"]["tf_keras_path"] == "cudnn-eligible"
+    assert facts["extra"]["gates_share_mask"] is True
+
+
+def test_report_with_site_facts_round_trips_to_an_equal_analysis(tmp_path, analysis):
+    from_file = analyze_run(_tf_keras_like_run(tmp_path / "run.h5"))
+    assert from_json(to_json(from_file)) == from_file
+    site = from_json(to_json(from_file)).sites[0]
+    assert (site.noise_shape, site.extra["masks_drawn_per_call"]) == ((None, 1, None), 4)
+    assert from_json(to_json(analysis))["lstm/input/i"].extra["gates"] == list("ifco")
+
+
+def test_report_without_facts_still_loads():
+    data = to_dict(analyze_run(_rich_run()))
+    del data["framework_version"]
+    for s in data["sites"]:
+        del s["facts"]
+    jsonschema.Draft202012Validator(load_schema("report")).validate(data)
+    old = from_dict(data)
+    assert old.framework_version == "" and old.sites[0].extra == {}
