@@ -125,8 +125,10 @@ def test_bad_arguments_say_what_was_received(tmp_path, kwargs, match):
 
 
 def test_unknown_model_names_what_was_received(tmp_path):
-    with pytest.raises(UnsupportedModelError, match="Received: builtins.object"):
+    with pytest.raises(UnsupportedModelError, match="Received: builtins.object") as exc:
         dropspy.record(object(), tmp_path / "n.h5")
+    assert "Keras 3" in str(exc.value) and "tf_keras.Model" in str(exc.value)
+    assert "torch.nn.Module" in str(exc.value)
 
 
 def test_import_dropspy_imports_no_framework():

@@ -56,7 +56,8 @@ def find_adapter(model: Any) -> type:
     frameworks = [t for t, _, _ in _REGISTRY if t in sys.modules]
     raise UnsupportedModelError(
         f"No dropspy adapter for this model. Expected a Keras 3 model (keras.Model / "
-        f"keras.layers.Layer, TensorFlow backend) or a torch.nn.Module, with its framework "
+        f"keras.layers.Layer, TensorFlow backend), a Keras 2 model (tf_keras.Model, or "
+        f"tf.keras.Model under TF_USE_LEGACY_KERAS=1) or a torch.nn.Module, with its framework "
         f"imported. Received: {kind} (frameworks imported: {', '.join(frameworks) or 'none'}; "
         f"adapters tried: {', '.join(tried) or 'none'})"
     )

@@ -65,8 +65,8 @@ class KerasAdapter(DrawRouter):
         session: The recorder's session (see ``docs/internals.md``).
 
     Raises:
-        UnsupportedModelError: A tf_keras (Keras 2) model, a backend other than TensorFlow, a
-            layer that is not a model, ``steps_per_execution > 1``, or several replicas.
+        UnsupportedModelError: A tf_keras (Keras 2) model (recorded by ``TfKerasAdapter``), a
+            backend other than TensorFlow, a layer that is not a model, ``steps_per_execution > 1``, or several replicas.
 
     Example:
         >>> with dropspy.record(model, "run.h5"):   # doctest: +SKIP
@@ -443,8 +443,9 @@ class KerasAdapter(DrawRouter):
 def _check_supported(model: Any) -> None:
     if _is_tf_keras_model(model):
         raise UnsupportedModelError(
-            f"dropspy does not record tf_keras (Keras 2) models yet. Expected a Keras 3 model "
-            f"(import keras, keras>=3, TensorFlow backend). Received: "
+            f"The Keras 3 adapter does not record tf_keras (Keras 2) models; dropspy.record "
+            f"hands them to the tf_keras adapter (dropspy.frameworks.tf_keras.TfKerasAdapter). "
+            f"Expected a Keras 3 model (import keras, keras>=3, TensorFlow backend). Received: "
             f"{type(model).__module__}.{type(model).__qualname__}."
         )
     keras = _keras_module()
