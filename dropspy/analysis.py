@@ -771,6 +771,8 @@ def _verify(site: Any, scan: SiteScan) -> None:
     scan.calls.verify(read)
 
 
+_POLICY_CAUSES = {"site_filter", "sampling"}
+
 def _run_findings(run: Any) -> list[Finding]:
     out: list[Finding] = []
     if not getattr(run, "complete", True):
@@ -784,7 +786,8 @@ def _run_findings(run: Any) -> list[Finding]:
     if dropped:
         total = sum(dropped.values())
         detail = ", ".join(f"{k}: {v}" for k, v in sorted(dropped.items()))
-        only_policy = set(dropped) <= {"site_filter"}
+        # Steps or sites left out on purpose by the sampling policy are not losses.
+        only_policy = set(dropped) <= _POLICY_CAUSES
         out.append(Finding(
             "records-dropped", Severity.INFO if only_policy else Severity.WARNING,
             f"{total} record(s) were not written ({detail}); the analysis does not see them",

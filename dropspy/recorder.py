@@ -245,14 +245,21 @@ class Recording:
             print(_summary_line(self.path, self.writer.stats), file=sys.stderr)
 
 
+_POLICY_CAUSES = ("sampling", "site_filter")
+
+
 def _summary_line(path: str, stats: dict[str, Any]) -> str:
-    dropped = {k: v for k, v in stats["records_dropped"].items() if v}
-    lost = sum(dropped.values())
-    why = f" ({', '.join(f'{k}: {v}' for k, v in sorted(dropped.items()))})" if lost else ""
+    counts = {k: v for k, v in stats["records_dropped"].items() if v}
+    # What the sampling policy left out on purpose is not a loss: say it apart.
+    skipped = sum(counts.pop(k, 0) for k in _POLICY_CAUSES)
+    lost = sum(counts.values())
+    why = f" ({', '.join(f'{k}: {v}' for k, v in sorted(counts.items()))})" if lost else ""
     line = (
         f"dropspy: {path}: {stats['sites']} sites, {stats['records_written']} records, "
         f"{stats['bytes'] / 1e6:.2f} MB of masks, {lost} records dropped{why}"
     )
+    if skipped:
+        line += f", {skipped} left out by the sampling policy"
     if stats["error"]:
         line += f"; writing stopped: {stats['error']}"
     return line

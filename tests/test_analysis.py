@@ -9,7 +9,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from _synth import info, records, write_run
+from _synth import (
+    KERAS2_CUDNN_LSTM_INPUT,
+    KERAS3_LSTM_INPUT,
+    info,
+    lstm_input_run,
+    records,
+    write_run,
+)
 from dropspy.analysis import (
     MemoryRun,
     MemorySite,
@@ -306,6 +313,18 @@ def test_run_incomplete_and_dropped_records_are_warnings():
     assert codes["note"].message == "sites left out"
 
 
+@pytest.mark.parametrize("dropped, severity", [
+    ({"sampling": 12}, Severity.INFO),
+    ({"site_filter": 3, "sampling": 1}, Severity.INFO),
+    ({"sampling": 12, "disk_full": 1}, Severity.WARNING),
+])
+def test_records_left_out_by_the_sampling_policy_are_info_not_loss(dropped, severity):
+    run = MemoryRun([MemorySite("d", ("batch", "feature"), _draws((8, 8), 0.3), rate=0.3)],
+                    records_dropped=dropped)
+    codes = {f.code: f for f in analyze_run(run).findings}
+    assert codes["records-dropped"].severity == severity
+
+
 def test_end_to_end_on_a_run_file(tmp_path):
     path = write_run(tmp_path / "run.h5", [
         (info("spatial", layer_class="SpatialDropout1D"),
@@ -351,6 +370,32 @@ def test_diff_names_the_sites_and_aspects_that_differ():
     assert d[("only_a", "presence")].b == "absent"
     assert not any(site == "y" for site, _ in d)
     assert diff(a, a) == []
+
+
+def test_diff_with_facts_names_the_site_facts_that_differ(tmp_path):
+    k2 = analyze_run(lstm_input_run(tmp_path / "k2.h5", KERAS2_CUDNN_LSTM_INPUT,
+                                    {"framework": "tf_keras", "framework_version": "2.17.0"},
+                                    noise_shape=(None, 1, None)))
+    k3 = analyze_run(lstm_input_run(tmp_path / "k3.h5", KERAS3_LSTM_INPUT,
+                                    {"framework": "keras", "framework_version": "3.6.0"}))
+    assert diff(k2, k3) == []   # the same masks: every verdict agrees
+    d = {(x.site, x.aspect): (x.a, x.b) for x in diff(k2, k3, facts=True)}
+    assert d == {
+        ("lstm/input", "fact:masks_drawn_per_call"): ("4", "1"),
+        ("lstm/input", "fact:tf_keras_path"): ('"cudnn-eligible"', "absent"),
+        ("lstm/input", "fact:noise_shape"): ("[null, 1, null]", "null"),
+    }
+    assert (k2.framework_version, k3.framework_version) == ("2.17.0", "3.6.0")
+
+
+def test_diff_with_facts_names_a_different_scale_and_nothing_for_equal_facts(tmp_path):
+    meta = {"framework": "keras"}
+    a = analyze_run(lstm_input_run(tmp_path / "a.h5", KERAS3_LSTM_INPUT, meta))
+    b = analyze_run(lstm_input_run(tmp_path / "b.h5", KERAS3_LSTM_INPUT, meta, scale=2.0))
+    assert diff(a, a, facts=True) == []
+    d = {(x.site, x.aspect): (x.a, x.b) for x in diff(a, b, facts=True)}
+    assert list(d) == [("lstm/input", "fact:scale")]
+    assert d[("lstm/input", "fact:scale")][1] == "2.0"
 
 
 def test_bad_threshold_is_rejected_with_the_value():

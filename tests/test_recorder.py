@@ -68,6 +68,14 @@ def test_site_globs_leave_other_sites_out_and_say_so(tmp_path):
     assert run.records_dropped["site_filter"] == 1
 
 
+def test_summary_line_tells_policy_skips_from_losses(tmp_path, capsys):
+    model = FakeModel()
+    with dropspy.record(model, tmp_path / "p.h5", sites="enc.*"):
+        model.train_step()
+    err = capsys.readouterr().err
+    assert "0 records dropped, 1 left out by the sampling policy" in err
+
+
 def test_summary_line_on_exit(tmp_path, capsys):
     model = FakeModel()
     with dropspy.record(model, tmp_path / "x.h5"):
