@@ -759,7 +759,7 @@ class Site:
         """Yield ``(indices, noise)`` with noise stacked as ``(k, *noise_shape)`` (bool).
 
         Consecutive applied records of one noise shape are read with one HDF5 read and
-        unpacked with one ``np.unpackbits`` call: per-record work dominates small masks (GRU
+        unpacked with one ``np.unpackbits`` call, up to ``max_bytes`` of unpacked noise: per-record work dominates small masks (GRU
         gate masks are a few hundred bytes). Records with no mask are skipped.
         """
         stop = len(self) if stop is None else min(stop, len(self))
@@ -774,7 +774,8 @@ class Site:
         for a, b in zip(firsts, firsts[1:] + [len(idx)]):
             width, shape = int(nb[a]), tuple(int(x) for x in ns[a])
             size = math.prod(shape)
-            per = max(1, min(max_records, max_bytes // max(width, 1)))
+            # max_bytes bounds the unpacked bools (8x the packed bits), not the read.
+            per = max(1, min(max_records, max_bytes // max(size, 1)))
             for c in range(a, b, per):
                 d = min(b, c + per)
                 k = d - c
