@@ -254,27 +254,39 @@ def diff_cmd(
     b: Annotated[Path, typer.Argument(help="Second run file.", show_default=False)],
     site: SiteOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print differences as JSON.")] = False,
+    facts: Annotated[bool, typer.Option(
+        "--facts/--no-facts",
+        help="Also compare what the adapters stated about each site (noise shape, scale, "
+             "masks drawn and applied per call...).")] = True,
     threshold: ThresholdOpt = THRESHOLD,
 ) -> None:
-    """Site by site, where two runs' mask structure differs. Exit 1 when it does."""
+    """Site by site, where two runs' mask structure (and site facts) differ. Exit 1 when they do."""
     with _errors():
         with _load(a) as run_a, _load(b) as run_b:
             ra = _analyze(run_a, _present(site, run_a, run_b), threshold)
             rb = _analyze(run_b, _present(site, run_b, run_a), threshold)
-    diffs = diff(ra, rb)
+    diffs = diff(ra, rb, facts=facts)
+    header = f"A = {a} ({_framework(ra)})   B = {b} ({_framework(rb)})"
     if as_json:
         typer.echo(json.dumps([{"site": d.site, "aspect": d.aspect, "a": d.a, "b": d.b}
                                for d in diffs], indent=2))
     elif not diffs:
-        typer.echo(f"no differences in mask structure ({len(ra.sites)} sites)")
+        typer.echo(header)
+        what = "mask structure or site facts" if facts else "mask structure"
+        typer.echo(f"no differences in {what} ({len(ra.sites)} sites)")
     else:
-        table = Table(title=f"A = {a}   B = {b}", title_justify="left")
+        table = Table(title=header, title_justify="left")
         for col in ("site", "aspect", "A", "B"):
             table.add_column(col, overflow="fold")
         for d in diffs:
-            table.add_row(d.site, d.aspect, d.a, d.b)
+            # Text, not markup: fact values such as [null, 1, null] would be read as tags.
+            table.add_row(*(Text(v) for v in (d.site, d.aspect, d.a, d.b)))
         _out().print(table)
     raise typer.Exit(code=1 if diffs else 0)
+
+
+def _framework(analysis: RunAnalysis) -> str:
+    return f"{analysis.framework} {analysis.framework_version or 'version unknown'}"
 
 
 def _present(patterns: list[str] | None, run: Any, other: Any) -> list[str] | None:

@@ -11,7 +11,14 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from _synth import info, records, write_run
+from _synth import (
+    KERAS2_CUDNN_LSTM_INPUT,
+    KERAS3_LSTM_INPUT,
+    info,
+    lstm_input_run,
+    records,
+    write_run,
+)
 from dropspy.cli import app
 from dropspy.report import load_schema
 from dropspy.store import Record
@@ -162,6 +169,40 @@ def test_diff_same_run_exit_0_different_runs_exit_1(run_path, bad_run_path):
     assert diffs[("spatial", "presence")]["b"] == "absent"
     assert diffs[("stale", "presence")]["a"] == "absent"
     assert diffs[("plain", "errors")]["b"] == "inference-dropout"
+
+
+@pytest.fixture(scope="module")
+def keras2_keras3_paths(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli_facts")
+    return (lstm_input_run(d / "k2.h5", KERAS2_CUDNN_LSTM_INPUT,
+                           {"framework": "tf_keras", "framework_version": "2.17.0"},
+                           noise_shape=(None, None, None)),
+            lstm_input_run(d / "k3.h5", KERAS3_LSTM_INPUT,
+                           {"framework": "keras", "framework_version": "3.6.0"},
+                           noise_shape=(None, 1, None)))
+
+
+def test_diff_shows_site_facts_and_each_runs_framework_version(keras2_keras3_paths):
+    k2, k3 = keras2_keras3_paths
+    result = runner.invoke(app, ["diff", str(k2), str(k3)])
+    assert result.exit_code == 1, result.output
+    assert "(tf_keras 2.17.0)" in result.stdout and "(keras 3.6.0)" in result.stdout
+    assert "fact:masks_drawn_per_call" in result.stdout
+    assert "[null, 1, null]" in result.stdout   # printed as text, not eaten as rich markup
+    as_json = runner.invoke(app, ["diff", str(k2), str(k3), "--json"])
+    assert as_json.exit_code == 1
+    diffs = {(d["site"], d["aspect"]): (d["a"], d["b"]) for d in json.loads(as_json.stdout)}
+    assert diffs == {("lstm/input", "fact:masks_drawn_per_call"): ("4", "1"),
+                     ("lstm/input", "fact:tf_keras_path"): ('"cudnn-eligible"', "absent"),
+                     ("lstm/input", "fact:noise_shape"): ("[null, null, null]", "[null, 1, null]")}
+
+
+def test_diff_no_facts_compares_mask_structure_only(keras2_keras3_paths):
+    k2, k3 = keras2_keras3_paths
+    result = runner.invoke(app, ["diff", str(k2), str(k3), "--no-facts"])
+    assert result.exit_code == 0, result.output
+    assert "no differences in mask structure (1 sites)" in result.stdout
+    assert "(tf_keras 2.17.0)" in result.stdout
 
 
 def test_diff_with_site_glob_matching_neither_run_is_exit_2(run_path, bad_run_path):
