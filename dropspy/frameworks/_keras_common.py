@@ -1,24 +1,33 @@
-"""Framework-free pieces both Keras adapters need: axis names, scales, the step payload.
+"""Framework-free pieces both Keras adapters need: axis names, scales, the step payload, and
+:class:`KerasAdapterBase`, the lifecycle both adapter classes share.
 
-Nothing here imports Keras, tf_keras or TensorFlow, so the Keras 2 adapter can use it without
-importing Keras 3 (``keras_sites`` imports ``keras`` at module level). The naming rules are the
-Keras 3 adapter's (``keras_sites.axes_for``), so that both adapters name a model's sites and
-axes the same way and ``dropspy diff`` lines the two runs up site by site.
+Nothing here imports Keras or tf_keras, and TensorFlow only inside the methods that build the
+step payload (run only by an adapter, whose framework is imported), so the Keras 2 adapter can
+use it without importing Keras 3 (``keras_sites`` imports ``keras`` at module level). The
+naming rules are the Keras 3 adapter's (``keras_sites.axes_for``), so that both adapters name a
+model's sites and axes the same way and ``dropspy diff`` lines the two runs up site by site.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
 
+from dropspy.errors import RecordingError, UnsupportedModelError
 from dropspy.store import Record, SiteInfo
 
-__all__ = ["OUTPUT_KEY", "DrawMeta", "SiteSpec", "axes_for", "float32_scale", "decode_step"]
+__all__ = ["OUTPUT_KEY", "PREDICT_OUTPUTS_KEY", "DrawMeta", "SiteSpec", "KerasAdapterBase",
+           "axes_for", "float32_scale", "decode_step"]
 
 # Key of the extra train-step output; removed before any callback sees the logs.
 OUTPUT_KEY = "_dropspy_masks"
+# Key under which a predict step's own outputs travel next to the masks.
+PREDICT_OUTPUTS_KEY = "_dropspy_predict_outputs"
+
+_trace_ids = itertools.count(1)
 
 
 def _spatial_names(n: int) -> tuple[str, ...]:
@@ -164,3 +173,205 @@ def decode_step(step: int, draws: list[DrawMeta], bits: Any, dims: Any) -> list[
         records.append(Record(site=m.site, step=step, call=call, training=m.training,
                               shape=shape, noise=noise))
     return records
+
+
+@dataclass
+class _TraceMeta:
+    """What the host keeps of one traced step, under its trace id."""
+
+    draws: list[DrawMeta]
+    eager: bool
+    lost: dict[str, int] = field(default_factory=dict)
+
+
+class KerasAdapterBase:
+    """The lifecycle both Keras adapters share: patch and undo, step numbering, the payload.
+
+    A subclass provides ``framework`` (``"keras"``, ``"tf_keras"``), ``_model_label`` (how
+    messages name its models: ``"Keras"``, ``"tf_keras"``), :meth:`_install` (find and declare
+    the sites, patch; called by :meth:`attach`) and :meth:`_steps_per_execution`. Its traces
+    (``cap.Trace``) carry ``eager``, ``draws`` (``cap.Draw`` objects with ``spec``, ``keep``,
+    ``noise_shape``, ``applied_shape``, ``training``, ``applied``, ``expand_time``) and
+    ``lost`` (draws of the step that cannot be recorded, by cause).
+
+    Args:
+        model: The model to record.
+        session: The recorder's session (see ``docs/internals.md``).
+    """
+
+    framework: str
+    _model_label: str
+    _sites: Any
+
+    def __init__(self, model: Any, session: Any) -> None:
+        self.model = model
+        self.session = session
+        self._undo: list[Callable[[], None]] = []
+        self._attached = False
+        self._sites = None
+        self._traces: dict[int, _TraceMeta] = {}
+        self._step = 0
+        self._calls_step = -1
+        self._calls: dict[str, int] = {}
+        self._noted: set[str] = set()
+
+    def attach(self) -> None:
+        """Find and declare the sites, then install the capture. Undone by :meth:`detach`."""
+        if self._attached:
+            raise RecordingError(
+                f"This {type(self).__name__} is already attached; call detach() first.")
+        self._attached = True
+        try:
+            self._install()
+        except BaseException:
+            self.detach()
+            raise
+
+    def detach(self) -> None:
+        """Restore every patched function and train function (idempotent)."""
+        while self._undo:
+            undo = self._undo.pop()
+            try:
+                undo()
+            except Exception as exc:  # keep restoring the rest; say what could not be undone
+                self.session.note(f"{self.framework} adapter: could not undo a patch: {exc!r}")
+        if self._attached and self._sites is not None:
+            never = [s.name for s in self._sites.all_specs() if not s.declared]
+            if never:
+                self.session.note(
+                    f"{len(never)} {self._model_label} site(s) never drew a mask while "
+                    f"recording and could not be declared (the rank of their input is "
+                    f"unknown): {', '.join(never)}"
+                )
+        self._attached = False
+        self._traces.clear()
+
+    def _install(self) -> None:  # pragma: no cover - provided by the adapter
+        raise NotImplementedError
+
+    def _steps_per_execution(self) -> tuple[int, bool]:  # pragma: no cover - adapter's
+        """The model's steps per execution, and whether Keras may raise it (autotuning)."""
+        raise NotImplementedError
+
+    def _set_attr(self, obj: Any, name: str, value: Any) -> None:
+        """Set an instance attribute behind Keras' tracking, and remember how to undo it."""
+        had = name in obj.__dict__
+        old = obj.__dict__.get(name)
+        object.__setattr__(obj, name, value)
+
+        def undo() -> None:
+            if had:
+                object.__setattr__(obj, name, old)
+            elif name in obj.__dict__:
+                object.__delattr__(obj, name)
+
+        self._undo.append(undo)
+
+    def _check_compiled_options(self) -> None:
+        """Refuse what would lose masks: several steps per execution, several replicas."""
+        model = self.model
+        label = self._model_label
+        spe, autotuned = self._steps_per_execution()
+        if spe > 1 or autotuned:
+            raise UnsupportedModelError(
+                f"dropspy cannot record a {label} model compiled with steps_per_execution={spe}: "
+                f"{label} returns only the last step's outputs of each execution, so the masks "
+                f"of the other steps would be lost. Expected steps_per_execution=1 while "
+                f"recording."
+            )
+        strategy = getattr(model, "distribute_strategy", None)
+        replicas = getattr(strategy, "num_replicas_in_sync", 1)
+        if replicas and replicas > 1:
+            raise UnsupportedModelError(
+                f"dropspy cannot record a {label} model under a distribution strategy with "
+                f"{replicas} replicas yet (step outputs are reduced across replicas; masks must "
+                f"not be). Expected a single replica. Received: {type(strategy).__name__}."
+            )
+
+    def _declare(self, spec: Any, rank: int) -> bool:
+        if not spec.declared:
+            spec.selected = self.session.declare_site(spec.info(rank))
+            spec.declared = True
+        return spec.selected
+
+    def _unobservable(self, spec: Any, why: str, trace: Any = None) -> None:
+        """Say once that ``spec``'s masks are not recorded; count the draw lost on ``trace``."""
+        if trace is not None:
+            trace.lost["unobservable"] = trace.lost.get("unobservable", 0) + 1
+        if not spec.declared and spec.rank is not None:
+            spec.opaque = why
+            self._declare(spec, spec.rank)
+        self._note_once(f"unobservable:{spec.name}",
+                        f"site {spec.name}: masks not recorded: {why}")
+
+    def _note_once(self, key: str, message: str) -> None:
+        if key not in self._noted:
+            self._noted.add(key)
+            self.session.note(message)
+
+    def _payload(self, trace: Any) -> dict[str, Any]:
+        """The step's draws as two tensors; their metadata stays on the host by trace id."""
+        import tensorflow as tf
+
+        tid = next(_trace_ids)
+        metas, keeps, dims = [], [], []
+        for d in trace.draws:
+            metas.append(DrawMeta(site=d.spec.name, noise_rank=int(d.noise_shape.shape[0]),
+                                  rank=int(d.applied_shape.shape[0]), training=d.training,
+                                  applied=d.applied, expand_time=d.expand_time))
+            dims += [tf.cast(d.noise_shape, tf.int32), tf.cast(d.applied_shape, tf.int32)]
+            if d.applied:
+                keeps.append(tf.reshape(d.keep, [-1]))
+        self._traces[tid] = _TraceMeta(draws=metas, eager=trace.eager, lost=dict(trace.lost))
+        # The trace id and every shape in one small int32 vector (read every step: it says
+        # which trace ran); the keep-bits in one bool vector, copied to the host only for
+        # sampled steps.
+        return {
+            "bits": tf.concat(keeps, 0) if keeps else tf.zeros([0], tf.bool),
+            "dims": tf.concat([tf.constant([tid], tf.int32), *dims], 0),
+        }
+
+    def _host_wrapper(self, inner: Callable[..., Any], kind: str = "train") -> Any:
+        """Wrap a compiled step function: take the masks out of its outputs, count steps."""
+        def function(*args: Any, **kwargs: Any) -> Any:
+            out = inner(*args, **kwargs)
+            if isinstance(out, dict) and OUTPUT_KEY in out:
+                out = dict(out)
+                payload = out.pop(OUTPUT_KEY)
+                if kind == "predict":
+                    out = out[PREDICT_OUTPUTS_KEY]
+                step = self._step
+                if kind == "train":
+                    self._step += 1
+                self._on_step(step, payload)
+            return out
+
+        function._dropspy_owner = self  # type: ignore[attr-defined]
+        function.__wrapped__ = inner  # type: ignore[attr-defined]
+        return function
+
+    def _on_step(self, step: int, payload: dict[str, Any]) -> None:
+        dims = np.asarray(payload["dims"])
+        tid = int(dims[0])
+        meta = self._traces.get(tid)
+        if meta is None:
+            return
+        if meta.eager:
+            del self._traces[tid]
+        for cause, n in meta.lost.items():
+            self.session.count_dropped(cause, n)
+        if not meta.draws:
+            return
+        if not self.session.want_step(step):
+            self.session.count_dropped("sampling", len(meta.draws))
+            return
+        records = decode_step(step, meta.draws, payload["bits"], dims[1:])
+        # Evaluate/predict batches share the step of the next train step: number their calls
+        # on from what this step already holds, so (step, call) stays unique per site.
+        if self._calls_step != step:
+            self._calls_step, self._calls = step, {}
+        for r in records:
+            r.call += self._calls.get(r.site, 0)
+        for r in records:
+            self._calls[r.site] = max(self._calls.get(r.site, 0), r.call + 1)
+        self.session.submit(step, records)

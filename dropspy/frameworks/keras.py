@@ -16,28 +16,14 @@ generators end exactly where they would without dropspy.
 
 from __future__ import annotations
 
-import itertools
 import sys
-from dataclasses import dataclass
 from typing import Any, Callable
 
-import numpy as np
-
-from dropspy.errors import RecordingError, UnsupportedModelError
-from dropspy.frameworks._keras_common import OUTPUT_KEY, DrawMeta, decode_step
+from dropspy.errors import UnsupportedModelError
+from dropspy.frameworks._keras_common import OUTPUT_KEY, PREDICT_OUTPUTS_KEY, KerasAdapterBase
 from dropspy.frameworks.keras_draws import DrawRouter, _static_bool
 
 __all__ = ["KerasAdapter"]
-
-_trace_ids = itertools.count(1)
-_PREDICT_OUTPUTS = "_dropspy_outputs"
-
-
-@dataclass
-class _TraceMeta:
-    draws: list[DrawMeta]
-    eager: bool
-    lost: dict[str, int]
 
 
 def _keras_module() -> Any:
@@ -56,7 +42,7 @@ def _is_tf_keras_model(model: Any) -> bool:
     return module.startswith(("tf_keras.", "keras.engine.", "tensorflow.python.keras."))
 
 
-class KerasAdapter(DrawRouter):
+class KerasAdapter(DrawRouter, KerasAdapterBase):
     """Records a Keras 3 model (TensorFlow backend): ``fit``, ``train_on_batch``, ``evaluate``,
     ``predict``, and eager custom loops (each ``model(x, training=True)`` is one step).
 
@@ -66,7 +52,8 @@ class KerasAdapter(DrawRouter):
 
     Raises:
         UnsupportedModelError: A tf_keras (Keras 2) model (recorded by ``TfKerasAdapter``), a
-            backend other than TensorFlow, a layer that is not a model, ``steps_per_execution > 1``, or several replicas.
+            backend other than TensorFlow, a layer that is not a model,
+            ``steps_per_execution > 1``, or several replicas.
 
     Example:
         >>> with dropspy.record(model, "run.h5"):   # doctest: +SKIP
@@ -74,6 +61,7 @@ class KerasAdapter(DrawRouter):
     """
 
     framework = "keras"
+    _model_label = "Keras"
 
     @classmethod
     def claims(cls, model: Any) -> bool:
@@ -86,16 +74,7 @@ class KerasAdapter(DrawRouter):
 
     def __init__(self, model: Any, session: Any) -> None:
         _check_supported(model)
-        self.model = model
-        self.session = session
-        self._undo: list[Callable[[], None]] = []
-        self._attached = False
-        self._sites: Any = None
-        self._traces: dict[int, _TraceMeta] = {}
-        self._step = 0
-        self._calls_step = -1
-        self._calls: dict[str, int] = {}
-        self._noted: set[str] = set()
+        super().__init__(model, session)
 
     def meta(self) -> dict[str, Any]:
         """Framework, versions, backend and devices, for the run file's root attributes."""
@@ -112,60 +91,20 @@ class KerasAdapter(DrawRouter):
             "jit_compile": str(getattr(self.model, "jit_compile", None)),
         }
 
-    def attach(self) -> None:
-        """Find and declare the sites, then install the capture. Undone by :meth:`detach`."""
-        if self._attached:
-            raise RecordingError("This KerasAdapter is already attached; call detach() first.")
+    def _install(self) -> None:
         from dropspy.frameworks import keras_capture as cap
         from dropspy.frameworks.keras_sites import find_sites
 
         self._cap = cap
-        self._attached = True
-        try:
-            self._sites = find_sites(self.model)
-            for spec in self._sites.all_specs():
-                if spec.rank is not None:
-                    self._declare(spec, spec.rank)
-            cap.install(self)
-            self._undo.append(lambda: cap.uninstall(self))
-            self._wrap_layers()
-            self._wrap_training()
-            self._set_attr(self.model, "call", self._model_call_wrapper(self.model.call))
-        except BaseException:
-            self.detach()
-            raise
-
-    def detach(self) -> None:
-        """Restore every patched function and train function (idempotent)."""
-        while self._undo:
-            undo = self._undo.pop()
-            try:
-                undo()
-            except Exception as exc:  # keep restoring the rest; say what could not be undone
-                self.session.note(f"keras adapter: could not undo a patch: {exc!r}")
-        if self._attached and self._sites is not None:
-            never = [s.name for s in self._sites.all_specs() if not s.declared]
-            if never:
-                self.session.note(
-                    f"{len(never)} Keras site(s) never drew a mask while recording and could "
-                    f"not be declared (the rank of their input is unknown): {', '.join(never)}"
-                )
-        self._attached = False
-        self._traces.clear()
-
-    def _set_attr(self, obj: Any, name: str, value: Any) -> None:
-        """Set an instance attribute behind Keras' tracking, and remember how to undo it."""
-        had = name in obj.__dict__
-        old = obj.__dict__.get(name)
-        object.__setattr__(obj, name, value)
-
-        def undo() -> None:
-            if had:
-                object.__setattr__(obj, name, old)
-            elif name in obj.__dict__:
-                object.__delattr__(obj, name)
-
-        self._undo.append(undo)
+        self._sites = find_sites(self.model)
+        for spec in self._sites.all_specs():
+            if spec.rank is not None:
+                self._declare(spec, spec.rank)
+        cap.install(self)
+        self._undo.append(lambda: cap.uninstall(self))
+        self._wrap_layers()
+        self._wrap_training()
+        self._set_attr(self.model, "call", self._model_call_wrapper(self.model.call))
 
     def _wrap_layers(self, only: set[int] | None = None) -> None:
         from keras import layers as klayers
@@ -267,27 +206,13 @@ class KerasAdapter(DrawRouter):
         # detach) so fit/evaluate/predict build one with the wrapped step.
         self._set_attr(model, attr, None)
 
-    def _check_compiled_options(self) -> None:
-        model = self.model
-        spe = getattr(model, "steps_per_execution", 1) or 1
+    def _steps_per_execution(self) -> tuple[int, bool]:
+        spe = getattr(self.model, "steps_per_execution", 1) or 1
         try:
             spe = int(spe)
         except (TypeError, ValueError):
             spe = 1
-        if spe > 1:
-            raise UnsupportedModelError(
-                f"dropspy cannot record a Keras model compiled with steps_per_execution={spe}: "
-                f"Keras returns only the last step's outputs of each execution, so the masks of "
-                f"the other steps would be lost. Expected steps_per_execution=1 while recording."
-            )
-        strategy = getattr(model, "distribute_strategy", None)
-        replicas = getattr(strategy, "num_replicas_in_sync", 1)
-        if replicas and replicas > 1:
-            raise UnsupportedModelError(
-                f"dropspy cannot record a Keras model under a distribution strategy with "
-                f"{replicas} replicas yet (step outputs are reduced across replicas; masks must "
-                f"not be). Expected a single replica. Received: {type(strategy).__name__}."
-            )
+        return spe, False
 
     def _traced_step(self, original_step: Callable[[Any], Any], data: Any, *,
                      predict: bool = False) -> Any:
@@ -304,7 +229,7 @@ class KerasAdapter(DrawRouter):
         finally:
             cap.pop_trace(trace)
         if predict:   # outputs of any structure: carry them next to the masks
-            return {_PREDICT_OUTPUTS: logs, OUTPUT_KEY: self._payload(trace)}
+            return {PREDICT_OUTPUTS_KEY: logs, OUTPUT_KEY: self._payload(trace)}
         if not isinstance(logs, dict):
             self._note_once(
                 "logs",
@@ -315,29 +240,6 @@ class KerasAdapter(DrawRouter):
         logs = dict(logs)
         logs[OUTPUT_KEY] = self._payload(trace)
         return logs
-
-    def _payload(self, trace: Any) -> dict[str, Any]:
-        """The step's draws as three tensors, their metadata kept on the host by trace id."""
-        import tensorflow as tf
-
-        tid = next(_trace_ids)
-        metas, keeps, dims = [], [], []
-        for d in trace.draws:
-            metas.append(DrawMeta(site=d.spec.name, noise_rank=int(d.noise_shape.shape[0]),
-                                   rank=int(d.applied_shape.shape[0]),
-                                   training=d.training, applied=d.applied,
-                                   expand_time=d.expand_time))
-            dims += [tf.cast(d.noise_shape, tf.int32), tf.cast(d.applied_shape, tf.int32)]
-            if d.applied:
-                keeps.append(tf.reshape(d.keep, [-1]))
-        self._traces[tid] = _TraceMeta(draws=metas, eager=trace.eager, lost=dict(trace.lost))
-        # Two tensors per step: the trace id and every shape in one small int32 vector (read
-        # every step: it says which trace ran), the keep-bits in one bool vector (copied to the
-        # host only for sampled steps).
-        return {
-            "bits": tf.concat(keeps, 0) if keeps else tf.zeros([0], tf.bool),
-            "dims": tf.concat([tf.constant([tid], tf.int32), *dims], 0),
-        }
 
     def _model_call_wrapper(self, original: Callable[..., Any]) -> Any:
         """Make each eager training-mode call of the model outside fit one recorded step."""
@@ -393,51 +295,6 @@ class KerasAdapter(DrawRouter):
             if spec.rank is not None and not spec.declared:
                 self._declare(spec, spec.rank)
         self._wrap_layers(only=set(fresh))
-
-    def _host_wrapper(self, inner: Callable[[Any], Any], kind: str = "train") -> Any:
-        def function(data: Any) -> Any:
-            out = inner(data)
-            if isinstance(out, dict) and OUTPUT_KEY in out:
-                out = dict(out)
-                payload = out.pop(OUTPUT_KEY)
-                if kind == "predict":
-                    out = out[_PREDICT_OUTPUTS]
-                step = self._step
-                if kind == "train":
-                    self._step += 1
-                self._on_step(step, payload)
-            return out
-
-        function._dropspy_owner = self  # type: ignore[attr-defined]
-        function.__wrapped__ = inner  # type: ignore[attr-defined]
-        return function
-
-    def _on_step(self, step: int, payload: dict[str, Any]) -> None:
-        dims = np.asarray(payload["dims"])
-        tid = int(dims[0])
-        meta = self._traces.get(tid)
-        if meta is None:
-            return
-        if meta.eager:
-            del self._traces[tid]
-        for cause, n in meta.lost.items():
-            self.session.count_dropped(cause, n)
-        if not meta.draws:
-            return
-        if not self.session.want_step(step):
-            self.session.count_dropped("sampling", len(meta.draws))
-            return
-        records = decode_step(step, meta.draws, payload["bits"], dims[1:])
-        # Evaluate/predict batches share the step of the next train step: number their calls
-        # on from what this step already holds, so (step, call) stays unique per site.
-        if self._calls_step != step:
-            self._calls_step, self._calls = step, {}
-        for r in records:
-            base = self._calls.get(r.site, 0)
-            r.call += base
-        for r in records:
-            self._calls[r.site] = max(self._calls.get(r.site, 0), r.call + 1)
-        self.session.submit(step, records)
 
 
 def _check_supported(model: Any) -> None:

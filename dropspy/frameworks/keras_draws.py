@@ -7,7 +7,8 @@ Python stack (the layer whose code drew), builds the exact draw, and queues a
 :class:`~dropspy.frameworks.keras_capture.Draw` on the trace.
 
 The host class provides ``model``, ``session``, ``_sites`` (a ``SiteMap``), ``_cap`` (the
-``keras_capture`` module), ``_noted`` (a set) and ``_refresh_sites()``.
+``keras_capture`` module), ``_refresh_sites()``, and ``_declare``, ``_unobservable`` and
+``_note_once`` (from :class:`~dropspy.frameworks._keras_common.KerasAdapterBase`).
 """
 
 from __future__ import annotations
@@ -235,12 +236,6 @@ class DrawRouter:
         self._sites.custom[key] = spec
         return spec
 
-    def _declare(self, spec: Any, rank: int) -> bool:
-        if not spec.declared:
-            spec.selected = self.session.declare_site(spec.info(rank))
-            spec.declared = True
-        return spec.selected
-
     def _add_draw(self, trace: Any, spec: Any, keep: Any, ns: Any, applied_shape: Any,
                   training: bool, applied: bool, *, rank: int | None, expand_time: bool = False,
                   declare: bool = True) -> Any:
@@ -287,17 +282,3 @@ class DrawRouter:
             spec=spec, keep=keep, noise_shape=tf.concat([ns[:1], t, ns[1:]], 0),
             applied_shape=tf.concat([ap[:1], t, ap[1:]], 0), training=slices[0].training,
             applied=True))
-
-    def _unobservable(self, spec: Any, why: str, trace: Any = None) -> None:
-        if trace is not None:
-            trace.lost["unobservable"] = trace.lost.get("unobservable", 0) + 1
-        if not spec.declared and spec.rank is not None:
-            spec.opaque = why
-            self._declare(spec, spec.rank)
-        self._note_once(f"unobservable:{spec.name}",
-                        f"site {spec.name}: masks not recorded: {why}")
-
-    def _note_once(self, key: str, message: str) -> None:
-        if key not in self._noted:
-            self._noted.add(key)
-            self.session.note(message)

@@ -19,27 +19,13 @@ streams are unchanged). dropspy says so before it records where it cannot prove 
 
 from __future__ import annotations
 
-import itertools
 import sys
-from dataclasses import dataclass
 from typing import Any, Callable
 
-import numpy as np
-
-from dropspy.errors import RecordingError, UnsupportedModelError
-from dropspy.frameworks._keras_common import OUTPUT_KEY, DrawMeta, decode_step
+from dropspy.errors import UnsupportedModelError
+from dropspy.frameworks._keras_common import OUTPUT_KEY, PREDICT_OUTPUTS_KEY, KerasAdapterBase
 
 __all__ = ["TfKerasAdapter"]
-
-_trace_ids = itertools.count(1)
-# Key under which a predict step's own outputs travel next to the masks.
-_PREDICT_OUTPUTS = "_dropspy_predict_outputs"
-
-
-@dataclass
-class _TraceMeta:
-    draws: list[DrawMeta]
-    eager: bool
 
 
 def _tf_keras_layer_class() -> Any:
@@ -53,7 +39,7 @@ def _tf_keras_layer_class() -> Any:
     return None
 
 
-class TfKerasAdapter:
+class TfKerasAdapter(KerasAdapterBase):
     """Records a tf_keras (Keras 2) model: ``fit``, ``train_on_batch``, ``evaluate``, ``predict``.
 
     Args:
@@ -70,6 +56,7 @@ class TfKerasAdapter:
     """
 
     framework = "tf_keras"
+    _model_label = "tf_keras"
 
     @classmethod
     def claims(cls, model: Any) -> bool:
@@ -86,16 +73,7 @@ class TfKerasAdapter:
                 f"layer that is not a model: {type(model).__qualname__} "
                 f"{getattr(model, 'name', '')!r}; wrap it in a tf_keras.Model."
             )
-        self.model = model
-        self.session = session
-        self._undo: list[Callable[[], None]] = []
-        self._attached = False
-        self._sites: Any = None
-        self._traces: dict[int, _TraceMeta] = {}
-        self._step = 0
-        self._calls_step = -1
-        self._calls: dict[str, int] = {}
-        self._noted: set[str] = set()
+        super().__init__(model, session)
 
     # -- contract -------------------------------------------------------------------------
 
@@ -115,67 +93,26 @@ class TfKerasAdapter:
             "run_eagerly": str(bool(self.model.run_eagerly)),
         }
 
-    def attach(self) -> None:
-        """Find and declare the sites, then install the capture. Undone by :meth:`detach`."""
-        if self._attached:
-            raise RecordingError("This TfKerasAdapter is already attached; call detach() first.")
+    def _install(self) -> None:
         from dropspy.frameworks import tf_keras_capture as cap
         from dropspy.frameworks.tf_keras_sites import find_sites
 
         self._cap = cap
-        self._attached = True
-        try:
-            self._check_compiled_options()
-            self._sites = find_sites(self.model)
-            for spec in self._sites.all_specs():
-                if spec.rank is not None:
-                    self._declare(spec, spec.rank)
-            self._warn_unreproducible()
-            cap.install(self)
-            self._undo.append(lambda: cap.uninstall(self))
-            for layer, role in self._sites.mask_getters:
-                getter = ("get_dropout_mask_for_cell" if role == "input"
-                          else "get_recurrent_dropout_mask_for_cell")
-                self._set_attr(layer, getter,
-                               self._mask_wrapper(layer, getattr(layer, getter), role))
-            self._wrap_training()
-        except BaseException:
-            self.detach()
-            raise
-
-    def detach(self) -> None:
-        """Restore every patched function and train function (idempotent)."""
-        while self._undo:
-            undo = self._undo.pop()
-            try:
-                undo()
-            except Exception as exc:  # keep restoring the rest; report the failure
-                self.session.note(f"tf_keras adapter: could not undo a patch: {exc!r}")
-        if self._attached and self._sites is not None:
-            never = [s.name for s in self._sites.all_specs() if not s.declared]
-            if never:
-                self.session.note(
-                    f"{len(never)} tf_keras site(s) never drew a mask while recording and could "
-                    f"not be declared (the rank of their input is unknown): {', '.join(never)}"
-                )
-        self._attached = False
-        self._traces.clear()
+        self._check_compiled_options()
+        self._sites = find_sites(self.model)
+        for spec in self._sites.all_specs():
+            if spec.rank is not None:
+                self._declare(spec, spec.rank)
+        self._warn_unreproducible()
+        cap.install(self)
+        self._undo.append(lambda: cap.uninstall(self))
+        for layer, role in self._sites.mask_getters:
+            getter = ("get_dropout_mask_for_cell" if role == "input"
+                      else "get_recurrent_dropout_mask_for_cell")
+            self._set_attr(layer, getter, self._mask_wrapper(layer, getattr(layer, getter), role))
+        self._wrap_training()
 
     # -- patching ---------------------------------------------------------------------------
-
-    def _set_attr(self, obj: Any, name: str, value: Any) -> None:
-        """Set an instance attribute behind Keras' tracking, and remember how to undo it."""
-        had = name in obj.__dict__
-        old = obj.__dict__.get(name)
-        object.__setattr__(obj, name, value)
-
-        def undo() -> None:
-            if had:
-                object.__setattr__(obj, name, old)
-            elif name in obj.__dict__:
-                object.__delattr__(obj, name)
-
-        self._undo.append(undo)
 
     def _mask_wrapper(self, layer: Any, original: Callable[..., Any], role: str) -> Any:
         cap = self._cap
@@ -230,27 +167,14 @@ class TfKerasAdapter:
         self._set_attr(model, attr, None)
         self._set_attr(model, f"{kind}_tf_function", None)
 
-    def _check_compiled_options(self) -> None:
+    def _steps_per_execution(self) -> tuple[int, bool]:
         model = self.model
         spe = getattr(model, "_steps_per_execution", None)
         try:
             spe = int(spe.numpy().item()) if spe is not None else 1
         except Exception:
             spe = 1
-        if spe > 1 or getattr(model, "autotune_steps_per_execution", False):
-            raise UnsupportedModelError(
-                f"dropspy cannot record a tf_keras model compiled with steps_per_execution="
-                f"{spe}: tf_keras returns only the last step's outputs of each execution, so the "
-                f"masks of the other steps would be lost. Expected steps_per_execution=1."
-            )
-        strategy = getattr(model, "distribute_strategy", None)
-        replicas = getattr(strategy, "num_replicas_in_sync", 1)
-        if replicas and replicas > 1:
-            raise UnsupportedModelError(
-                f"dropspy cannot record a tf_keras model under a distribution strategy with "
-                f"{replicas} replicas yet (step outputs are reduced across replicas; masks must "
-                f"not be). Expected a single replica. Received: {type(strategy).__name__}."
-            )
+        return spe, bool(getattr(model, "autotune_steps_per_execution", False))
 
     def _warn_unreproducible(self) -> None:
         """Say before recording where tf_keras itself is not reproducible run to run."""
@@ -316,7 +240,7 @@ class TfKerasAdapter:
         finally:
             cap.pop_trace(trace)
         if kind == "predict":   # outputs of any structure: carry them next to the masks
-            return {_PREDICT_OUTPUTS: out, OUTPUT_KEY: self._payload(trace)}
+            return {PREDICT_OUTPUTS_KEY: out, OUTPUT_KEY: self._payload(trace)}
         if not isinstance(out, dict):
             self._note_once(
                 "logs",
@@ -327,27 +251,6 @@ class TfKerasAdapter:
         out = dict(out)
         out[OUTPUT_KEY] = self._payload(trace)
         return out
-
-    def _payload(self, trace: Any) -> dict[str, Any]:
-        """The step's draws as two tensors; their metadata stays on the host by trace id."""
-        import tensorflow as tf
-
-        tid = next(_trace_ids)
-        metas, keeps, dims = [], [], []
-        for d in trace.draws:
-            metas.append(DrawMeta(site=d.spec.name, noise_rank=int(d.noise_shape.shape[0]),
-                                  rank=int(d.applied_shape.shape[0]), training=d.training,
-                                  applied=d.applied, expand_time=d.expand_time))
-            dims += [tf.cast(d.noise_shape, tf.int32), tf.cast(d.applied_shape, tf.int32)]
-            if d.applied:
-                keeps.append(tf.reshape(d.keep, [-1]))
-        self._traces[tid] = _TraceMeta(draws=metas, eager=trace.eager)
-        # The trace id and every shape in one small int32 vector (read every step: it says
-        # which trace ran); the keep-bits in one bool vector, read only for sampled steps.
-        return {
-            "bits": tf.concat(keeps, 0) if keeps else tf.zeros([0], tf.bool),
-            "dims": tf.concat([tf.constant([tid], tf.int32), *dims], 0),
-        }
 
     def on_dropout(self, trace: Any, generator: Any, inputs: Any, rate: Any,
                    noise_shape: Any) -> Any:
@@ -494,12 +397,6 @@ class TfKerasAdapter:
 
     # -- helpers ------------------------------------------------------------------------------
 
-    def _declare(self, spec: Any, rank: int) -> bool:
-        if not spec.declared:
-            spec.selected = self.session.declare_site(spec.info(rank))
-            spec.declared = True
-        return spec.selected
-
     def _add_draw(self, trace: Any, spec: Any, keep: Any, noise_shape: Any, applied_shape: Any,
                   *, rank: int | None, expand_time: bool = False) -> None:
         if rank is None:
@@ -533,57 +430,3 @@ class TfKerasAdapter:
         )
         self._sites.dropout[id(owner)] = spec
         return spec
-
-    def _unobservable(self, spec: Any, why: str) -> None:
-        if not spec.declared and spec.rank is not None:
-            spec.opaque = why
-            self._declare(spec, spec.rank)
-        self._note_once(f"unobservable:{spec.name}", f"site {spec.name}: masks not recorded: {why}")
-
-    def _note_once(self, key: str, message: str) -> None:
-        if key not in self._noted:
-            self._noted.add(key)
-            self.session.note(message)
-
-    # -- host side ----------------------------------------------------------------------------
-
-    def _host_wrapper(self, inner: Callable[[Any], Any], kind: str = "train") -> Any:
-        def function(*args: Any, **kwargs: Any) -> Any:
-            out = inner(*args, **kwargs)
-            if isinstance(out, dict) and OUTPUT_KEY in out:
-                out = dict(out)
-                payload = out.pop(OUTPUT_KEY)
-                if kind == "predict":
-                    out = out[_PREDICT_OUTPUTS]
-                step = self._step
-                if kind == "train":
-                    self._step += 1
-                self._on_step(step, payload)
-            return out
-
-        function._dropspy_owner = self  # type: ignore[attr-defined]
-        function.__wrapped__ = inner  # type: ignore[attr-defined]
-        return function
-
-    def _on_step(self, step: int, payload: dict[str, Any]) -> None:
-        dims = np.asarray(payload["dims"])
-        meta = self._traces.get(int(dims[0]))
-        if meta is None:
-            return
-        if meta.eager:
-            del self._traces[int(dims[0])]
-        if not meta.draws:
-            return
-        if not self.session.want_step(step):
-            self.session.count_dropped("sampling", len(meta.draws))
-            return
-        records = decode_step(step, meta.draws, payload["bits"], dims[1:])
-        # Evaluate/predict batches share the step of the next train step: number their calls
-        # on from what this step already holds, so (step, call) stays unique per site.
-        if self._calls_step != step:
-            self._calls_step, self._calls = step, {}
-        for r in records:
-            r.call += self._calls.get(r.site, 0)
-        for r in records:
-            self._calls[r.site] = max(self._calls.get(r.site, 0), r.call + 1)
-        self.session.submit(step, records)

@@ -106,6 +106,9 @@ class Trace:
     roles: list[RoleFrame] = field(default_factory=list)
     loops: list[Loop] = field(default_factory=list)
     draws: list[Draw] = field(default_factory=list)
+    # Draws of this step that cannot be recorded, by cause (the tf_keras adapter notes them
+    # instead of counting them: it stays empty).
+    lost: dict[str, int] = field(default_factory=dict)
 
 
 def current_trace() -> Trace | None:
