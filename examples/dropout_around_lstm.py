@@ -13,6 +13,7 @@ prints, claim by claim, what the recorded masks show and whether the claim holds
 4. ``Dropout`` after ``LSTM(10)`` (output (None, 10)) drops features per sample, as in a
    dense network.
 5. ``LSTM(dropout=...)`` draws 4 different masks, one for the input of each gate.
+   (5': the input mask is the same at every time step of a sequence.)
 6. ``recurrent_dropout`` draws 4 masks applied to the state at each step of the recurrence.
    (6': read as "a new mask at each time step".)
 
@@ -148,6 +149,11 @@ def judge(files: dict[str, str], an: dict[str, RunAnalysis]) -> list[Verdict]:
                         ("lstm_both", "LSTM(dropout, recurrent_dropout)")):
         v.append(gate_masks_verdict("5", f"{label}: 4 different input masks, one per gate",
                                     f[name], runs[name], an[name], "lstm", "input", want=4))
+    # Where Keras 3 (one mask before the time loop) and Keras 2 (tf_keras: a mask over the
+    # whole (batch, time, feature) input) part ways; judged from the time axis verdict.
+    v.append(over_time_verdict("5'", "LSTM(dropout): the same input mask at every time step",
+                               f["lstm_dropout"], an["lstm_dropout"], "lstm", "input",
+                               want="constant"))
     for name, label in (("lstm_recurrent_dropout", "LSTM(recurrent_dropout)"),
                         ("lstm_both", "LSTM(dropout, recurrent_dropout)")):
         v.append(gate_masks_verdict("6", f"{label}: 4 masks on the state, applied at each "

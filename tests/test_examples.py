@@ -100,6 +100,7 @@ KERAS_CLAIMS = {
     ("4", "dropout_after_lstm.h5"): lambda p: _check(p, "dropout: shared=none"),
     ("5", "lstm_dropout.h5"): lambda p: _gate_masks(p, "input"),
     ("5", "lstm_both.h5"): lambda p: _gate_masks(p, "input"),
+    ("5'", "lstm_dropout.h5"): lambda p: _check(p, "lstm/input*: over_time=constant"),
     ("6", "lstm_recurrent_dropout.h5"): lambda p: _gate_masks(p, "recurrent", steps=20),
     ("6", "lstm_both.h5"): lambda p: _gate_masks(p, "recurrent", steps=20),
     ("6'", "lstm_recurrent_dropout.h5"):
