@@ -11,6 +11,7 @@ model's sites and axes the same way and ``dropspy diff`` lines the two runs up s
 from __future__ import annotations
 
 import itertools
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -20,7 +21,7 @@ from dropspy.errors import RecordingError, UnsupportedModelError
 from dropspy.store import Record, SiteInfo
 
 __all__ = ["OUTPUT_KEY", "PREDICT_OUTPUTS_KEY", "DrawMeta", "SiteSpec", "KerasAdapterBase",
-           "axes_for", "float32_scale", "decode_step"]
+           "SharedPatch", "TraceStack", "axes_for", "float32_scale", "decode_step"]
 
 # Key of the extra train-step output; removed before any callback sees the logs.
 OUTPUT_KEY = "_dropspy_masks"
@@ -175,6 +176,71 @@ def decode_step(step: int, draws: list[DrawMeta], bits: Any, dims: Any) -> list[
     return records
 
 
+class TraceStack:
+    """Each thread's active traces, innermost last (each capture module keeps its own)."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def current(self) -> Any:
+        """The innermost active trace of this thread, or None."""
+        traces = getattr(self._local, "traces", None)
+        return traces[-1] if traces else None
+
+    def push(self, trace: Any) -> None:
+        """Make ``trace`` the active trace of this thread."""
+        if not hasattr(self._local, "traces"):
+            self._local.traces = []
+        self._local.traces.append(trace)
+
+    def pop(self, trace: Any) -> None:
+        """Remove ``trace`` (the innermost one) from this thread's stack."""
+        traces = getattr(self._local, "traces", [])
+        if traces and traces[-1] is trace:
+            traces.pop()
+        elif trace in traces:
+            traces.remove(trace)
+
+
+class SharedPatch:
+    """A process-wide patch, applied by the first adapter that installs it and restored by the
+    last one that uninstalls it.
+
+    Args:
+        apply: Puts the patch in place.
+        restore: Puts the original functions back.
+
+    ``attached`` lists the adapters recording now (told about draws outside a recorded step).
+    """
+
+    def __init__(self, apply: Callable[[], None], restore: Callable[[], None]) -> None:
+        self._apply = apply
+        self._restore = restore
+        self._lock = threading.Lock()
+        self._count = 0
+        self.attached: list[Any] = []
+
+    def install(self, owner: Any = None) -> None:
+        """Add ``owner`` to :attr:`attached`; the first install applies the patch."""
+        with self._lock:
+            if owner is not None:
+                self.attached.append(owner)
+            if self._count == 0:
+                self._apply()
+            self._count += 1
+
+    def uninstall(self, owner: Any = None) -> None:
+        """Undo one :meth:`install`; the last one restores the original functions."""
+        with self._lock:
+            if owner is not None and owner in self.attached:
+                self.attached.remove(owner)
+            if self._count == 0:
+                return
+            self._count -= 1
+            if self._count == 0:
+                self._restore()
+
+
 @dataclass
 class _TraceMeta:
     """What the host keeps of one traced step, under its trace id."""
@@ -189,7 +255,8 @@ class KerasAdapterBase:
 
     A subclass provides ``framework`` (``"keras"``, ``"tf_keras"``), ``_model_label`` (how
     messages name its models: ``"Keras"``, ``"tf_keras"``), :meth:`_install` (find and declare
-    the sites, patch; called by :meth:`attach`) and :meth:`_steps_per_execution`. Its traces
+    the sites, set ``_cap`` to its capture module, patch; called by :meth:`attach`),
+    :meth:`_new_trace` and :meth:`_steps_per_execution`. Its traces
     (``cap.Trace``) carry ``eager``, ``draws`` (``cap.Draw`` objects with ``spec``, ``keep``,
     ``noise_shape``, ``applied_shape``, ``training``, ``applied``, ``expand_time``) and
     ``lost`` (draws of the step that cannot be recorded, by cause).
@@ -202,6 +269,7 @@ class KerasAdapterBase:
     framework: str
     _model_label: str
     _sites: Any
+    _cap: Any     # the adapter's capture module: Trace, push_trace, pop_trace
 
     def __init__(self, model: Any, session: Any) -> None:
         self.model = model
@@ -308,6 +376,37 @@ class KerasAdapterBase:
         if key not in self._noted:
             self._noted.add(key)
             self.session.note(message)
+
+    def _new_trace(self, kind: str, graph: Any, eager: bool) -> Any:  # pragma: no cover
+        """A fresh ``cap.Trace`` for one ``kind`` (train, test, predict) step."""
+        raise NotImplementedError
+
+    def _traced_step(self, original_step: Callable[[Any], Any], data: Any,
+                     kind: str = "train") -> Any:
+        """Run one step with a trace active; its masks become an extra output of the step."""
+        import tensorflow as tf
+
+        cap = self._cap
+        eager = tf.executing_eagerly()
+        graph = None if eager else tf.compat.v1.get_default_graph()
+        trace = self._new_trace(kind, graph, eager)
+        cap.push_trace(trace)
+        try:
+            out = original_step(data)
+        finally:
+            cap.pop_trace(trace)
+        if kind == "predict":   # outputs of any structure: carry them next to the masks
+            return {PREDICT_OUTPUTS_KEY: out, OUTPUT_KEY: self._payload(trace)}
+        if not isinstance(out, dict):
+            self._note_once(
+                "logs",
+                f"{kind}_step returned {type(out).__name__}, not a dict of logs: dropspy cannot "
+                f"attach the masks to it, and records nothing for this model.",
+            )
+            return out
+        out = dict(out)
+        out[OUTPUT_KEY] = self._payload(trace)
+        return out
 
     def _payload(self, trace: Any) -> dict[str, Any]:
         """The step's draws as two tensors; their metadata stays on the host by trace id."""

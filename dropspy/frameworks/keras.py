@@ -20,7 +20,7 @@ import sys
 from typing import Any, Callable
 
 from dropspy.errors import UnsupportedModelError
-from dropspy.frameworks._keras_common import OUTPUT_KEY, PREDICT_OUTPUTS_KEY, KerasAdapterBase
+from dropspy.frameworks._keras_common import KerasAdapterBase
 from dropspy.frameworks.keras_draws import DrawRouter, _static_bool
 
 __all__ = ["KerasAdapter"]
@@ -189,7 +189,7 @@ class KerasAdapter(DrawRouter, KerasAdapterBase):
         attr = f"{kind}_function"
 
         def step_fn(data: Any) -> Any:
-            return self._traced_step(original_step, data, predict=kind == "predict")
+            return self._traced_step(original_step, data, kind)
 
         def make_function(force: bool = False) -> Any:
             self._check_compiled_options()
@@ -214,32 +214,9 @@ class KerasAdapter(DrawRouter, KerasAdapterBase):
             spe = 1
         return spe, False
 
-    def _traced_step(self, original_step: Callable[[Any], Any], data: Any, *,
-                     predict: bool = False) -> Any:
-        import tensorflow as tf
-
-        cap = self._cap
+    def _new_trace(self, kind: str, graph: Any, eager: bool) -> Any:
         self._refresh_sites()
-        eager = tf.executing_eagerly()
-        graph = None if eager else tf.compat.v1.get_default_graph()
-        trace = cap.Trace(owner=self, graph=graph, eager=eager)
-        cap.push_trace(trace)
-        try:
-            logs = original_step(data)
-        finally:
-            cap.pop_trace(trace)
-        if predict:   # outputs of any structure: carry them next to the masks
-            return {PREDICT_OUTPUTS_KEY: logs, OUTPUT_KEY: self._payload(trace)}
-        if not isinstance(logs, dict):
-            self._note_once(
-                "logs",
-                f"train_step returned {type(logs).__name__}, not a dict of logs: dropspy cannot "
-                f"attach the masks to it, and records nothing for this model.",
-            )
-            return logs
-        logs = dict(logs)
-        logs[OUTPUT_KEY] = self._payload(trace)
-        return logs
+        return self._cap.Trace(owner=self, graph=graph, eager=eager)
 
     def _model_call_wrapper(self, original: Callable[..., Any]) -> Any:
         """Make each eager training-mode call of the model outside fit one recorded step."""

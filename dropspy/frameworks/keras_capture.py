@@ -14,7 +14,6 @@ outputs, and whose metadata is kept on the host under a trace id.
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +22,8 @@ from keras.src.backend.common.symbolic_scope import in_symbolic_scope
 from keras.src.backend.tensorflow import random as _tf_random
 from keras.src.random.seed_generator import draw_seed
 
+from dropspy.frameworks._keras_common import SharedPatch, TraceStack
+
 __all__ = ["Frame", "Draw", "Trace", "current_trace", "push_trace", "pop_trace", "install",
            "uninstall", "exact_dropout"]
 
@@ -30,10 +31,6 @@ _ORIGINAL_DROPOUT = _tf_random.dropout
 _OTHER_RANDOM = ("normal", "uniform", "truncated_normal", "categorical", "randint", "gamma",
                  "binomial", "beta", "shuffle")
 _ORIGINALS: dict[str, Any] = {}
-_install_lock = threading.Lock()
-_install_count = 0
-_local = threading.local()
-_attached: list[Any] = []   # adapters recording now: told about draws outside a recorded step
 
 
 @dataclass
@@ -86,26 +83,11 @@ class Trace:
     lost: dict[str, int] = field(default_factory=dict)
 
 
-def current_trace() -> Trace | None:
-    """The innermost active trace of this thread, or None."""
-    traces = getattr(_local, "traces", None)
-    return traces[-1] if traces else None
-
-
-def push_trace(trace: Trace) -> None:
-    """Make ``trace`` the active trace of this thread."""
-    if not hasattr(_local, "traces"):
-        _local.traces = []
-    _local.traces.append(trace)
-
-
-def pop_trace(trace: Trace) -> None:
-    """Remove ``trace`` (the innermost one) from this thread's stack."""
-    traces = getattr(_local, "traces", [])
-    if traces and traces[-1] is trace:
-        traces.pop()
-    elif trace in traces:
-        traces.remove(trace)
+# This module's own stack: the other Keras adapter's traces never show up in it.
+_traces = TraceStack()
+current_trace = _traces.current
+push_trace = _traces.push
+pop_trace = _traces.pop
 
 
 def exact_dropout(inputs: Any, rate: Any, noise_shape: Any = None,
@@ -183,36 +165,28 @@ def _make_random_guard(name: str, original: Any) -> Any:
     return guarded
 
 
-def install(owner: Any = None) -> None:
-    """Patch Keras' TF-backend random functions (reference counted, one patch per process)."""
-    global _install_count
-    with _install_lock:
-        if owner is not None:
-            _attached.append(owner)
-        if _install_count == 0:
-            _tf_random.dropout = _patched_dropout
-            for name in _OTHER_RANDOM:
-                fn = getattr(_tf_random, name, None)
-                if fn is not None:
-                    _ORIGINALS[name] = fn
-                    setattr(_tf_random, name, _make_random_guard(name, fn))
-        _install_count += 1
+def _apply() -> None:
+    _tf_random.dropout = _patched_dropout
+    for name in _OTHER_RANDOM:
+        fn = getattr(_tf_random, name, None)
+        if fn is not None:
+            _ORIGINALS[name] = fn
+            setattr(_tf_random, name, _make_random_guard(name, fn))
 
 
-def uninstall(owner: Any = None) -> None:
-    """Undo one :func:`install`; the last one restores the original functions."""
-    global _install_count
-    with _install_lock:
-        if owner is not None and owner in _attached:
-            _attached.remove(owner)
-        if _install_count == 0:
-            return
-        _install_count -= 1
-        if _install_count == 0:
-            _tf_random.dropout = _ORIGINAL_DROPOUT
-            for name, fn in _ORIGINALS.items():
-                setattr(_tf_random, name, fn)
-            _ORIGINALS.clear()
+def _restore() -> None:
+    _tf_random.dropout = _ORIGINAL_DROPOUT
+    for name, fn in _ORIGINALS.items():
+        setattr(_tf_random, name, fn)
+    _ORIGINALS.clear()
+
+
+# Reference counted, one patch per process: the first install applies it, the last uninstall
+# restores the originals.
+_patch = SharedPatch(_apply, _restore)
+_attached = _patch.attached   # adapters recording now: told about draws outside a recorded step
+install = _patch.install
+uninstall = _patch.uninstall
 
 
 def installed() -> bool:

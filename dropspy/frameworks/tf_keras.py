@@ -23,7 +23,7 @@ import sys
 from typing import Any, Callable
 
 from dropspy.errors import UnsupportedModelError
-from dropspy.frameworks._keras_common import OUTPUT_KEY, PREDICT_OUTPUTS_KEY, KerasAdapterBase
+from dropspy.frameworks._keras_common import KerasAdapterBase
 
 __all__ = ["TfKerasAdapter"]
 
@@ -226,31 +226,8 @@ class TfKerasAdapter(KerasAdapterBase):
 
     # -- trace time -------------------------------------------------------------------------
 
-    def _traced_step(self, original_step: Callable[[Any], Any], data: Any,
-                     kind: str = "train") -> Any:
-        import tensorflow as tf
-
-        cap = self._cap
-        eager = tf.executing_eagerly()
-        graph = None if eager else tf.compat.v1.get_default_graph()
-        trace = cap.Trace(owner=self, graph=graph, eager=eager, training=kind == "train")
-        cap.push_trace(trace)
-        try:
-            out = original_step(data)
-        finally:
-            cap.pop_trace(trace)
-        if kind == "predict":   # outputs of any structure: carry them next to the masks
-            return {PREDICT_OUTPUTS_KEY: out, OUTPUT_KEY: self._payload(trace)}
-        if not isinstance(out, dict):
-            self._note_once(
-                "logs",
-                f"{kind}_step returned {type(out).__name__}, not a dict of logs: dropspy cannot "
-                f"attach the masks to it, and records nothing for this model.",
-            )
-            return out
-        out = dict(out)
-        out[OUTPUT_KEY] = self._payload(trace)
-        return out
+    def _new_trace(self, kind: str, graph: Any, eager: bool) -> Any:
+        return self._cap.Trace(owner=self, graph=graph, eager=eager, training=kind == "train")
 
     def on_dropout(self, trace: Any, generator: Any, inputs: Any, rate: Any,
                    noise_shape: Any) -> Any:

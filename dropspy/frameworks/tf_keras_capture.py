@@ -30,6 +30,8 @@ import tensorflow as tf
 from tensorflow.python.ops import nn_ops
 from tf_keras.src import backend as kbackend
 
+from dropspy.frameworks._keras_common import SharedPatch, TraceStack
+
 __all__ = ["Draw", "Loop", "Trace", "current_trace", "push_trace", "pop_trace", "install",
            "uninstall", "installed", "exact_dropout"]
 
@@ -37,11 +39,7 @@ _ORIGINAL_DROPOUT = kbackend.RandomGenerator.dropout
 _ORIGINAL_RNN = kbackend.rnn
 _RAW_RNN = inspect.unwrap(_ORIGINAL_RNN)
 _RNN_SIGNATURE = inspect.signature(_RAW_RNN)
-_install_lock = threading.Lock()
-_install_count = 0
 _eager_lock = threading.Lock()
-_local = threading.local()
-_attached: list[Any] = []   # adapters recording now: told about draws outside a recorded step
 
 
 @dataclass
@@ -111,26 +109,11 @@ class Trace:
     lost: dict[str, int] = field(default_factory=dict)
 
 
-def current_trace() -> Trace | None:
-    """The innermost active trace of this thread, or None."""
-    traces = getattr(_local, "traces", None)
-    return traces[-1] if traces else None
-
-
-def push_trace(trace: Trace) -> None:
-    """Make ``trace`` the active trace of this thread."""
-    if not hasattr(_local, "traces"):
-        _local.traces = []
-    _local.traces.append(trace)
-
-
-def pop_trace(trace: Trace) -> None:
-    """Remove ``trace`` from this thread's stack."""
-    traces = getattr(_local, "traces", [])
-    if traces and traces[-1] is trace:
-        traces.pop()
-    elif trace in traces:
-        traces.remove(trace)
+# This module's own stack: the other Keras adapter's traces never show up in it.
+_traces = TraceStack()
+current_trace = _traces.current
+push_trace = _traces.push
+pop_trace = _traces.pop
 
 
 def exact_dropout(generator: Any, inputs: Any, rate: Any, noise_shape: Any = None
@@ -264,30 +247,22 @@ def _patched_rnn(*args: Any, **kwargs: Any) -> Any:
 _patched_rnn.__wrapped__ = _ORIGINAL_RNN  # type: ignore[attr-defined]
 
 
-def install(owner: Any = None) -> None:
-    """Patch tf_keras' dropout and rnn (reference counted, one patch per process)."""
-    global _install_count
-    with _install_lock:
-        if owner is not None:
-            _attached.append(owner)
-        if _install_count == 0:
-            kbackend.RandomGenerator.dropout = _patched_dropout
-            kbackend.rnn = _patched_rnn
-        _install_count += 1
+def _apply() -> None:
+    kbackend.RandomGenerator.dropout = _patched_dropout
+    kbackend.rnn = _patched_rnn
 
 
-def uninstall(owner: Any = None) -> None:
-    """Undo one :func:`install`; the last one restores the original functions."""
-    global _install_count
-    with _install_lock:
-        if owner is not None and owner in _attached:
-            _attached.remove(owner)
-        if _install_count == 0:
-            return
-        _install_count -= 1
-        if _install_count == 0:
-            kbackend.RandomGenerator.dropout = _ORIGINAL_DROPOUT
-            kbackend.rnn = _ORIGINAL_RNN
+def _restore() -> None:
+    kbackend.RandomGenerator.dropout = _ORIGINAL_DROPOUT
+    kbackend.rnn = _ORIGINAL_RNN
+
+
+# Reference counted, one patch per process: the first install applies it, the last uninstall
+# restores the originals.
+_patch = SharedPatch(_apply, _restore)
+_attached = _patch.attached   # adapters recording now: told about draws outside a recorded step
+install = _patch.install
+uninstall = _patch.uninstall
 
 
 def installed() -> bool:
