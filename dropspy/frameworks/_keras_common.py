@@ -21,7 +21,8 @@ from dropspy.errors import RecordingError, UnsupportedModelError
 from dropspy.store import Record, SiteInfo
 
 __all__ = ["OUTPUT_KEY", "PREDICT_OUTPUTS_KEY", "DrawMeta", "SiteSpec", "KerasAdapterBase",
-           "SharedPatch", "TraceStack", "axes_for", "float32_scale", "decode_step"]
+           "SharedPatch", "TraceStack", "axes_for", "dropout_shape_fns", "float32_scale",
+           "decode_step"]
 
 # Key of the extra train-step output; removed before any callback sees the logs.
 OUTPUT_KEY = "_dropspy_masks"
@@ -64,6 +65,30 @@ def axes_for(rank: int, data_format: str | None = None, *,
     if data_format == "channels_first":
         return ("batch", "channel", *spatial)
     return ("batch", *spatial, "channel")
+
+
+def dropout_shape_fns(spatial: int, data_format: str | None = None,
+                      configured: Any = None) -> tuple[Callable[[int], tuple[int | None, ...]],
+                                                       Callable[[int], tuple[str, ...]]]:
+    """The ``(noise_fn, axes_fn)`` of a Dropout-family layer, for :class:`SiteSpec`.
+
+    Args:
+        spatial: 0 for ``Dropout`` (``configured`` noise shape), 1 for ``SpatialDropout1D``,
+            2 or 3 for ``SpatialDropout2D`` / ``SpatialDropout3D``.
+        data_format: The layer's ``data_format`` (spatial 2 and 3).
+        configured: The layer's ``noise_shape`` (spatial 0), or None.
+    """
+    if spatial == 1:
+        return (lambda r: (None, 1, None)), (lambda r: ("batch", "time", "feature"))
+    if spatial:
+        def noise_fn(r: int, df: str | None = data_format) -> tuple[int | None, ...]:
+            if df == "channels_first":
+                return (None, None) + (1,) * (r - 2)
+            return (None,) + (1,) * (r - 2) + (None,)
+        return noise_fn, (lambda r, df=data_format: axes_for(r, df or "channels_last"))
+    noise = (lambda r: (None,) * r) if configured is None else (  # noqa: E731
+        lambda r, c=tuple(configured): c if len(c) == r else (None,) * r)
+    return noise, (lambda r: axes_for(r))
 
 
 def float32_scale(rate: float | None) -> float | None:

@@ -16,7 +16,7 @@ from keras.src.layers.rnn.conv_lstm import ConvLSTMCell
 from keras.src.layers.rnn.dropout_rnn_cell import DropoutRNNCell
 from keras.src.layers.rnn.stacked_rnn_cells import StackedRNNCells
 
-from dropspy.frameworks._keras_common import SiteSpec, axes_for
+from dropspy.frameworks._keras_common import SiteSpec, axes_for, dropout_shape_fns
 
 __all__ = ["SiteSpec", "CellSites", "SiteMap", "axes_for", "find_sites"]
 
@@ -89,21 +89,14 @@ def _children(layer: Any) -> list[Any]:
 
 def _dropout_spec(layer: Any, path: str, rank: int | None) -> SiteSpec:
     cls = type(layer).__name__
-    data_format = getattr(layer, "data_format", None)
     if isinstance(layer, klayers.SpatialDropout1D):
-        noise_fn = lambda r: (None, 1, None)  # noqa: E731
-        axes_fn = lambda r: ("batch", "time", "feature")  # noqa: E731
+        spatial = 1
     elif isinstance(layer, (klayers.SpatialDropout2D, klayers.SpatialDropout3D)):
-        def noise_fn(r: int, df: str | None = data_format) -> tuple[int | None, ...]:
-            if df == "channels_first":
-                return (None, None) + (1,) * (r - 2)
-            return (None,) + (1,) * (r - 2) + (None,)
-        axes_fn = lambda r, df=data_format: axes_for(r, df or "channels_last")  # noqa: E731
+        spatial = 2
     else:
-        configured = getattr(layer, "noise_shape", None)
-        noise_fn = (lambda r: (None,) * r) if configured is None else (  # noqa: E731
-            lambda r, c=tuple(configured): c if len(c) == r else (None,) * r)
-        axes_fn = lambda r: axes_for(r)  # noqa: E731
+        spatial = 0
+    noise_fn, axes_fn = dropout_shape_fns(spatial, getattr(layer, "data_format", None),
+                                          getattr(layer, "noise_shape", None))
     return SiteSpec(name=path, layer=path, layer_class=cls, role="output",
                     rate=getattr(layer, "rate", None), axes_fn=axes_fn, noise_fn=noise_fn,
                     rank=rank)

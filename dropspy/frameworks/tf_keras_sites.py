@@ -25,7 +25,7 @@ from tf_keras.src import layers as klayers
 from tf_keras.src.layers.rnn.dropout_rnn_cell_mixin import DropoutRNNCellMixin
 from tf_keras.src.layers.rnn.stacked_rnn_cells import StackedRNNCells
 
-from dropspy.frameworks._keras_common import SiteSpec, axes_for
+from dropspy.frameworks._keras_common import SiteSpec, axes_for, dropout_shape_fns
 
 __all__ = ["SiteMap", "find_sites", "DrawSlot"]
 
@@ -104,21 +104,14 @@ def _children(layer: Any) -> list[Any]:
 
 
 def _dropout_spec(layer: Any, path: str) -> SiteSpec:
-    data_format = getattr(layer, "data_format", None)
     if isinstance(layer, klayers.SpatialDropout1D):
-        noise = lambda r: (None, 1, None)  # noqa: E731
-        axes = lambda r: ("batch", "time", "feature")  # noqa: E731
+        spatial = 1
     elif isinstance(layer, (klayers.SpatialDropout2D, klayers.SpatialDropout3D)):
-        def noise(r: int, df: str | None = data_format) -> tuple[int | None, ...]:
-            if df == "channels_first":
-                return (None, None) + (1,) * (r - 2)
-            return (None,) + (1,) * (r - 2) + (None,)
-        axes = lambda r, df=data_format: axes_for(r, df or "channels_last")  # noqa: E731
+        spatial = 2
     else:
-        configured = getattr(layer, "noise_shape", None)
-        noise = (lambda r: (None,) * r) if configured is None else (  # noqa: E731
-            lambda r, c=tuple(configured): c if len(c) == r else (None,) * r)
-        axes = lambda r: axes_for(r)  # noqa: E731
+        spatial = 0
+    noise, axes = dropout_shape_fns(spatial, getattr(layer, "data_format", None),
+                                    getattr(layer, "noise_shape", None))
     return SiteSpec(name=path, layer=path, layer_class=type(layer).__name__, role="output",
                     rate=float(layer.rate), noise_fn=noise, axes_fn=axes, rank=_static_rank(layer))
 
