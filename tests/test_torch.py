@@ -642,3 +642,26 @@ def test_a_step_holding_many_mask_bytes_packs_them_early(tmp_path, monkeypatch):
     for name in ("0", "1"):
         assert np.array_equal(early[name].mask(0), late[name].mask(0))
         assert tuple(early[name].noise_shapes[0]) == tuple(late[name].noise_shapes[0])
+
+
+def test_dropout_modules_never_sampled_are_named_in_the_run(tmp_path):
+    import torch
+
+    import dropspy
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.3),
+                                torch.nn.Linear(8, 8), torch.nn.Dropout1d(0.2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with dropspy.record(model, tmp_path / "none.h5", steps=[]):
+        for _ in range(2):
+            opt.zero_grad()
+            model(torch.ones(3, 8, 4)).sum().backward()
+            opt.step()
+    run = dropspy.load(tmp_path / "none.h5")
+    assert run.sites == ()
+    assert any("2 dropout module(s)" in n and "1, 3" in n for n in run.notes)
+    with dropspy.record(model, tmp_path / "all.h5"):
+        opt.zero_grad()
+        model(torch.ones(3, 8, 4)).sum().backward()
+        opt.step()
+    assert not any("dropout module(s)" in n for n in dropspy.load(tmp_path / "all.h5").notes)

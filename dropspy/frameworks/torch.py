@@ -174,6 +174,23 @@ class TorchAdapter:
                 self._capture.stack.clear()
                 self._capture.taint.clear()
                 self._flush_all_at_exit()
+                self._note_unseen_modules()
+
+    def _note_unseen_modules(self) -> None:
+        """Name the dropout modules that got no site (never called in a sampled step).
+
+        Their mask's rank, hence its axes, is only known at a call, so they are declared at
+        their first sampled call; a run that samples nothing must still say they exist.
+        """
+        seen = {info.layer for info in self._capture.sites.infos.values()}
+        unseen = [name for name, m in self.model.named_modules()
+                  if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0
+                  and name not in seen]
+        if unseen:
+            self.session.note(
+                f"{len(unseen)} dropout module(s) applied no recorded mask while recording "
+                f"(not called in a sampled training step), so they have no site in this file: "
+                f"{', '.join(unseen)}")
 
     def mark_step(self, step: int | None = None) -> None:
         """End the current step here; the next records belong to ``step`` (default: next).
