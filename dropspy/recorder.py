@@ -44,8 +44,6 @@ class Session:
         self.patterns = None if sites is None else tuple(sites)
         self._selected: dict[str, bool] = {}
         self._warned_error = False
-        self.steps_seen = 0
-        self.steps_recorded = 0
         self.excluded: list[str] = []
 
     def declare_site(self, info: SiteInfo) -> bool:
@@ -77,7 +75,6 @@ class Session:
 
     def submit(self, step: int, records: list[Record]) -> None:
         """Hand over the records of one step (call once per recorded step)."""
-        self.steps_recorded += 1
         if self.patterns is not None:
             kept = [r for r in records if self._selected.get(r.site, False)]
             if len(kept) != len(records):

@@ -29,7 +29,6 @@ import queue
 import shutil
 import threading
 import time
-import warnings
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field

@@ -29,7 +29,6 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def run_path(tmp_path_factory):
     d = tmp_path_factory.mktemp("cli")
-    eval_noise = np.random.default_rng(3).random((16, 10, 32)) >= 0.3
     return write_run(d / "run.h5", [
         (info("spatial", layer_class="SpatialDropout1D"),
          records("spatial", (16, 10, 32), (16, 1, 32), 0.3)),

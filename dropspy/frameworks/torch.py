@@ -331,7 +331,6 @@ class TorchAdapter:
             self._clock_optimizer = weakref.ref(optimizer)
         elif self._clock_optimizer() is not optimizer:
             return
-        cap = self._capture
         if self._clock != "optimizer":
             if self._clock == "forward":
                 self.session.note("an optimizer stepped after forwards were counted as steps: "
