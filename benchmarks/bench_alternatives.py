@@ -34,13 +34,14 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import _common as C  # noqa: E402
-from bench_overhead import _drain, storage_of  # noqa: E402
+import _common as C
+from bench_overhead import _drain, storage_of
 
 
 def _dir_bytes(path: Path) -> int:
@@ -132,7 +133,6 @@ def bench_keras(rounds: int, steps: int, tmp: Path, log: Callable[[str], None]) 
 
 
 def bench_torch(rounds: int, tmp: Path, log: Callable[[str], None]) -> dict[str, Any]:
-    import torch
 
     import dropspy
 

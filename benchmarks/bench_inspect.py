@@ -42,7 +42,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dropspy.store import Record, RunWriter, SiteInfo  # noqa: E402
+from dropspy.records import Record, SiteInfo
+from dropspy.writer import RunWriter
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 1 << 10, "mib": 1 << 20,
           "gib": 1 << 30}

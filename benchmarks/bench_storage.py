@@ -28,8 +28,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import _common as C  # noqa: E402
-from bench_overhead import storage_of  # noqa: E402
+import _common as C
+from bench_overhead import storage_of
 
 
 def record_keras(steps: int, path: Path) -> int:

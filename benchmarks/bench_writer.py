@@ -35,11 +35,12 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import _common as C  # noqa: E402
-import h5py  # noqa: E402
-import numpy as np  # noqa: E402
+import _common as C
+import h5py
+import numpy as np
 
-from dropspy.store import Record, RunWriter, SiteInfo  # noqa: E402
+from dropspy.records import Record, SiteInfo
+from dropspy.writer import RunWriter
 
 AXES = ("batch", "time", "feature")
 SITES_PER_STEP = 4

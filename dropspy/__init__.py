@@ -14,7 +14,8 @@ from dropspy.errors import (
     UnsupportedModelError,
 )
 from dropspy.recorder import Recording, record
-from dropspy.store import Record, Run, Site, SiteInfo, load
+from dropspy.records import Record, SiteInfo
+from dropspy.store import Run, Site, load
 
 __all__ = [
     "__version__",

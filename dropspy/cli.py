@@ -10,7 +10,6 @@ Exit status: 0 success; 1 a check failed / runs differ / file invalid; 2 usage o
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,8 +20,16 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from dropspy.analysis import THRESHOLD, RunAnalysis, Severity, SiteAnalysis, analyze_run, diff
+from dropspy.analysis import (
+    THRESHOLD,
+    RunAnalysis,
+    Severity,
+    SiteAnalysis,
+    analyze_run,
+    diff,
+)
 from dropspy.errors import DropspyError
+from dropspy.records import site_matches
 
 __all__ = ["app", "main"]
 
@@ -64,10 +71,11 @@ def _errors() -> Iterator[None]:
         yield
     except (DropspyError, _UserError, OSError) as exc:
         _die(str(exc))
-    except KeyError as exc:  # unknown site / glob matching nothing
-        _die(str(exc.args[0]) if exc.args else "unknown site")
-    except ValueError as exc:
-        _die(str(exc))
+    except Exception:
+        # Anything else is dropspy's own fault, not the user's: say so, with the traceback.
+        typer.echo("dropspy: internal error: this is a bug in dropspy; please report it with "
+                   "the traceback below.", err=True)
+        raise
 
 
 def _die(message: str, code: int = 2) -> None:
@@ -225,7 +233,7 @@ def check(
             for e in exps:
                 # A pattern naming no site is a mistake in the expectation (or a renamed
                 # layer): a usage error, not a verdict about the masks.
-                if not any(fnmatch.fnmatchcase(n, e.site) for n in names):
+                if not any(site_matches(e.site, n) for n in names):
                     raise _UserError(f"expectation {e.text or e.site!r}: no site matches "
                                      f"{e.site!r}; sites: {', '.join(names) or '(none)'}")
             result = _analyze(run, None, threshold)
@@ -295,7 +303,7 @@ def _present(patterns: list[str] | None, run: Any, other: Any) -> list[str] | No
         return None
 
     def hits(r: Any, p: str) -> bool:
-        return any(fnmatch.fnmatchcase(n, p) for n in r.sites)
+        return any(site_matches(p, n) for n in r.sites)
 
     for p in patterns:
         if not hits(run, p) and not hits(other, p):

@@ -8,6 +8,10 @@ __all__ = [
     "UnsupportedModelError",
     "RecordingError",
     "ExpectationError",
+    "SiteNotFoundError",
+    "ReportError",
+    "RecordNotFoundError",
+    "OptionError",
     "DropspyWarning",
 ]
 
@@ -30,6 +34,25 @@ class RecordingError(DropspyError, RuntimeError):
 
 class ExpectationError(DropspyError, ValueError):
     """An expectation string or spec file is malformed."""
+
+
+class SiteNotFoundError(DropspyError, KeyError):
+    """A site name or pattern matches no site; the message lists the sites that exist."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class RecordNotFoundError(DropspyError, ValueError):
+    """No record matches the step / call asked for; the message says which exist."""
+
+
+class ReportError(DropspyError, ValueError):
+    """A report (JSON or mapping) does not have the shape of a dropspy report."""
+
+
+class OptionError(DropspyError, ValueError):
+    """A recording option is invalid: the message names it, what was received and expected."""
 
 
 class DropspyWarning(UserWarning):

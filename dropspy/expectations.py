@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from dropspy.analysis import RunAnalysis, SiteAnalysis, select_sites
-from dropspy.errors import ExpectationError
+from dropspy.errors import ExpectationError, SiteNotFoundError
 
 __all__ = [
     "Expectation",
@@ -338,7 +338,7 @@ def check_analysis(analysis: RunAnalysis, expectations: Sequence[Expectation]) -
     for exp in expectations:
         try:
             matched = select_sites(names, exp.site)
-        except KeyError:
+        except SiteNotFoundError:
             failures.append(Failure(exp, None, (
                 f"no site matches; sites: {', '.join(names) or '(none)'}",)))
             continue

@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from dropspy.errors import RecordNotFoundError
+
 __all__ = ["plot_site", "find_record"]
 
 _MAX_CELLS = 512  # longest axis drawn in a panel; longer axes are cut (and the title says so)
@@ -31,13 +33,13 @@ def find_record(site: Any, step: int | None = None, call: int = 0) -> int:
         if not len(pick):
             pick = np.flatnonzero(applied)
         if not len(pick):
-            raise ValueError(f"site {site.name!r} has no record with a mask ({len(site)} records)")
+            raise RecordNotFoundError(f"site {site.name!r} has no record with a mask ({len(site)} records)")
         return int(pick[0])
     pick = np.flatnonzero(applied & (steps == step) & (calls == call))
     if not len(pick):
         have = np.unique(steps[applied])
         span = f"{have[0]}..{have[-1]}" if len(have) else "none"
-        raise ValueError(
+        raise RecordNotFoundError(
             f"site {site.name!r} has no mask at step {step} call {call} (steps with masks: {span})")
     return int(pick[0])
 

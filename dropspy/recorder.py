@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fnmatch
 import os
 import sys
 import threading
@@ -12,7 +11,8 @@ from typing import Any
 
 from dropspy.errors import DropspyWarning, RecordingError
 from dropspy.frameworks import find_adapter
-from dropspy.store import Record, RunWriter, SiteInfo
+from dropspy.records import POLICY_CAUSES, Record, SiteInfo, site_matches
+from dropspy.writer import RunWriter
 
 __all__ = ["record", "Recording", "Session"]
 
@@ -57,9 +57,7 @@ class Session:
                 self.writer.declare_site(info)
             return known
         selected = self.patterns is None or any(
-            fnmatch.fnmatchcase(info.name, p) or fnmatch.fnmatchcase(info.layer, p)
-            for p in self.patterns
-        )
+            site_matches(p, info.name, info.layer) for p in self.patterns)
         self._selected[info.name] = selected
         if selected:
             self.writer.declare_site(info)
@@ -242,13 +240,12 @@ class Recording:
             print(_summary_line(self.path, self.writer.stats), file=sys.stderr)
 
 
-_POLICY_CAUSES = ("sampling", "site_filter")
 
 
 def _summary_line(path: str, stats: dict[str, Any]) -> str:
     counts = {k: v for k, v in stats["records_dropped"].items() if v}
     # What the sampling policy left out on purpose is not a loss: say it apart.
-    skipped = sum(counts.pop(k, 0) for k in _POLICY_CAUSES)
+    skipped = sum(counts.pop(k, 0) for k in sorted(POLICY_CAUSES))
     lost = sum(counts.values())
     why = f" ({', '.join(f'{k}: {v}' for k, v in sorted(counts.items()))})" if lost else ""
     line = (

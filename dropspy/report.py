@@ -28,6 +28,7 @@ from dropspy.analysis import (
     Severity,
     SiteAnalysis,
 )
+from dropspy.errors import ReportError
 
 __all__ = [
     "REPORT_FORMAT",
@@ -181,14 +182,14 @@ def from_dict(data: Mapping[str, Any]) -> RunAnalysis:
     """Rebuild a :class:`RunAnalysis` from :func:`to_dict` output.
 
     Raises:
-        ValueError: ``data`` is not a dropspy report of a known version.
+        ReportError: ``data`` is not a dropspy report of a known version.
     """
     if data.get("format") != REPORT_FORMAT:
-        raise ValueError(
+        raise ReportError(
             f"Not a dropspy report: 'format' is {data.get('format')!r}, expected {REPORT_FORMAT!r}"
         )
     if data.get("format_version") != REPORT_VERSION:
-        raise ValueError(
+        raise ReportError(
             f"Unsupported report format_version {data.get('format_version')!r}; this dropspy "
             f"reads version {REPORT_VERSION}"
         )
@@ -203,7 +204,7 @@ def from_dict(data: Mapping[str, Any]) -> RunAnalysis:
             findings=tuple(_finding_from(f) for f in data.get("findings", ())),
         )
     except (KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"Malformed dropspy report: {type(exc).__name__}: {exc}") from exc
+        raise ReportError(f"Malformed dropspy report: {type(exc).__name__}: {exc}") from exc
 
 
 def from_json(text: str) -> RunAnalysis:

@@ -17,7 +17,6 @@ Example:
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from dropspy.analysis import (
     analyze_run,
     select_sites,
 )
+from dropspy.errors import SiteNotFoundError
 from dropspy.expectations import Expectation, check_site
 
 try:  # the fixture needs pytest; the assertion helpers do not
@@ -57,12 +57,10 @@ def analyze(run: RunLike, *, sites: str | Sequence[str] | None = None,
     """The :class:`RunAnalysis` of ``run``, which may be a path, a Run or an analysis already."""
     if isinstance(run, RunAnalysis):
         return run
-    if isinstance(run, (str, os.PathLike)):
-        from dropspy.store import load
+    from dropspy.store import opened
 
-        with load(run) as opened:
-            return analyze_run(opened, sites=sites, threshold=threshold)
-    return analyze_run(run, sites=sites, threshold=threshold)
+    with opened(run) as r:
+        return analyze_run(r, sites=sites, threshold=threshold)
 
 
 def _sites(run: RunLike, site: str) -> tuple[RunAnalysis, list[SiteAnalysis]]:
@@ -71,19 +69,17 @@ def _sites(run: RunLike, site: str) -> tuple[RunAnalysis, list[SiteAnalysis]]:
     names = list(run.site_names) if isinstance(run, RunAnalysis) else _names(run)
     try:
         select_sites(names, site)
-    except KeyError as exc:
-        raise AssertionError(f"dropspy: {exc.args[0]}") from None
+    except SiteNotFoundError as exc:
+        raise AssertionError(f"dropspy: {exc}") from None
     result = analyze(run, sites=site)
     return result, [result[n] for n in select_sites(result.site_names, site)]
 
 
 def _names(run: RunLike) -> list[str]:
-    if isinstance(run, (str, os.PathLike)):
-        from dropspy.store import load
+    from dropspy.store import opened
 
-        with load(run) as opened:
-            return list(opened.sites)
-    return list(getattr(run, "sites", None) or list(run.keys()))
+    with opened(run) as r:
+        return list(getattr(r, "sites", None) or list(r.keys()))
 
 
 def assert_mask_structure(

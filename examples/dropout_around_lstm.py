@@ -38,14 +38,14 @@ from collections.abc import Callable
 STARTED = time.perf_counter()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
+import numpy as np
+import tensorflow as tf
 
-import dropspy  # noqa: E402
-from dropspy.analysis import RunAnalysis, analyze_run  # noqa: E402
+import dropspy
+from dropspy.analysis import RunAnalysis, analyze_run
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _evidence import (  # noqa: E402
+from _evidence import (
     Verdict,
     axes_verdict,
     draw_overview,

@@ -35,16 +35,16 @@ from collections.abc import Callable
 
 STARTED = time.perf_counter()
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
 
-import dropspy  # noqa: E402
-from dropspy.analysis import analyze_run  # noqa: E402
+import dropspy
+from dropspy.analysis import analyze_run
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _evidence import (  # noqa: E402
+from _evidence import (
     FAILS,
     HOLDS,
     UNSURE,

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dropspy.store import Record, RunWriter, SiteInfo
+from dropspy.records import Record, SiteInfo
+from dropspy.writer import RunWriter
 
 AXES3 = ("batch", "time", "feature")
 

@@ -1,15 +1,15 @@
 """Helpers for the tf_keras (Keras 2) adapter tests: probe models, numpy references.
 
-Imported only by ``tests/test_tf_keras*.py`` after ``pytest.importorskip("tf_keras")``. The
+Imported only by ``tests/frameworks/tf_keras/test_tf_keras*.py`` after ``pytest.importorskip("tf_keras")``. The
 numpy reference forwards and exactness checks are the Keras 3 tests' (``_keras_util``).
 """
 
 from __future__ import annotations
 
 import numpy as np
+from _keras_util import multipliers
 
 import dropspy
-from _keras_util import multipliers  # noqa: F401  (re-exported for the tests)
 
 
 def make_probe(layer, *, jit: bool = False, eager: bool = False):

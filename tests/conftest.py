@@ -8,6 +8,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
+from pathlib import Path
+
+# Tests mirror the package in subfolders; the shared helpers (_synth, _keras_util,
+# fake_adapter...) live here, importable from every one of them.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dropspy.store import Record, SiteInfo
+from dropspy.records import Record, SiteInfo
 
 
 class FakeModel:

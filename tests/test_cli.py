@@ -9,8 +9,6 @@ import sys
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
-
 from _synth import (
     KERAS2_CUDNN_LSTM_INPUT,
     KERAS3_LSTM_INPUT,
@@ -19,9 +17,11 @@ from _synth import (
     records,
     write_run,
 )
+from typer.testing import CliRunner
+
 from dropspy.cli import app
+from dropspy.records import Record
 from dropspy.report import load_schema
-from dropspy.store import Record
 
 runner = CliRunner()
 

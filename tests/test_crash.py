@@ -18,7 +18,8 @@ _CHILD = textwrap.dedent(
     """
     import sys, time
     import numpy as np
-    from dropspy.store import Record, RunWriter, SiteInfo
+    from dropspy.records import Record, SiteInfo
+    from dropspy.writer import RunWriter
 
     path = sys.argv[1]
     w = RunWriter(path, {"framework": "test"}, flush_seconds=0.02, flush_bytes=2000)

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 typer_testing = pytest.importorskip("typer.testing")
-from dropspy.cli import app  # noqa: E402
+from dropspy.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"

@@ -7,14 +7,14 @@ import subprocess
 import sys
 
 import pytest
-
 from _synth import info, records, write_run
+
 from dropspy.store import load
 
 matplotlib = pytest.importorskip("matplotlib")
-from matplotlib.image import imread  # noqa: E402
+from matplotlib.image import imread
 
-from dropspy.plot import find_record, plot_site  # noqa: E402
+from dropspy.plot import find_record, plot_site
 
 
 @pytest.fixture(scope="module")

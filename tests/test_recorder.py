@@ -90,7 +90,7 @@ def test_detaches_when_training_raises(tmp_path):
     with pytest.raises(ZeroDivisionError):
         with dropspy.record(model, tmp_path / "e.h5"):
             model.train_step()
-            1 / 0
+            _ = 1 / 0
     assert FakeAdapter.detached == before + 1 and model.hook is None
     run = dropspy.load(tmp_path / "e.h5")
     assert run.complete and len(run["enc.dropout"]) == 1

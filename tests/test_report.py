@@ -6,10 +6,11 @@ import json
 
 import numpy as np
 import pytest
+from _synth import info, records, write_run
 
 from dropspy.analysis import MemoryRun, MemorySite, analyze_run
 from dropspy.report import from_dict, from_json, load_schema, to_dict, to_json
-from _synth import info, records, write_run
+from dropspy.store import load
 
 jsonschema = pytest.importorskip("jsonschema")
 
@@ -95,7 +96,7 @@ def _tf_keras_like_run(path):
 
 
 def test_report_carries_site_facts_and_framework_version(tmp_path):
-    data = to_dict(analyze_run(_tf_keras_like_run(tmp_path / "run.h5")))
+    data = to_dict(analyze_run(load(_tf_keras_like_run(tmp_path / "run.h5"))))
     jsonschema.Draft202012Validator(load_schema("report")).validate(data)
     assert (data["framework"], data["framework_version"]) == ("tf_keras", "2.17.0")
     facts = data["sites"][0]["facts"]
@@ -108,7 +109,7 @@ def test_report_carries_site_facts_and_framework_version(tmp_path):
 
 
 def test_report_with_site_facts_round_trips_to_an_equal_analysis(tmp_path, analysis):
-    from_file = analyze_run(_tf_keras_like_run(tmp_path / "run.h5"))
+    from_file = analyze_run(load(_tf_keras_like_run(tmp_path / "run.h5")))
     assert from_json(to_json(from_file)) == from_file
     site = from_json(to_json(from_file)).sites[0]
     assert (site.noise_shape, site.extra["masks_drawn_per_call"]) == ((None, 1, None), 4)

@@ -15,7 +15,9 @@ from hypothesis import strategies as st
 
 import dropspy
 from dropspy.errors import DropspyError, RunFileError
-from dropspy.store import FORMAT_VERSION, Record, RunWriter, SiteInfo, load, validate_file
+from dropspy.records import FORMAT_VERSION, Record, SiteInfo
+from dropspy.store import load, validate_file
+from dropspy.writer import RunWriter
 
 
 def _site(name="drop", axes=("batch", "time", "feature"), rate=0.3, **kw):
@@ -28,7 +30,7 @@ def _records(draw):
     rank = draw(st.integers(1, 4))
     n = draw(st.integers(1, 6))
     recs = []
-    for i in range(n):
+    for _i in range(n):
         shape = tuple(draw(st.integers(1, 7)) for _ in range(rank))
         noise_shape = tuple(s if draw(st.booleans()) else 1 for s in shape)
         rate = draw(st.sampled_from([0.0, 0.05, 0.5, 0.95, 1.0]))
@@ -105,7 +107,7 @@ def test_file_is_self_describing_with_h5py_alone(tmp_path):
         w.declare_site(_site(name="lstm/input/i", axes=("batch", "feature"), gate="i"))
         w.submit([Record("lstm/input/i", 7, 0, True, (3, 11), noise=noise)])
     with h5py.File(path, "r") as f:
-        # Text attributes are fixed-length UTF-8 (bytes in h5py): see store._attr_value.
+        # Text attributes are fixed-length UTF-8 (bytes in h5py): see records._attr_value.
         assert f.attrs["format"].decode() == "dropspy.run"
         assert f.attrs["format_version"] == FORMAT_VERSION
         status = json.loads(f["status"][0].rstrip(b"\0"))
@@ -180,7 +182,7 @@ def test_write_error_is_recorded_not_raised(tmp_path):
 
 
 def test_bad_records_are_refused_with_both_sides(tmp_path):
-    from dropspy.store import _check_record
+    from dropspy.writer import _check_record
 
     with pytest.raises(ValueError, match=r"noise shape \(3, 2\) does not broadcast.*\(3, 4\)"):
         _check_record(Record("s", 0, 0, True, (3, 4), noise=np.ones((3, 2), bool)), 2)

@@ -26,7 +26,8 @@ def test_writer_left_open_is_closed_at_interpreter_exit(tmp_path):
     out = _run(
         """
         import sys, numpy as np
-        from dropspy.store import Record, RunWriter, SiteInfo
+        from dropspy.records import Record, SiteInfo
+        from dropspy.writer import RunWriter
         w = RunWriter(sys.argv[1], {"framework": "test"}, flush_seconds=3600)
         w.declare_site(SiteInfo("d", "d", "Dropout", "output", ("batch",), 0.5))
         w.submit([Record("d", s, 0, True, (64,), noise=np.arange(64) % (s + 2) == 0)
@@ -50,7 +51,8 @@ def _fill_the_disk(path, limit_kib):
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
             resource.setrlimit(resource.RLIMIT_FSIZE, ({limit_kib} * 1024, {limit_kib} * 1024))
         from dropspy.recorder import Session
-        from dropspy.store import Record, RunWriter, SiteInfo
+        from dropspy.records import Record, SiteInfo
+        from dropspy.writer import RunWriter
         w = RunWriter(sys.argv[1], {{"framework": "test"}}, flush_seconds=0.01, flush_bytes=1,
                       reserve_bytes=256 * 1024)
         s = Session(w)

@@ -10,8 +10,8 @@ import textwrap
 
 import numpy as np
 import pytest
-
 from _synth import info, records, write_run
+
 from dropspy.analysis import MemoryRun, MemorySite
 from dropspy.errors import ExpectationError
 from dropspy.testing import (
@@ -104,7 +104,7 @@ def test_importing_dropspy_testing_imports_no_framework():
 
 _FAKE_ADAPTER = '''
 import numpy as np
-from dropspy.store import Record, SiteInfo
+from dropspy.records import Record, SiteInfo
 
 
 class FakeModel:

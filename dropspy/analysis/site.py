@@ -1,0 +1,299 @@
+"""Per-site verdicts: axes, pattern, rate, freshness and over-time, from one streamed scan.
+
+Verdicts follow one rule: a structure is only claimed when the chance that independent
+Bernoulli(rate) masks would show it is below ``threshold`` (default 1e-9), computed with the
+least favourable rate in the observed rate's confidence interval. Otherwise the verdict is
+``inconclusive``, and the chance is reported. The findings are made by the rules in
+:mod:`dropspy.analysis.rules`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from dropspy.analysis._scan import SiteScan, scan_site
+from dropspy.analysis._stats import (
+    log10_constant_fibers,
+    log10_repeat_tail,
+    wilson_interval,
+    worst_keep_probability,
+)
+from dropspy.analysis.memory import MemorySite
+from dropspy.analysis.results import (
+    CONFIDENCE,
+    THRESHOLD,
+    AxisVerdict,
+    PairCheck,
+    RateEstimate,
+    SiteAnalysis,
+)
+from dropspy.analysis.rules import SiteEvidence, site_findings
+
+__all__ = ["analyze_site", "analyze_masks", "conclude", "check_args"]
+
+
+def analyze_site(
+    site: Any,
+    *,
+    threshold: float = THRESHOLD,
+    confidence: float = CONFIDENCE,
+    max_bytes: int = 16 << 20,
+    progress: Callable[[int], None] | None = None,
+) -> SiteAnalysis:
+    """Analyse one site on its own (no gate comparison; :func:`analyze_run` adds that).
+
+    Args:
+        site: A :class:`dropspy.store.Site`, a :class:`MemorySite`, or anything with the
+            same reader API.
+        threshold: Largest chance of coincidence that still lets a structure be claimed.
+        confidence: Confidence level of the rate interval.
+        max_bytes: Packed bytes per block read.
+        progress: Called with the packed bytes of each record consumed.
+
+    Returns:
+        The :class:`SiteAnalysis`.
+    """
+    check_args(threshold, confidence)
+    scan = scan_site(site, max_bytes=max_bytes, progress=progress)
+    return conclude(site, scan, threshold, confidence)
+
+
+def analyze_masks(
+    noises: Iterable[np.ndarray | None],
+    axes: Sequence[str],
+    *,
+    rate: float | None = None,
+    shapes: Sequence[Sequence[int]] | None = None,
+    steps: Sequence[int] | None = None,
+    calls: Sequence[int] | None = None,
+    training: Sequence[bool] | None = None,
+    name: str = "masks",
+    extra: Mapping[str, Any] | None = None,
+    threshold: float = THRESHOLD,
+    confidence: float = CONFIDENCE,
+) -> SiteAnalysis:
+    """Analyse masks held in memory, as if they were the records of one site.
+
+    Args:
+        noises: Keep-noise arrays (bool or 0/1), one per record; size-1 dimensions are
+            broadcast to ``shapes``. Applied masks can be passed as they are.
+        axes: Axis names.
+        rate: Configured drop rate, if known.
+        shapes: Applied shapes (default: each noise's own shape).
+        steps: Step of each record (default: 0, 1, 2...).
+        calls: Call index of each record (default: all 0).
+        training: Training flag of each record (default: all True).
+        name: Site name used in the findings.
+        extra: Site facts, e.g. ``{"time_axis_by_construction": True}``.
+        threshold: See :func:`analyze_site`.
+        confidence: See :func:`analyze_site`.
+
+    Returns:
+        The :class:`SiteAnalysis`.
+
+    Example:
+        >>> rng = np.random.default_rng(0)
+        >>> noise = rng.random((8, 1, 16)) > 0.3
+        >>> analyze_masks([noise], ("batch", "time", "feature"), rate=0.3,
+        ...               shapes=[(8, 20, 16)]).pattern
+        'time-shared'
+    """
+    site = MemorySite(name, axes, list(noises), rate=rate, shapes=shapes, steps=steps,
+                      calls=calls, training=training, extra=extra)
+    return analyze_site(site, threshold=threshold, confidence=confidence)
+
+
+def check_args(threshold: float, confidence: float) -> None:
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(
+            f"Invalid value received for argument `threshold`. Expected a float in (0, 1). "
+            f"Received: threshold={threshold!r}"
+        )
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(
+            f"Invalid value received for argument `confidence`. Expected a float in (0, 1). "
+            f"Received: confidence={confidence!r}"
+        )
+
+
+def conclude(site: Any, scan: SiteScan, threshold: float, confidence: float,
+             gates: PairCheck | None = None, gate_sites: tuple[str, ...] = ()) -> SiteAnalysis:
+    name = site.name
+    n = len(site)
+    rank = scan.rank
+    axes = tuple(site.axes)
+    training = np.asarray(site.training, dtype=bool)[:n]
+    applied = np.asarray(site.applied, dtype=bool)[:n]
+    steps_arr = np.asarray(site.steps)[:n]
+    extra = dict(getattr(site, "extra", {}) or {})
+
+    # Shapes of the used records, grouped: (applied shape, noise shape, records), so that
+    # nothing here costs memory per record.
+    groups = list(scan.groups.items())
+    shapes = np.array([g[0][0] for g in groups], dtype=np.int64).reshape(len(groups), rank)
+    nshapes = np.array([g[0][1] for g in groups], dtype=np.int64).reshape(len(groups), rank)
+    counts = np.array([g[1] for g in groups], dtype=np.int64)
+    constant = np.array([v < 0 for v in scan.varies_at], dtype=bool)
+
+    def independent_elements(noise_shapes: np.ndarray) -> np.ndarray:
+        """Independently drawn elements per noise shape: axes seen constant count once."""
+        return np.prod(np.where(constant[None, :], 1, noise_shapes), axis=1)
+
+    eff = np.where(constant[None, :], 1, nshapes)
+    eff_elements = int((independent_elements(nshapes) * counts).sum()) if len(groups) else 0
+    rate = _rate(site.rate, scan, eff_elements, confidence)
+    low = rate.low if rate.low is not None else 0.0
+    high = rate.high if rate.high is not None else 1.0
+
+    verdicts = tuple(
+        _axis_verdict(k, axes[k], scan, shapes, nshapes, counts, eff, low, high,
+                      threshold, extra, steps_arr)
+        for k in range(rank)
+    )
+    pattern = _pattern(verdicts) if scan.used else "unobserved"
+
+    log_w = math.log10(worst_keep_probability(low, high))
+    freshness = _pair_check(scan.fresh, independent_elements, log_w, threshold,
+                            ("fresh", "stale"), "each record vs the same call at the previous step")
+    over_time = _over_time(verdicts, scan, independent_elements, log_w, threshold)
+
+    opaque = getattr(site, "opaque", None)
+    findings = site_findings(SiteEvidence(
+        name=name, records=n, configured=site.rate, opaque=opaque, training=training,
+        applied=applied, steps=steps_arr, extra=extra, scan=scan, rate=rate, axes=verdicts,
+        freshness=freshness, threshold=threshold, confidence=confidence))
+
+    return SiteAnalysis(
+        site=name, layer=site.layer, layer_class=site.layer_class, role=site.role,
+        gate=getattr(site, "gate", None), axes=verdicts, pattern=pattern, rate=rate,
+        records=n, training_records=int(training.sum()), applied_records=int(applied.sum()),
+        steps=int(np.unique(steps_arr).size), opaque=opaque, gates=gates, gate_sites=gate_sites,
+        over_time=over_time, freshness=freshness, findings=tuple(findings),
+        **_site_facts(site, extra),
+    )
+
+
+def _site_facts(site: Any, extra: Mapping[str, Any]) -> dict[str, Any]:
+    """noise_shape, scale and extra in their JSON form, so that a report round trip is lossless."""
+    ns = getattr(site, "noise_shape", None)
+    scale = getattr(site, "scale", None)
+    scale = None if scale is None or not math.isfinite(float(scale)) else float(scale)
+    return {
+        "noise_shape": None if ns is None else tuple(None if d is None else int(d) for d in ns),
+        "scale": scale,
+        "extra": json.loads(json.dumps(dict(extra), default=str, sort_keys=True)),
+    }
+
+
+def _rate(configured: float | None, scan: SiteScan, eff_elements: int,
+          confidence: float) -> RateEstimate:
+    if scan.elements == 0:
+        return RateEstimate(configured, None, None, None, confidence, 0, 0, "unknown")
+    dropped = scan.elements - scan.kept
+    observed = dropped / scan.elements
+    low, high = wilson_interval(observed * eff_elements, eff_elements, confidence)
+    if configured is None:
+        verdict = "unknown"
+    else:
+        verdict = "ok" if low - 1e-12 <= configured <= high + 1e-12 else "mismatch"
+    return RateEstimate(configured, observed, low, high, confidence, scan.elements,
+                        eff_elements, verdict)
+
+
+def _axis_verdict(k: int, name: str, scan: SiteScan, shapes: np.ndarray, nshapes: np.ndarray,
+                  counts: np.ndarray, eff: np.ndarray, low: float, high: float, threshold: float,
+                  extra: Mapping[str, Any], steps: np.ndarray) -> AxisVerdict:
+    """Verdict on one axis from shape groups (applied shape, noise shape, records)."""
+    if len(shapes) == 0:
+        return AxisVerdict(name, "inconclusive", False, 0, None, "no masks recorded")
+    size = int(shapes[:, k].max())
+    if scan.varies_at[k] >= 0:
+        at = scan.varies_at[k]
+        return AxisVerdict(name, "independent", False, size, None,
+                           f"the mask varies along {name} (first at step {int(steps[at])})")
+    if size <= 1:
+        return AxisVerdict(name, "inconclusive", False, size, None,
+                           f"{name} has size 1 in every record")
+    informative = shapes[:, k] > 1
+    observed = informative & (nshapes[:, k] > 1)
+    # The framework's own fact (one drawn mask reused at every timestep) says more than the
+    # broadcast that records it, so it is named first.
+    if name == "time" and extra.get("time_axis_by_construction"):
+        return AxisVerdict(name, "shared", True, size, None,
+                           "the framework applies one drawn mask at every timestep")
+    if not observed.any():
+        return AxisVerdict(name, "shared", True, size, None,
+                           f"the noise has size 1 along {name} (broadcast)")
+    lengths = nshapes[observed, k]
+    others = np.delete(eff[observed], k, axis=1)
+    fibers = np.prod(others, axis=1) if others.shape[1] else np.ones(len(lengths), dtype=np.int64)
+    log10_chance = log10_constant_fibers(lengths, fibers * counts[observed], low, high)
+    if log10_chance < math.log10(threshold):
+        return AxisVerdict(name, "shared", False, size, log10_chance,
+                           f"observed constant along {name} in every record "
+                           f"(chance if independent: 1e{log10_chance:.0f})")
+    return AxisVerdict(name, "inconclusive", False, size, log10_chance,
+                       f"constant along {name}, but independent masks would be too with "
+                       f"chance {10 ** log10_chance:.2g}")
+
+
+def _pattern(verdicts: Sequence[AxisVerdict]) -> str:
+    informative = [v for v in verdicts if v.size > 1]
+    if any(v.verdict == "inconclusive" for v in informative):
+        return "inconclusive"
+    shared = {v.name for v in informative if v.verdict == "shared"}
+    independent = {v.name for v in informative if v.verdict == "independent"}
+    if not shared:
+        return "elementwise"
+    if independent == {"batch"}:
+        return "sample"
+    if not independent:
+        return "shared:" + ",".join(v.name for v in informative if v.verdict == "shared")
+    for word, axes in (("time-shared", {"time"}), ("feature-shared", {"feature"}),
+                       ("batch-shared", {"batch"})):
+        if shared == axes:
+            return word
+    return "shared:" + ",".join(v.name for v in informative if v.verdict == "shared")
+
+
+def _pair_check(log: Any, independent_elements: Callable[[np.ndarray], np.ndarray],
+                log_w: float, threshold: float, words: tuple[str, str],
+                source: str) -> PairCheck | None:
+    """Verdict from pairs compared for identity; ``words`` = (all different, all repeated)."""
+    pairs = log.pairs
+    if pairs == 0:
+        return None
+    repeats = len(log.identical)
+    smallest = int(independent_elements(np.array(sorted(log.shapes), dtype=np.int64)).min())
+    log_pair = smallest * log_w
+    tail = log10_repeat_tail(pairs, repeats, log_pair)
+    if repeats == 0:
+        return PairCheck(words[0], pairs, 0, 0.0, source)
+    if tail < math.log10(threshold):
+        return PairCheck(words[1], pairs, repeats, tail, source)
+    return PairCheck("inconclusive", pairs, repeats, tail, source)
+
+
+def _over_time(verdicts: Sequence[AxisVerdict], scan: SiteScan,
+               independent_elements: Callable[[np.ndarray], np.ndarray],
+               log_w: float, threshold: float) -> PairCheck | None:
+    for v in verdicts:
+        if v.name == "time" and v.size > 1:
+            word = {"shared": "constant", "independent": "resampled"}.get(v.verdict, "inconclusive")
+            return PairCheck(word, 0, 0, v.log10_chance, f"time axis: {v.reason}")
+    check = _pair_check(scan.calls, independent_elements, log_w, threshold, ("resampled", "constant"),
+                        "calls within a step vs call 0")
+    if check is not None and 0 < check.identical < check.pairs:
+        # One call that differs from call 0 proves the mask is redrawn within the step.
+        check = PairCheck("resampled", check.pairs, check.identical, check.log10_chance,
+                          check.source)
+    return check
+
+
+# -- the whole run ------------------------------------------------------------------------
+

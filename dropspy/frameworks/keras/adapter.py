@@ -1,0 +1,298 @@
+"""The Keras 3 adapter (TensorFlow backend): record the exact masks ``model.fit`` applies.
+
+How it works, in one paragraph: while recording, Keras' TF-backend ``random.dropout`` is
+replaced by an op-for-op identical version that also returns the keep-mask
+(:mod:`dropspy.frameworks.keras.capture`); every layer's ``call`` and every RNN cell's mask
+getters push a frame on a small stack so a draw knows its layer, role, gate and training flag;
+``model.train_step`` is wrapped so the masks drawn in a step become extra outputs of the
+(compiled, possibly XLA) train step, and ``model.train_function`` is wrapped so those outputs are
+taken out of the logs before any callback sees them and handed to the session once per step.
+``test_step``/``predict_step`` get the same treatment, so masks drawn in evaluate and predict
+are recorded with the training flag the layers saw (RNN masks drawn but not applied; Monte
+Carlo dropout applied at inference); they belong to the step after the last train step.
+No variable, no ``numpy_function``, no extra random op: the trained weights and the seed
+generators end exactly where they would without dropspy.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from dropspy.errors import UnsupportedModelError
+from dropspy.frameworks.keras.draws import DrawRouter, _static_bool
+from dropspy.frameworks.keras_base import KerasAdapterBase
+
+__all__ = ["KerasAdapter"]
+
+
+def _keras_module() -> Any:
+    return sys.modules.get("keras")
+
+
+def _is_tf_keras_model(model: Any) -> bool:
+    """A tf_keras (Keras 2) layer/model, detected without importing tf_keras."""
+    for name in ("tf_keras", "tf_keras.src"):
+        mod = sys.modules.get(name)
+        layers = getattr(mod, "layers", None)
+        base = getattr(layers, "Layer", None)
+        if isinstance(base, type) and isinstance(model, base):
+            return True
+    module = type(model).__module__
+    return module.startswith(("tf_keras.", "keras.engine.", "tensorflow.python.keras."))
+
+
+class KerasAdapter(DrawRouter, KerasAdapterBase):
+    """Records a Keras 3 model (TensorFlow backend): ``fit``, ``train_on_batch``, ``evaluate``,
+    ``predict``, and eager custom loops (each ``model(x, training=True)`` is one step).
+
+    Args:
+        model: A ``keras.Model``.
+        session: The recorder's session (see ``docs/internals.md``).
+
+    Raises:
+        UnsupportedModelError: A tf_keras (Keras 2) model (recorded by ``TfKerasAdapter``), a
+            backend other than TensorFlow, a layer that is not a model,
+            ``steps_per_execution > 1``, or several replicas.
+
+    Example:
+        >>> with dropspy.record(model, "run.h5"):   # doctest: +SKIP
+        ...     model.fit(x, y, epochs=1)
+    """
+
+    framework = "keras"
+    _model_label = "Keras"
+
+    @classmethod
+    def claims(cls, model: Any) -> bool:
+        """Whether ``model`` is a Keras layer or model (Keras 3, or tf_keras to refuse it)."""
+        keras = _keras_module()
+        layer = getattr(getattr(keras, "layers", None), "Layer", None)
+        if isinstance(layer, type) and isinstance(model, layer):
+            return True
+        return _is_tf_keras_model(model)
+
+    def __init__(self, model: Any, session: Any) -> None:
+        _check_supported(model)
+        super().__init__(model, session)
+
+    def meta(self) -> dict[str, Any]:
+        """Framework, versions, backend and devices, for the run file's root attributes."""
+        import keras
+        import tensorflow as tf
+
+        devices = [d.name for d in tf.config.list_logical_devices()]
+        return {
+            "framework": "keras",
+            "framework_version": keras.__version__,
+            "backend": keras.backend.backend(),
+            "tensorflow_version": tf.__version__,
+            "devices": devices,
+            "jit_compile": str(getattr(self.model, "jit_compile", None)),
+        }
+
+    def _install(self) -> None:
+        from dropspy.frameworks.keras import capture as cap
+        from dropspy.frameworks.keras.sites import find_sites
+
+        self._cap = cap
+        self._sites = find_sites(self.model)
+        for spec in self._sites.all_specs():
+            if spec.rank is not None:
+                self._declare(spec, spec.rank)
+        cap.install(self)
+        self._undo.append(lambda: cap.uninstall(self))
+        self._wrap_layers()
+        self._wrap_training()
+        self._set_attr(self.model, "call", self._model_call_wrapper(self.model.call))
+
+    def _wrap_layers(self, only: set[int] | None = None) -> None:
+        from keras import layers as klayers
+
+        sm = self._sites
+        for lid, layer in sm.layers.items():
+            if only is not None and lid not in only:
+                continue
+            if layer is self.model or isinstance(layer, klayers.InputLayer):
+                continue
+            if lid in sm.rnns:
+                kind = "rnn"
+            elif isinstance(layer, klayers.TimeDistributed):
+                kind = "td"
+            else:
+                kind = "layer"
+            self._set_attr(layer, "call", self._call_wrapper(layer, layer.call, kind))
+        for cid in sm.cells:
+            if only is not None and cid not in only:
+                continue
+            cell = sm.layers.get(cid)
+            if cell is None:
+                continue
+            for getter, role in (("get_dropout_mask", "input"),
+                                 ("get_recurrent_dropout_mask", "recurrent")):
+                self._set_attr(cell, getter, self._mask_wrapper(cell, getattr(cell, getter), role))
+
+    def _call_wrapper(self, layer: Any, original: Callable[..., Any], kind: str) -> Any:
+        cap = self._cap
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            trace = cap.current_trace()
+            if trace is None or trace.owner is not self:
+                return original(*args, **kwargs)
+            first = args[0] if args else kwargs.get(
+                "sequences", kwargs.get("inputs", next(iter(kwargs.values()), None)))
+            frame = cap.Frame(kind, layer, training=kwargs.get("training"),
+                              sequence=first, start=len(trace.draws))
+            trace.stack.append(frame)
+            try:
+                out = original(*args, **kwargs)
+            finally:
+                trace.stack.pop()
+            if kind == "td":
+                self._merge_time_distributed(trace, frame)
+            return out
+
+        call.__wrapped__ = original  # type: ignore[attr-defined]
+        return call
+
+    def _mask_wrapper(self, cell: Any, original: Callable[..., Any], role: str) -> Any:
+        cap = self._cap
+
+        def get_mask(step_input: Any) -> Any:
+            trace = cap.current_trace()
+            if trace is None or trace.owner is not self:
+                return original(step_input)
+            trace.stack.append(cap.Frame("mask", cell, role=role))
+            try:
+                return original(step_input)
+            finally:
+                trace.stack.pop()
+
+        get_mask.__wrapped__ = original  # type: ignore[attr-defined]
+        return get_mask
+
+    def _wrap_training(self) -> None:
+        """Wrap train/test/predict steps and their compiled functions (see module doc).
+
+        Train steps count steps. Evaluate and predict batches are recorded too, with the
+        training flag the layers saw, at the current step: a mask applied there is dropout
+        active at inference (e.g. Monte Carlo dropout), and the analysis says so.
+        """
+        self._check_compiled_options()
+        for kind in ("train", "test", "predict"):
+            self._wrap_step_kind(kind)
+
+    def _wrap_step_kind(self, kind: str) -> None:
+        model = self.model
+        original_step = getattr(model, f"{kind}_step")
+        original_make = getattr(model, f"make_{kind}_function")
+        attr = f"{kind}_function"
+
+        def step_fn(data: Any) -> Any:
+            return self._traced_step(original_step, data, kind)
+
+        def make_function(force: bool = False) -> Any:
+            self._check_compiled_options()
+            fn = model.__dict__.get(attr)
+            if fn is not None and not force:
+                return fn
+            original_make(force=True)
+            setattr(model, attr, self._host_wrapper(getattr(model, attr), kind))
+            return getattr(model, attr)
+
+        self._set_attr(model, f"{kind}_step", step_fn)
+        self._set_attr(model, f"make_{kind}_function", make_function)
+        # A function built before recording has no mask outputs: set it aside (restored on
+        # detach) so fit/evaluate/predict build one with the wrapped step.
+        self._set_attr(model, attr, None)
+
+    def _steps_per_execution(self) -> tuple[int, bool]:
+        spe = getattr(self.model, "steps_per_execution", 1) or 1
+        try:
+            spe = int(spe)
+        except (TypeError, ValueError):
+            spe = 1
+        return spe, False
+
+    def _new_trace(self, kind: str, graph: Any, eager: bool) -> Any:
+        self._refresh_sites()
+        return self._cap.Trace(owner=self, graph=graph, eager=eager)
+
+    def _model_call_wrapper(self, original: Callable[..., Any]) -> Any:
+        """Make each eager training-mode call of the model outside fit one recorded step."""
+        cap = self._cap
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            trace = cap.current_trace()
+            if trace is not None and trace.owner is self:
+                return original(*args, **kwargs)   # inside fit's train step: nothing to add
+            if not _static_bool(kwargs.get("training")):
+                return original(*args, **kwargs)
+            import tensorflow as tf
+
+            if not tf.executing_eagerly():
+                self._note_once(
+                    "untraced",
+                    f"{self.model.name} was called with training=True inside a tf.function "
+                    f"outside model.fit/train_on_batch (a compiled custom training loop): its "
+                    f"masks cannot leave that function and are not recorded. Run the loop "
+                    f"eagerly, or use fit/train_on_batch, to record them.",
+                )
+                return original(*args, **kwargs)
+            self._refresh_sites()
+            step_trace = cap.Trace(owner=self, graph=None, eager=True)
+            cap.push_trace(step_trace)
+            try:
+                out = original(*args, **kwargs)
+            finally:
+                cap.pop_trace(step_trace)
+            step = self._step
+            self._step += 1
+            self._on_step(step, self._payload(step_trace))
+            return out
+
+        call.__wrapped__ = original  # type: ignore[attr-defined]
+        return call
+
+    def _refresh_sites(self) -> None:
+        """Add layers created since attach (lazy builds) to the site map, and wrap them."""
+        from dropspy.frameworks.keras.sites import find_sites
+
+        new, old = find_sites(self.model), self._sites
+        fresh = [i for i in new.layers if i not in old.layers]
+        if not fresh:
+            return
+        for name in ("layer_paths", "layers", "dropout", "time_distributed", "cells", "rnns"):
+            target = getattr(old, name)
+            for key, value in getattr(new, name).items():
+                target.setdefault(key, value)
+        known = {s.name for s in old.opaque}
+        old.opaque += [s for s in new.opaque if s.name not in known]
+        for spec in old.all_specs():
+            if spec.rank is not None and not spec.declared:
+                self._declare(spec, spec.rank)
+        self._wrap_layers(only=set(fresh))
+
+
+def _check_supported(model: Any) -> None:
+    if _is_tf_keras_model(model):
+        raise UnsupportedModelError(
+            f"The Keras 3 adapter does not record tf_keras (Keras 2) models; dropspy.record "
+            f"hands them to the tf_keras adapter (dropspy.frameworks.tf_keras.TfKerasAdapter). "
+            f"Expected a Keras 3 model (import keras, keras>=3, TensorFlow backend). Received: "
+            f"{type(model).__module__}.{type(model).__qualname__}."
+        )
+    keras = _keras_module()
+    backend = keras.backend.backend() if keras is not None else "?"
+    if backend != "tensorflow":
+        raise UnsupportedModelError(
+            f"dropspy records Keras 3 models on the TensorFlow backend only. Expected "
+            f"KERAS_BACKEND=tensorflow. Received: backend={backend!r}."
+        )
+    if not isinstance(model, keras.Model):
+        raise UnsupportedModelError(
+            f"dropspy records a keras.Model trained with fit/train_on_batch. Received a layer "
+            f"that is not a model: {type(model).__qualname__} {getattr(model, 'name', '')!r}; "
+            f"wrap it in a keras.Model."
+        )

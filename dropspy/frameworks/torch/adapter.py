@@ -1,0 +1,612 @@
+"""The PyTorch adapter: records the exact dropout masks an ``nn.Module`` applies.
+
+How it works (details in ``torch_capture``): a ``TorchFunctionMode`` catches the dropout entry
+points (``F.dropout`` and family, ``torch.dropout``, ``bernoulli``, the RNN layer stacks,
+attention) while a forward of the recorded module runs; inside such a call a short-lived
+``TorchDispatchMode`` copies the mask ATen draws. Module hooks keep the stack of running
+modules so each mask is attributed to its qualified module name.
+
+Steps: one optimizer step (global optimizer step hook) of the first optimizer that steps the
+recorded module's parameters; with no optimizer in sight, one top-level training-mode
+forward; or explicit ``Recording.mark_step()``. Records are handed to the session once per
+step, bit-packed.
+
+What is not observed, and why (each is said to the user, never guessed):
+
+- cuDNN's between-layer RNN dropout and fused attention kernels (flash / memory-efficient
+  SDPA) draw their masks inside the kernel: opaque sites with the reason.
+  ``DROPSPY_TORCH_CUDNN_RNN=exact`` runs those RNNs without cuDNN, announced as a perturbation.
+- Random draws that are not Bernoulli masks (``torch.rand_like(x) < p``) inside a
+  dropout-looking module: an opaque "untracked" site and a note.
+- Refused by name: ``DataParallel`` / ``DistributedDataParallel`` wrappers, ``torch.compile``
+  and TorchScript modules, forwards on a thread other than the one that entered ``record()``.
+
+A step that ``GradScaler`` skips (inf/NaN gradients) calls no ``optimizer.step()``; its
+``update()`` still ends the iteration, so a skipped iteration is still one step.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from dropspy.errors import RecordingError, UnsupportedModelError
+from dropspy.frameworks.torch.capture import (
+    FAST_PATH_MODULES,
+    Capture,
+    Entry,
+    Frame,
+    FunctionMode,
+)
+from dropspy.frameworks.torch.pack import DeviceCopy, pack_host
+from dropspy.frameworks.torch.sites import SiteFacts, SiteKey, SiteRegistry
+from dropspy.records import Record
+
+__all__ = ["TorchAdapter"]
+
+# Under the "auto" clock, forwards are held until an optimizer steps (they all belong to its
+# step: gradient accumulation) or until this many pass without one (then each is a step).
+AUTO_MAX_FORWARDS = 16
+AUTO_MAX_BYTES = 64 << 20
+# Eval forwards without masks do not end a step; past this many held records they do, so a
+# long inference loop does not hold its not-applied records until the recording ends.
+EVAL_MAX_ENTRIES = 10_000
+
+class TorchAdapter:
+    """Records the dropout masks of a ``torch.nn.Module``.
+
+    Args:
+        model: The module to record (not wrapped in DataParallel / DDP, not compiled).
+        session: The recorder's session.
+        cudnn_rnn: ``"opaque"`` (default) reports cuDNN's between-layer RNN dropout as an
+            opaque site; ``"exact"`` runs those RNN calls without cuDNN so their masks are
+            recorded, which changes the random stream (announced as a perturbation). None
+            reads ``DROPSPY_TORCH_CUDNN_RNN`` (default ``"opaque"``).
+
+    Raises:
+        UnsupportedModelError: The model is wrapped in ``DataParallel`` /
+            ``DistributedDataParallel`` or compiled with ``torch.compile``.
+    """
+
+    framework = "torch"
+
+    @classmethod
+    def claims(cls, model: Any) -> bool:
+        """Whether ``model`` is a ``torch.nn.Module``."""
+        return isinstance(model, torch.nn.Module)
+
+    def __init__(self, model: torch.nn.Module, session: Any, *,
+                 cudnn_rnn: str | None = None) -> None:
+        if cudnn_rnn is None:
+            # record() has no adapter options; the opt-in travels by environment variable.
+            cudnn_rnn = os.environ.get("DROPSPY_TORCH_CUDNN_RNN", "opaque")
+        if cudnn_rnn not in ("opaque", "exact"):
+            raise ValueError(f"Invalid value received for argument `cudnn_rnn` (or "
+                             f"DROPSPY_TORCH_CUDNN_RNN). Expected 'opaque' or 'exact'. "
+                             f"Received: cudnn_rnn={cudnn_rnn!r}")
+        _refuse_wrappers(model)
+        self.model = model
+        self.session = session
+        self.cudnn_rnn = cudnn_rnn
+        self._capture: Capture | None = None
+        self._mode: FunctionMode | None = None
+        self._handles: list[Any] = []
+        self._attached = False
+        self._detached = False
+        self._thread = threading.get_ident()
+        self._step = 0
+        self._clock = "auto"
+        self._clock_optimizer: weakref.ref | None = None
+        self._stepped = False  # the clock optimizer stepped since the last GradScaler.update
+        self._noted_skip = False
+        self._held: list[list[Entry]] = []
+        self._held_bytes = 0
+        # A GPU step's masks on their way to the host: (copy, records, masked records, step).
+        self._inflight: tuple[DeviceCopy, list[Record], list[Record], int] | None = None
+        self._params: set[int] = {id(p) for p in model.parameters()}
+
+    # -- the Adapter contract ----------------------------------------------------------------
+
+    def meta(self) -> dict[str, Any]:
+        """Framework facts for the run file's root attributes."""
+        devices = sorted({str(t.device) for t in itertools.chain(self.model.parameters(),
+                                                                 self.model.buffers())})
+        devices = devices or ["cpu"]
+        kinds = {d.split(":")[0] for d in devices}
+        backend = "cuda" if "cuda" in kinds else sorted(kinds)[0]
+        meta: dict[str, Any] = {
+            "framework": "torch",
+            # TorchVersion is a str subclass, which h5py cannot store as an attribute.
+            "framework_version": str(torch.__version__),
+            "backend": backend,
+            "devices": devices,
+            "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        }
+        if backend == "cuda":
+            meta["cudnn_enabled"] = torch.backends.cudnn.enabled
+            meta["cudnn_version"] = torch.backends.cudnn.version() or 0
+        return meta
+
+    def attach(self) -> None:
+        """Find sites, install the module hooks, the function mode and the step hook."""
+        if self._attached:
+            raise RecordingError("This TorchAdapter is already attached; create a new one.")
+        self._attached = True
+        model = self.model
+        paths = {}
+        for name, module in model.named_modules():
+            paths[id(module)] = name
+        registry = SiteRegistry(self.session.declare_site, paths.values(), _layout3(model))
+        self._capture = capture = Capture(registry, self.session.note, self.cudnn_rnn,
+                                          self.session.count_dropped)
+        try:
+            for name, module in model.named_modules():
+                if module is not model and not _may_draw(module):
+                    continue
+                self._handles.append(module.register_forward_pre_hook(self._pre_hook(name)))
+                self._handles.append(module.register_forward_hook(self._post_hook(name),
+                                                                  always_call=True))
+            self._declare_static_sites(model, registry)
+            self._handles.append(register_optimizer_step_post_hook(
+                self._on_optimizer_step))
+            self._handles.append(_ScalerWatch.add(self))
+            # The mode goes on the stack only while a top-level forward of the model runs
+            # (pre-hook to post-hook): the optimizer, the loss and data loading never pay
+            # for it, and an unsampled step does not push it at all.
+            self._mode = FunctionMode(capture)
+        except BaseException:
+            self.detach()
+            raise
+
+    def detach(self) -> None:
+        """Remove every hook and the mode, and hand over what is left. Idempotent."""
+        if self._detached:
+            return
+        self._detached = True
+        try:
+            self._remove_mode()
+        finally:
+            for handle in self._handles:
+                handle.remove()
+            self._handles.clear()
+            if self._capture is not None:
+                self._capture.stack.clear()
+                self._capture.taint.clear()
+                self._flush_all_at_exit()
+                self._note_unseen_modules()
+
+    def _note_unseen_modules(self) -> None:
+        """Name the dropout modules that got no site (never called in a sampled step).
+
+        Their mask's rank, hence its axes, is only known at a call, so they are declared at
+        their first sampled call; a run that samples nothing must still say they exist.
+        """
+        seen = {info.layer for info in self._capture.sites.infos.values()}
+        unseen = [name for name, m in self.model.named_modules()
+                  if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0
+                  and name not in seen]
+        if unseen:
+            self.session.note(
+                f"{len(unseen)} dropout module(s) applied no recorded mask while recording "
+                f"(not called in a sampled training step), so they have no site in this file: "
+                f"{', '.join(unseen)}")
+
+    def mark_step(self, step: int | None = None) -> None:
+        """End the current step here; the next records belong to ``step`` (default: next).
+
+        Once called, optimizer steps and forwards no longer advance the step.
+        """
+        cap = self._capture
+        if cap is None or self._detached:
+            raise RecordingError("mark_step() called on a recording that is not running")
+        if self._clock != "manual":
+            self.session.note("steps are marked explicitly with mark_step()")
+            self._clock = "manual"
+        entries = [e for group in self._held for e in group] + cap.entries
+        self._held, self._held_bytes, cap.entries = [], 0, []
+        self._flush(self._step, entries)
+        cap.step_done()
+        self._step = self._step + 1 if step is None else int(step)
+        cap.capturing = self.session.want_step(self._step)
+
+    # -- module hooks ------------------------------------------------------------------------
+
+    def _pre_hook(self, path: str) -> Callable:
+        fast_path = isinstance(self._module_at(path), FAST_PATH_MODULES)
+
+        def hook(module: torch.nn.Module, args: Any) -> None:
+            cap = self._capture
+            frame = Frame(path, module)
+            if not cap.stack:
+                self._begin_forward(frame)
+            cap.stack.append(frame)
+            if cap.bypassed:
+                if not module.training and cap.capturing:
+                    if isinstance(module, torch.nn.MultiheadAttention):
+                        cap.composites.mha_while_bypassed(frame, args)
+                    else:
+                        cap.module_while_bypassed(frame, args)
+            elif fast_path and not module.training and self._step_aside():
+                frame.bypass = True
+                cap.bypassed += 1
+                if cap.capturing and isinstance(module, torch.nn.MultiheadAttention):
+                    cap.composites.mha_while_bypassed(frame, args)
+        return hook
+
+    def _post_hook(self, path: str) -> Callable:
+        def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
+            cap = self._capture
+            if not cap.stack or cap.stack[-1].module is not module:
+                return
+            frame = cap.stack.pop()
+            if frame.bypass:
+                cap.bypassed -= 1
+                self._step_back()
+            cap.end_module(frame)
+            if not cap.stack:
+                if frame.pushed:
+                    self._pop_mode()
+                self._end_forward(module)
+        return hook
+
+    def _module_at(self, path: str) -> torch.nn.Module:
+        return self.model.get_submodule(path) if path else self.model
+
+    def _step_aside(self) -> bool:
+        """Take the function mode off the stack (it must be on top) for a fast-path call."""
+        from torch.overrides import _get_current_function_mode_stack, _pop_mode
+
+        stack = _get_current_function_mode_stack()
+        if not stack or stack[-1] is not self._mode:
+            return False
+        _pop_mode()
+        return True
+
+    def _step_back(self) -> None:
+        from torch.overrides import _push_mode
+
+        if self._mode is not None:
+            _push_mode(self._mode)
+
+    def _begin_forward(self, frame: Frame) -> None:
+        if threading.get_ident() != self._thread:
+            raise RecordingError(
+                f"dropspy records the thread that entered record() (thread "
+                f"{self._thread}); this forward runs on thread {threading.get_ident()}. "
+                f"Enter record() on the thread that trains.")
+        cap = self._capture
+        if torch._C._current_graph_task_id() != -1:
+            # Activation checkpointing re-runs forward during backward with the RNG state
+            # restored: the same masks again, already recorded in the forward.
+            cap.note_once("checkpoint", "activation checkpointing re-runs forward during "
+                          "backward with the same masks; the re-runs are not recorded again")
+            return
+        if self._clock == "forward":
+            cap.capturing = self.session.want_step(self._step)
+        if cap.capturing and self._mode is not None:
+            self._mode.__enter__()
+            frame.pushed = True
+
+    def _end_forward(self, module: torch.nn.Module) -> None:
+        cap = self._capture
+        if torch._C._current_graph_task_id() != -1:
+            return  # a checkpoint re-run during backward, not a forward of the training loop
+        if not (module.training or cap.applied_in_group or (
+                self._clock in ("forward", "auto") and len(cap.entries) >= EVAL_MAX_ENTRIES)):
+            return  # eval forwards without masks join the next step's records
+        cap.applied_in_group = False
+        if self._clock == "forward":
+            entries, cap.entries = cap.entries, []
+            self._flush(self._step, entries)
+            cap.step_done()
+            self._step += 1
+        elif self._clock == "auto":
+            group, cap.entries = cap.entries, []
+            self._held.append(group)
+            self._held_bytes += sum(e.noise.numel() for e in group if e.noise is not None)
+            if len(self._held) >= AUTO_MAX_FORWARDS or self._held_bytes >= AUTO_MAX_BYTES:
+                self._use_forward_clock()
+
+    def _use_forward_clock(self) -> None:
+        self.session.note(f"no optimizer step seen after {len(self._held)} training forwards: "
+                          f"one step is one top-level training forward of the module")
+        self._clock = "forward"
+        held, self._held, self._held_bytes = self._held, [], 0
+        for group in held:
+            self._flush(self._step, group)
+            self._step += 1
+        self._capture.step_done()
+        self._capture.capturing = self.session.want_step(self._step)
+
+    # -- optimizer steps ---------------------------------------------------------------------
+
+    def _on_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self._clock == "manual" or self._detached:
+            return
+        if self._clock_optimizer is None:
+            if self._params and not any(id(p) in self._params for group in
+                                        optimizer.param_groups for p in group["params"]):
+                return  # another model's optimizer (a GAN's other half)
+            self._clock_optimizer = weakref.ref(optimizer)
+        elif self._clock_optimizer() is not optimizer:
+            return
+        if self._clock != "optimizer":
+            if self._clock == "forward":
+                self.session.note("an optimizer stepped after forwards were counted as steps: "
+                                  "from here on one step is one optimizer step")
+            self._clock = "optimizer"
+        self._stepped = True
+        self._end_optimizer_step()
+
+    def _end_optimizer_step(self) -> None:
+        cap = self._capture
+        entries = [e for group in self._held for e in group] + cap.entries
+        self._held, self._held_bytes, cap.entries = [], 0, []
+        cap.applied_in_group = False
+        self._flush(self._step, entries)
+        cap.step_done()
+        self._step += 1
+        cap.capturing = self.session.want_step(self._step)
+
+    def _on_scaler_update(self) -> None:
+        """``GradScaler.update()`` ends every AMP iteration, also one whose step it skipped."""
+        stepped, self._stepped = self._stepped, False
+        if stepped or self._clock in ("manual", "forward") or self._detached:
+            return
+        if not (self._capture.entries or self._held):
+            return
+        if not self._noted_skip:
+            self._noted_skip = True
+            self.session.note("GradScaler skipped optimizer step(s) (inf/NaN gradients); each "
+                              "skipped iteration is still one step")
+        self._clock = "optimizer"
+        self._end_optimizer_step()
+
+    # -- handing records over ----------------------------------------------------------------
+
+    def _flush(self, step: int, entries: list[Entry]) -> None:
+        """Turn one step's entries into records: name sites, number calls, pack masks."""
+        self._collect_inflight()
+        if not entries or not self.session.want_step(step):
+            return
+        sites = self._capture.sites
+        records: list[Record] = []
+        masked: list[tuple[Record, torch.Tensor]] = []
+        calls: dict[str, int] = {}
+        filtered = 0
+        for e in entries:
+            name = sites.resolve(e.key, len(e.shape))
+            if name is None:
+                filtered += 1
+                continue
+            call = calls.get(name, 0)
+            calls[name] = call + 1
+            rec = Record(site=name, step=step, call=call, training=bool(e.training),
+                         shape=tuple(int(s) for s in e.shape))
+            records.append(rec)
+            if e.noise is not None:
+                rec.noise_shape = tuple(int(s) for s in e.noise_shape)
+                masked.append((rec, e.noise))
+        if filtered:
+            self.session.count_dropped("site_filter", filtered)
+        on_gpu = [m for _, m in masked if m.is_cuda]
+        if on_gpu and len(on_gpu) == len(masked):
+            self._inflight = (DeviceCopy([m for _, m in masked]), records,
+                              [r for r, _ in masked], step)
+            return
+        for rec, mask in masked:
+            rec.packed = pack_host(mask.cpu())
+        self.session.submit(step, records)
+
+    def _collect_inflight(self) -> None:
+        if self._inflight is None:
+            return
+        copy, records, masked, step = self._inflight
+        self._inflight = None
+        for rec, packed in zip(masked, copy.result()):
+            rec.packed = packed
+        self.session.submit(step, records)
+
+    def _flush_all_at_exit(self) -> None:
+        cap = self._capture
+        if self._clock == "auto" and self._held:
+            self._clock = "forward"
+            held, self._held = self._held, []
+            for group in held:
+                self._flush(self._step, group)
+                self._step += 1
+        entries = [e for group in self._held for e in group] + cap.entries
+        self._held, cap.entries = [], []
+        self._flush(self._step, entries)
+        self._collect_inflight()
+
+    # -- setup helpers -----------------------------------------------------------------------
+
+    def _declare_static_sites(self, model: torch.nn.Module, registry: SiteRegistry) -> None:
+        """Declare what is known before any forward: RNN between-layer sites, cuDNN opacity."""
+        for name, module in model.named_modules():
+            if not isinstance(module, torch.nn.RNNBase) or not module.dropout:
+                continue
+            on_cuda = any(p.is_cuda for p in module.parameters())
+            cudnn = on_cuda and torch.backends.cudnn.enabled
+            opaque = None
+            if cudnn and module.num_layers > 1:
+                if self.cudnn_rnn == "exact":
+                    self.session.warn_perturbation(
+                        f"{name or type(module).__name__}: runs without cuDNN so its between-"
+                        f"layer dropout masks can be recorded; this changes the random stream "
+                        f"and the kernels (cuDNN keeps its own dropout state)")
+                else:
+                    opaque = ("cuDNN applies the between-layer dropout inside its fused RNN "
+                              "kernel with its own random state; the mask cannot be observed")
+            gaps = max(module.num_layers - 1, 1)
+            for g in range(gaps):
+                kind = "between_layers" if gaps == 1 else f"between_layers/{g}"
+                key = SiteKey(name, kind, None)
+                extra: dict[str, Any] = {"after_layer": g, "num_layers": module.num_layers}
+                if module.num_layers == 1:
+                    extra["never_applied"] = ("num_layers=1: torch applies RNN dropout only "
+                                              "between stacked layers")
+                p = float(module.dropout)
+                registry.learn(key, lambda extra=extra, p=p, module=module, opaque=opaque:
+                               SiteFacts(layer_class=type(module).__name__, role="between_layers",
+                                         rate=p, scale=1.0 / (1.0 - p) if p < 1 else None,
+                                         opaque=opaque, extra=extra))
+                if opaque is not None:
+                    # No call will ever produce a record here: declare it now. Observable
+                    # sites are declared at first use, so their first layout (padded or
+                    # packed) gets the plain name.
+                    registry.resolve(key, 3)
+
+    def _remove_mode(self) -> None:
+        mode = self._mode
+        if mode is None:
+            return
+        mode.dead = True  # a mode left on another thread's stack passes everything through
+        self._pop_mode()
+        self._mode = None
+
+    def _pop_mode(self) -> None:
+        """Take our mode off this thread's stack, leaving any other mode where it is."""
+        mode = self._mode
+        if mode is None or threading.get_ident() != self._thread:
+            return
+        from torch.overrides import (
+            _get_current_function_mode_stack,
+            _pop_mode,
+            _push_mode,
+        )
+
+        stack = _get_current_function_mode_stack()
+        if mode not in stack:
+            return
+        # Pop down to our mode and put back any mode pushed after it (a forward that left a
+        # mode behind, e.g. it raised inside someone's mode context).
+        above = []
+        while True:
+            top = _pop_mode()
+            if top is mode:
+                break
+            above.append(top)
+        for other in reversed(above):
+            _push_mode(other)
+
+
+class _ScalerWatch:
+    """Tells recording adapters when ``torch.amp.GradScaler.update`` runs.
+
+    ``GradScaler.step`` skips ``optimizer.step()`` when gradients overflow, so no optimizer
+    hook fires for that iteration; ``update()`` still ends it. One patch serves every active
+    recording and is undone when the last one detaches.
+    """
+
+    adapters: list[weakref.ref] = []
+    original: Any = None
+
+    @classmethod
+    def add(cls, adapter: TorchAdapter) -> _ScalerHandle:
+        scaler_cls = torch.amp.GradScaler
+        if cls.original is None:
+            cls.original = original = scaler_cls.update
+
+            def update(scaler: Any, *args: Any, **kwargs: Any) -> Any:
+                try:
+                    return original(scaler, *args, **kwargs)
+                finally:
+                    for ref in list(cls.adapters):
+                        a = ref()
+                        if a is not None:
+                            a._on_scaler_update()
+
+            update.__wrapped__ = original  # type: ignore[attr-defined]
+            scaler_cls.update = update
+        ref = weakref.ref(adapter)
+        cls.adapters.append(ref)
+        return _ScalerHandle(ref)
+
+    @classmethod
+    def remove(cls, ref: weakref.ref) -> None:
+        if ref in cls.adapters:
+            cls.adapters.remove(ref)
+        if not cls.adapters and cls.original is not None:
+            torch.amp.GradScaler.update = cls.original
+            cls.original = None
+
+
+class _ScalerHandle:
+    """Removable like a torch hook handle."""
+
+    def __init__(self, ref: weakref.ref) -> None:
+        self._ref = ref
+
+    def remove(self) -> None:
+        _ScalerWatch.remove(self._ref)
+
+
+# torch.nn's own modules whose forward may apply dropout (or hide it behind a fast path).
+_MAY_DRAW = (torch.nn.modules.dropout._DropoutNd, torch.nn.RNNBase, *FAST_PATH_MODULES,
+             torch.nn.TransformerDecoderLayer, torch.nn.TransformerDecoder, torch.nn.Transformer)
+
+
+def _may_draw(module: torch.nn.Module) -> bool:
+    """Whether a module needs hooks: attribution is by the innermost hooked module.
+
+    torch.nn's built-in modules that never apply dropout (Linear, Conv, norms, activations,
+    containers) are left unhooked: a hook costs a few microseconds per call and they are most
+    of a model's module calls. Every other class (the user's, torchvision's, timm's) may call
+    dropout functionally or draw its own mask, so it is hooked.
+    """
+    if isinstance(module, _MAY_DRAW):
+        return True
+    return not type(module).__module__.startswith("torch.nn.")
+
+
+def _layout3(model: torch.nn.Module) -> tuple[str, ...] | None:
+    """Axis names of rank-3 activations, from the ``batch_first`` of the model's modules."""
+    flags = {bool(m.batch_first) for m in model.modules()
+             if isinstance(getattr(m, "batch_first", None), bool)}
+    if flags == {True}:
+        return ("batch", "time", "feature")
+    if flags == {False}:
+        return ("time", "batch", "feature")
+    return None
+
+
+def _refuse_wrappers(model: torch.nn.Module) -> None:
+    """Refuse DataParallel / DDP / compiled modules by name, saying what to do instead."""
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+    if isinstance(model, torch.jit.ScriptModule):
+        raise UnsupportedModelError(
+            "dropspy cannot record a TorchScript module (torch.jit.script/trace): its dropout "
+            "runs inside the TorchScript interpreter, out of dropspy's sight, and it takes no "
+            "hooks. Record the eager nn.Module it was made from.")
+    for name, module in model.named_modules():
+        where = f" (at {name!r})" if name else ""
+        if isinstance(module, DataParallel):
+            raise UnsupportedModelError(
+                f"dropspy cannot record a torch.nn.DataParallel module{where}: it runs replicas "
+                f"on other threads, where dropspy's capture is not active. Record the plain "
+                f"module on one device: dropspy.record(model.module, ...).")
+        if isinstance(module, DistributedDataParallel):
+            raise UnsupportedModelError(
+                f"dropspy cannot record a DistributedDataParallel wrapper{where}. Record the "
+                f"wrapped module in each process, one file per rank: "
+                f"dropspy.record(ddp_model.module, f'run-rank{{rank}}.h5').")
+        compiled = type(module).__name__ == "OptimizedModule" or getattr(
+            module, "_compiled_call_impl", None) is not None
+        if compiled:
+            raise UnsupportedModelError(
+                f"dropspy cannot record a torch.compile'd module{where}: Inductor draws its own "
+                f"random numbers (compiled masks differ from eager ones even without dropspy), "
+                f"and dropspy's capture would break the graph at every dropout site. Record "
+                f"the eager module (model._orig_mod) for the debugging run; to make compiled "
+                f"dropout use eager's random stream set "
+                f"torch._inductor.config.fallback_random = True.")
