@@ -137,7 +137,8 @@ def bench_torch(rounds: int, tmp: Path, log: Callable[[str], None]) -> dict[str,
     import dropspy
 
     if importlib.util.find_spec("torchlens") is None:
-        return {"tool": "torchlens", "skipped": "torchlens is not installed (pip install torchlens)"}
+        return {"tool": "torchlens",
+                "skipped": "torchlens is not installed (pip install torchlens)"}
     import torchlens as tl
 
     names = ["baseline", "dropspy", "torchlens"]
@@ -230,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     result: dict[str, Any] = {"benchmark": "alternatives", "smoke": args.smoke,
-                              "machine": C.machine(), "threads": args.threads or "framework default",
+                              "machine": C.machine(),
+                              "threads": args.threads or "framework default",
                               "load_average_at_start": os.getloadavg()}
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         if "keras" in frameworks:

@@ -132,7 +132,8 @@ sys.exit(code)
 
 def measure_inspect(path: Path) -> dict:
     """Run ``dropspy inspect --json`` in a child process; wall time, CPU time, peak RSS."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ,
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", _CHILD, str(path)], capture_output=True,
@@ -161,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="large records (default) or 256-byte LSTM gate masks")
     ap.add_argument("--out", type=Path, default=Path("bench_inspect.json"),
                     help="where to write the results JSON")
-    ap.add_argument("--dir", type=Path, default=None, help="directory for the run file (default: temp)")
+    ap.add_argument("--dir", type=Path, default=None,
+                    help="directory for the run file (default: temp)")
     ap.add_argument("--keep", action="store_true", help="keep the run file")
     args = ap.parse_args(argv)
     size = 16 << 20 if args.small else args.size

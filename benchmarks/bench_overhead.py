@@ -15,8 +15,9 @@ A round runs one block per variant, in an order rotated every round. Keras block
 its last (a callback), so the per-call cost of ``fit`` and the first step are left out alike for
 every variant. Torch blocks are single training steps (``--steps 1``), so neighbouring steps of
 the four variants share the machine's mood. Process CPU time of each block is measured too
-(a second, steadier ratio when other jobs load the machine; the targets are judged on wall time). Each block's time includes waiting until the writer
-thread has taken in what the block submitted (queue empty), so writer work is charged to the
+(a second, steadier ratio when other jobs load the machine; the targets are judged on wall
+time). Each block's time includes waiting until the writer thread has taken in what the block
+submitted (queue empty), so writer work is charged to the
 variant that caused it. The ratio of a round is block time / the same round's baseline block
 time; the table shows the median of those paired ratios and their quartiles.
 
@@ -76,8 +77,9 @@ def _order(round_index: int) -> list[str]:
     return names[k:] + names[:k]
 
 
-def _interleave(blocks: dict[str, Callable[[], tuple[float, float]]], rounds: int,
-                log: Callable[[str], None]) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+def _interleave(
+    blocks: dict[str, Callable[[], tuple[float, float]]], rounds: int, log: Callable[[str], None]
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """Run the blocks in rotated order; (wall seconds, CPU seconds) per variant and round."""
     times: dict[str, list[float]] = {v: [] for v in VARIANTS}
     cpus: dict[str, list[float]] = {v: [] for v in VARIANTS}
@@ -173,7 +175,8 @@ def storage_of(path: Path, steps_recorded: int | None = None) -> dict[str, Any]:
         "mask_bytes_per_step": mask_bytes / n_steps if n_steps else float("nan"),
         "bits_per_noise_element_file": 8 * file_bytes / noise_el if noise_el else float("nan"),
         "bits_per_noise_element_masks": 8 * mask_bytes / noise_el if noise_el else float("nan"),
-        "bits_per_applied_element_file": 8 * file_bytes / applied_el if applied_el else float("nan"),
+        "bits_per_applied_element_file": (8 * file_bytes / applied_el if applied_el
+                                          else float("nan")),
         "sites": per_site,
     }
 
@@ -316,9 +319,11 @@ def print_results(result: dict[str, Any]) -> None:
             rows.append([fw, v, s["ms_per_step_median"],
                          "1" if v == "baseline" else f"{q['median']:.3f}",
                          "" if v == "baseline" else f"{q['p25']:.3f}-{q['p75']:.3f}",
-                         "" if v == "baseline" else f"{cq['median']:.3f} ({cq['p25']:.3f}-{cq['p75']:.3f})",
+                         "" if v == "baseline"
+                         else f"{cq['median']:.3f} ({cq['p25']:.3f}-{cq['p75']:.3f})",
                          "" if s["target"] is None else f"<= {s['target']}",
-                         "" if s["meets_target"] is None else ("yes" if s["meets_target"] else "NO")])
+                         "" if s["meets_target"] is None
+                         else ("yes" if s["meets_target"] else "NO")])
     print(f"\nstep overhead ({result['machine']['date_utc']}, {result['machine']['cpu']}, "
           f"{result['machine']['cpus']} CPUs)")
     C.print_table(["framework", "variant", "ms/step", "ratio (median)", "ratio p25-p75",
@@ -354,7 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
     if args.smoke:
-        plan = {"keras": (args.rounds or 2, args.steps or 3), "torch": (args.rounds or 3, args.steps or 1)}
+        plan = {"keras": (args.rounds or 2, args.steps or 3),
+                "torch": (args.rounds or 3, args.steps or 1)}
     else:
         plan = {"keras": (args.rounds or 40, args.steps or 6),
                 "torch": (args.rounds or 300, args.steps or 1)}
@@ -379,7 +385,8 @@ def main(argv: list[str] | None = None) -> int:
             tf.config.threading.set_inter_op_parallelism_threads(args.threads)
         import keras  # noqa: F401
     result: dict[str, Any] = {"benchmark": "overhead", "smoke": args.smoke,
-                              "command": " ".join([Path(sys.argv[0]).name] + (argv or sys.argv[1:])),
+                              "command": " ".join([Path(sys.argv[0]).name]
+                                                  + (argv or sys.argv[1:])),
                               "machine": C.machine(), "targets": TARGETS,
                               "threads": args.threads or "framework default",
                               "load_average_at_start": os.getloadavg()}

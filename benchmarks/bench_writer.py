@@ -135,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         for case in CASES:
             r = run_case(case, elements, Path(tmp) / f"{case['name']}.h5")
-            print(f"  {case['name']}: {r['elements_per_s'] / 1e6:.0f} M elements/s", file=sys.stderr)
+            print(f"  {case['name']}: {r['elements_per_s'] / 1e6:.0f} M elements/s",
+                  file=sys.stderr)
             results.append(r)
     full = next(r for r in results if r["case"] == "full_entropy")
     result = {

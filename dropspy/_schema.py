@@ -41,7 +41,8 @@ def check(value: Any, schema: dict[str, Any], where: str) -> list[str]:
     if "type" in schema:
         types = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
         if not any(_TYPES[t](value) for t in types):
-            return [f"{where}: expected {' or '.join(types)}, found {type(value).__name__} {value!r}"]
+            return [f"{where}: expected {' or '.join(types)}, "
+                    f"found {type(value).__name__} {value!r}"]
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if "minimum" in schema and value < schema["minimum"]:
             out.append(f"{where}: expected >= {schema['minimum']}, found {value!r}")
@@ -49,7 +50,8 @@ def check(value: Any, schema: dict[str, Any], where: str) -> list[str]:
             out.append(f"{where}: expected <= {schema['maximum']}, found {value!r}")
     if isinstance(value, str):
         if len(value) < schema.get("minLength", 0):
-            out.append(f"{where}: expected at least {schema['minLength']} characters, found {value!r}")
+            out.append(f"{where}: expected at least {schema['minLength']} characters, "
+                       f"found {value!r}")
         if schema.get("contentMediaType") == "application/json":
             try:
                 decoded = json.loads(value)
@@ -119,7 +121,8 @@ def check_run_layout(f: h5py.File) -> list[str]:
     return problems
 
 
-def _check_site_data(g: h5py.Group, where: str, spec: dict[str, Any], attrs: dict[str, Any]) -> list[str]:
+def _check_site_data(g: h5py.Group, where: str, spec: dict[str, Any],
+                     attrs: dict[str, Any]) -> list[str]:
     problems: list[str] = []
     lengths = {}
     for name, rule in spec.items():
@@ -139,7 +142,8 @@ def _check_site_data(g: h5py.Group, where: str, spec: dict[str, Any], attrs: dic
     if problems:
         return problems
     if len(set(lengths.values())) > 1:
-        problems.append(f"{where}: record datasets differ in length {lengths} (an interrupted append)")
+        problems.append(f"{where}: record datasets differ in length {lengths} "
+                        "(an interrupted append)")
     try:
         rank = len(json.loads(attrs.get("axes", "[]")))
     except ValueError:

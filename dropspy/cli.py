@@ -185,7 +185,8 @@ def inspect(
     site: SiteOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
     threshold: ThresholdOpt = THRESHOLD,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Also list info findings.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v",
+                                          help="Also list info findings.")] = False,
 ) -> None:
     """One table: every site, its axes (shared ones marked), pattern, rates and verdicts."""
     with _errors():

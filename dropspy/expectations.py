@@ -117,7 +117,8 @@ class Failure:
     def __str__(self) -> str:
         head = (f"site {self.site!r}" if self.site is not None
                 else f"pattern {self.expectation.site!r}")
-        return f"{head} ({self.expectation.text or self.expectation.site}): " + "; ".join(self.problems)
+        what = self.expectation.text or self.expectation.site
+        return f"{head} ({what}): " + "; ".join(self.problems)
 
 
 def _axes(value: Any, key: str, where: str) -> tuple[str, ...]:
@@ -149,7 +150,8 @@ def expectation_from_mapping(data: Mapping[str, Any], text: str = "") -> Expecta
             f"{', '.join(_KEYS)}")
     site = data.get("site")
     if not isinstance(site, str) or not site:
-        raise ExpectationError(f"{where}: expected a site name or glob pattern. Received: site={site!r}")
+        raise ExpectationError(
+            f"{where}: expected a site name or glob pattern. Received: site={site!r}")
     kw: dict[str, Any] = {"site": site, "text": text}
     for key in ("shared", "independent"):
         if key in data:
@@ -168,16 +170,19 @@ def expectation_from_mapping(data: Mapping[str, Any], text: str = "") -> Expecta
     for key in ("pattern", "gates", "over_time"):
         if key in data:
             if not isinstance(data[key], str):
-                raise ExpectationError(f"{where}: expected {key} to be a string. Received: {data[key]!r}")
+                raise ExpectationError(
+                    f"{where}: expected {key} to be a string. Received: {data[key]!r}")
             kw[key] = data[key]
     if "fresh" in data:
         value = data["fresh"]
         if isinstance(value, str):
             if value.lower() not in _TRUE:
-                raise ExpectationError(f"{where}: expected fresh=true or fresh=false. Received: {value!r}")
+                raise ExpectationError(
+                    f"{where}: expected fresh=true or fresh=false. Received: {value!r}")
             value = _TRUE[value.lower()]
         if not isinstance(value, bool):
-            raise ExpectationError(f"{where}: expected fresh to be true or false. Received: {value!r}")
+            raise ExpectationError(
+                f"{where}: expected fresh to be true or false. Received: {value!r}")
         kw["fresh"] = value
     return Expectation(**kw)
 
@@ -242,16 +247,20 @@ def load_spec(path: str | os.PathLike[str]) -> Spec:
         kind = "JSON" if p.suffix.lower() == ".json" else "TOML"
         raise ExpectationError(f"{p}: not valid {kind}: {exc}") from exc
     if not isinstance(data, dict):
-        raise ExpectationError(f"{p}: expected a table/object at the top, found {type(data).__name__}")
+        raise ExpectationError(
+            f"{p}: expected a table/object at the top, found {type(data).__name__}")
     unknown = sorted(set(data) - {"expect", "fail_on_errors"})
     if unknown:
-        raise ExpectationError(f"{p}: unknown key(s) {', '.join(unknown)}; expected expect, fail_on_errors")
+        raise ExpectationError(
+            f"{p}: unknown key(s) {', '.join(unknown)}; expected expect, fail_on_errors")
     entries = data.get("expect")
-    if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
+    if (not isinstance(entries, list) or not entries
+            or not all(isinstance(e, dict) for e in entries)):
         raise ExpectationError(f"{p}: expected a non-empty list 'expect' of tables/objects")
     fail = data.get("fail_on_errors", True)
     if not isinstance(fail, bool):
-        raise ExpectationError(f"{p}: expected fail_on_errors to be true or false. Received: {fail!r}")
+        raise ExpectationError(
+            f"{p}: expected fail_on_errors to be true or false. Received: {fail!r}")
     exps = []
     for i, entry in enumerate(entries):
         try:
@@ -306,7 +315,8 @@ def check_site(exp: Expectation, site: SiteAnalysis) -> list[str]:
             problems.append(f"rate: expected {exp.rate:g}, observed none (no masks recorded)")
         elif exp.tol is not None:
             if abs(r.observed - exp.rate) > exp.tol + 1e-12:
-                problems.append(f"rate: expected {exp.rate:g} +- {exp.tol:g}, observed {r.observed:.4g}")
+                problems.append(f"rate: expected {exp.rate:g} +- {exp.tol:g}, "
+                                f"observed {r.observed:.4g}")
         elif not (r.low - 1e-12 <= exp.rate <= r.high + 1e-12):
             problems.append(f"rate: expected {exp.rate:g}, observed {r.observed:.4g} "
                             f"({r.confidence:.1%} interval {r.low:.4g}-{r.high:.4g})")

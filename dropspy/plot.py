@@ -33,7 +33,8 @@ def find_record(site: Any, step: int | None = None, call: int = 0) -> int:
         if not len(pick):
             pick = np.flatnonzero(applied)
         if not len(pick):
-            raise RecordNotFoundError(f"site {site.name!r} has no record with a mask ({len(site)} records)")
+            raise RecordNotFoundError(
+                f"site {site.name!r} has no record with a mask ({len(site)} records)")
         return int(pick[0])
     pick = np.flatnonzero(applied & (steps == step) & (calls == call))
     if not len(pick):
@@ -44,7 +45,8 @@ def find_record(site: Any, step: int | None = None, call: int = 0) -> int:
     return int(pick[0])
 
 
-def _panel(mask: np.ndarray, axes: tuple[str, ...], sample: int | None) -> tuple[np.ndarray, str, str, str]:
+def _panel(mask: np.ndarray, axes: tuple[str, ...],
+           sample: int | None) -> tuple[np.ndarray, str, str, str]:
     """A 2-D slice of one sample's mask: (image, row axis, column axis, note)."""
     note = ""
     if sample is not None:
@@ -109,7 +111,8 @@ def plot_site(run: Any, site: str, output: str | os.PathLike[str], *, step: int 
     rows = min(samples, mask0.shape[0]) if batched else 1
     ncols = len(columns)
     # One gate: samples side by side in one row; several gates: a row per sample.
-    grid_rows, grid_cols = (2, max(rows, mask0.ndim)) if ncols == 1 else (rows + 1, max(ncols, mask0.ndim))
+    grid_rows, grid_cols = ((2, max(rows, mask0.ndim)) if ncols == 1
+                            else (rows + 1, max(ncols, mask0.ndim)))
     fig = Figure(figsize=(3.2 * grid_cols, 2.6 * grid_rows), layout="constrained")
     FigureCanvasAgg(fig)
     grid = fig.add_gridspec(grid_rows, grid_cols)

@@ -144,7 +144,8 @@ class Site:
         while i < stop:
             j = i
             begin = int(self.offsets[i])
-            while j < stop and (j == i or int(self.offsets[j] + self.nbytes[j]) - begin <= max_bytes):
+            while j < stop and (j == i
+                                or int(self.offsets[j] + self.nbytes[j]) - begin <= max_bytes):
                 j += 1
             end = int(self.offsets[j - 1] + self.nbytes[j - 1])
             block = bits[begin:end] if end > begin else np.empty(0, np.uint8)
@@ -164,8 +165,9 @@ class Site:
         """Yield ``(indices, noise)`` with noise stacked as ``(k, *noise_shape)`` (bool).
 
         Consecutive applied records of one noise shape are read with one HDF5 read and
-        unpacked with one ``np.unpackbits`` call, up to ``max_bytes`` of unpacked noise: per-record work dominates small masks (GRU
-        gate masks are a few hundred bytes). Records with no mask are skipped.
+        unpacked with one ``np.unpackbits`` call, up to ``max_bytes`` of unpacked noise:
+        per-record work dominates small masks (GRU gate masks are a few hundred bytes).
+        Records with no mask are skipped.
         """
         stop = len(self) if stop is None else min(stop, len(self))
         idx = np.flatnonzero(self.applied[start:stop]) + start
@@ -281,7 +283,8 @@ class Run(Mapping[str, Site]):
         return len(self._sites)
 
     def __repr__(self) -> str:
-        return f"<Run {str(self.path)!r} {self.framework} sites={len(self)} complete={self.complete}>"
+        return (f"<Run {str(self.path)!r} {self.framework} sites={len(self)} "
+                f"complete={self.complete}>")
 
     def report(self, **kwargs: Any) -> Any:
         """Analyse every site: the facts ``dropspy inspect`` prints.

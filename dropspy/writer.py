@@ -78,7 +78,8 @@ def _check_record(rec: Record, rank: int) -> tuple[tuple[int, ...], np.ndarray]:
         return (0,) * rank, np.empty(0, np.uint8)
     if rec.packed is not None:
         if rec.noise_shape is None:
-            raise ValueError(f"Record for site {rec.site!r}: packed noise given without noise_shape")
+            raise ValueError(
+                f"Record for site {rec.site!r}: packed noise given without noise_shape")
         nshape = tuple(int(s) for s in rec.noise_shape)
         packed = np.ascontiguousarray(rec.packed, dtype=np.uint8).ravel()
         need = (math.prod(nshape) + 7) // 8
@@ -328,7 +329,8 @@ class RunWriter:
                 continue
             try:
                 buffered += self._buffer(batch)
-                if buffered >= self.flush_bytes or time.monotonic() - last_flush >= self.flush_seconds:
+                if (buffered >= self.flush_bytes
+                        or time.monotonic() - last_flush >= self.flush_seconds):
                     self._append_all()
                     self._write_status(closed=False)
                     self._file.flush()

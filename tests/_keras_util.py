@@ -1,6 +1,7 @@
 """Helpers for the Keras adapter tests: probe models and numpy reference forwards.
 
-Imported only by ``tests/frameworks/keras/test_keras*.py`` after ``pytest.importorskip("tensorflow")``.
+Imported only by ``tests/frameworks/keras/test_keras*.py`` after
+``pytest.importorskip("tensorflow")``.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Helpers for the tf_keras (Keras 2) adapter tests: probe models, numpy references.
 
-Imported only by ``tests/frameworks/tf_keras/test_tf_keras*.py`` after ``pytest.importorskip("tf_keras")``. The
-numpy reference forwards and exactness checks are the Keras 3 tests' (``_keras_util``).
+Imported only by ``tests/frameworks/tf_keras/test_tf_keras*.py`` after
+``pytest.importorskip("tf_keras")``. The numpy reference forwards and exactness checks are the
+Keras 3 tests' (``_keras_util``).
 """
 
 from __future__ import annotations

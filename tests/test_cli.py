@@ -85,7 +85,8 @@ def test_inspect_json_validates_against_the_report_schema(run_path):
 def test_inspect_site_glob_selects_sites(run_path):
     result = runner.invoke(app, ["inspect", str(run_path), "--json", "--site", "lstm/*"])
     assert result.exit_code == 0, result.output
-    assert [s["site"] for s in json.loads(result.stdout)["sites"]] == ["lstm/input/i", "lstm/input/f"]
+    sites = [s["site"] for s in json.loads(result.stdout)["sites"]]
+    assert sites == ["lstm/input/i", "lstm/input/f"]
 
 
 def test_inspect_lists_error_findings_under_the_table(bad_run_path):
@@ -112,7 +113,8 @@ def test_non_run_file_is_one_line_exit_2(tmp_path):
 
 
 def test_check_passes_with_exit_0_when_expectations_hold(run_path):
-    result = runner.invoke(app, ["check", str(run_path), "--expect", "spatial: shared=time rate=0.3",
+    result = runner.invoke(app, ["check", str(run_path),
+                                 "--expect", "spatial: shared=time rate=0.3",
                                  "-e", "lstm/input/*: gates=distinct over_time=constant"])
     assert result.exit_code == 0, result.output
     assert "PASSED: 2/2 expectations hold" in result.stdout
@@ -149,7 +151,8 @@ def test_check_spec_file(tmp_path, run_path, bad_run_path):
     ok = runner.invoke(app, ["check", str(run_path), "--spec", str(spec)])
     assert ok.exit_code == 0, ok.output
     lenient = tmp_path / "lenient.json"
-    lenient.write_text(json.dumps({"fail_on_errors": False, "expect": [{"site": "plain", "rate": 0.3}]}))
+    lenient.write_text(json.dumps({"fail_on_errors": False,
+                                   "expect": [{"site": "plain", "rate": 0.3}]}))
     result = runner.invoke(app, ["check", str(bad_run_path), "--spec", str(lenient)])
     assert result.exit_code == 0, result.output
     broken = tmp_path / "broken.toml"
@@ -237,8 +240,8 @@ def test_validate_accepts_a_run_file(run_path):
 
 
 def test_python_dash_m_dropspy_runs_as_a_subprocess(run_path):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.environ.get("PYTHONPATH", "")]))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
     ok = subprocess.run([sys.executable, "-m", "dropspy", "check", str(run_path),
                          "-e", "spatial: pattern=time-shared"],
                         capture_output=True, text=True, env=env, timeout=120)
@@ -251,7 +254,8 @@ def test_python_dash_m_dropspy_runs_as_a_subprocess(run_path):
     usage = subprocess.run([sys.executable, "-m", "dropspy", "plot", str(run_path), "--bogus"],
                            capture_output=True, text=True, env=env, timeout=120)
     assert usage.returncode == 2
-    assert usage.stderr.splitlines() == ["dropspy: error: No such option: --bogus (see dropspy --help)"]
+    assert usage.stderr.splitlines() == [
+        "dropspy: error: No such option: --bogus (see dropspy --help)"]
     helped = subprocess.run([sys.executable, "-m", "dropspy", "--help"], capture_output=True,
                             text=True, env=env, timeout=120)
     assert helped.returncode == 0 and "inspect" in helped.stdout

@@ -1,4 +1,5 @@
-"""A writer killed with SIGKILL at any moment leaves a run file that opens and keeps what it flushed."""
+"""A writer killed with SIGKILL at any moment leaves a run file that opens and keeps what it
+flushed."""
 
 from __future__ import annotations
 
@@ -50,7 +51,8 @@ def test_sigkill_at_any_moment_keeps_every_flushed_record(tmp_path, delay):
     path = tmp_path / "crash.h5"
     script = tmp_path / "child.py"
     script.write_text(_CHILD)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ,
+               PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
     child = subprocess.Popen([sys.executable, str(script), str(path)], stdout=subprocess.PIPE,
                              text=True, env=env)
     assert child.stdout.readline().strip() == "ready"
@@ -59,7 +61,8 @@ def test_sigkill_at_any_moment_keeps_every_flushed_record(tmp_path, delay):
     out, _ = child.communicate(timeout=30)
     flushed = [int(x) for x in out.split()]
     if delay >= 1.0:
-        assert flushed and flushed[-1] > 0, "the child flushed nothing: the test would prove nothing"
+        assert flushed and flushed[-1] > 0, (
+            "the child flushed nothing: the test would prove nothing")
     run = load(path)
     assert not run.complete
     readable = run.records_readable

@@ -69,8 +69,9 @@ def _analysis():
 
 def test_check_site_passes_the_true_structure_and_states_both_sides_otherwise():
     a = _analysis()
-    assert check_site(parse_expectation("spatial: shared=time rate=0.3 fresh=true "
-                                        "pattern=time-shared over_time=constant"), a["spatial"]) == []
+    every = parse_expectation("spatial: shared=time rate=0.3 fresh=true "
+                              "pattern=time-shared over_time=constant")
+    assert check_site(every, a["spatial"]) == []
     problems = check_site(parse_expectation("plain: shared=time rate=0.5"), a["plain"])
     assert problems[0].startswith("shared axes: expected {time}, observed {} (time is independent)")
     assert problems[1].startswith("rate: expected 0.5, observed 0.")
@@ -95,12 +96,14 @@ def test_spec_files_in_toml_and_json_load_the_same(tmp_path):
     toml = tmp_path / "spec.toml"
     toml.write_text('fail_on_errors = false\n[[expect]]\nsite = "spatial"\nshared = ["time"]\n'
                     'rate = 0.3\n[[expect]]\nsite = "plain"\nfresh = true\n')
-    data = {"fail_on_errors": False, "expect": [{"site": "spatial", "shared": ["time"], "rate": 0.3},
-                                               {"site": "plain", "fresh": True}]}
+    data = {"fail_on_errors": False,
+            "expect": [{"site": "spatial", "shared": ["time"], "rate": 0.3},
+                       {"site": "plain", "fresh": True}]}
     js = tmp_path / "spec.json"
     js.write_text(json.dumps(data))
     a, b = load_spec(toml), load_spec(js)
-    assert [e.shared for e in a.expectations] == [e.shared for e in b.expectations] == [("time",), None]
+    shared_a = [e.shared for e in a.expectations]
+    assert shared_a == [e.shared for e in b.expectations] == [("time",), None]
     assert a.fail_on_errors is False and b.fail_on_errors is False
     jsonschema = pytest.importorskip("jsonschema")
     jsonschema.Draft202012Validator(load_schema("expectations")).validate(data)
@@ -112,8 +115,10 @@ def test_spec_files_in_toml_and_json_load_the_same(tmp_path):
         ("bad.toml", "expect = [", "not valid TOML"),
         ("bad.json", "{", "not valid JSON"),
         ("empty.json", "{}", "non-empty list 'expect'"),
-        ("extra.json", '{"expect": [{"site": "x", "rate": 0.1}], "colour": 1}', "unknown key(s) colour"),
-        ("entry.json", '{"expect": [{"site": "x", "rate": "high"}]}', "expected rate to be a number"),
+        ("extra.json", '{"expect": [{"site": "x", "rate": 0.1}], "colour": 1}',
+         "unknown key(s) colour"),
+        ("entry.json", '{"expect": [{"site": "x", "rate": "high"}]}',
+         "expected rate to be a number"),
     ],
 )
 def test_bad_spec_files_raise_one_clear_error(tmp_path, name, text, message):

@@ -52,12 +52,14 @@ def test_find_record_defaults_to_the_first_training_mask_and_rejects_missing_ste
         site = run["conv_drop"]
         assert find_record(site) == 0
         assert find_record(site, step=1) == 1
-        with pytest.raises(ValueError, match="no mask at step 5 call 0 \\(steps with masks: 0..1\\)"):
+        message = "no mask at step 5 call 0 \\(steps with masks: 0..1\\)"
+        with pytest.raises(ValueError, match=message):
             find_record(site, step=5)
 
 
 def test_plotting_leaves_pyplot_and_the_backend_alone(tmp_path, run_path):
-    code = ("import sys, matplotlib\nfrom dropspy.store import load\nfrom dropspy.plot import plot_site\n"
+    code = ("import sys, matplotlib\nfrom dropspy.store import load\n"
+            "from dropspy.plot import plot_site\n"
             "before = matplotlib.get_backend()\n"
             f"plot_site(load({str(run_path)!r}), 'conv_drop', {str(tmp_path / 'x.png')!r})\n"
             "print('matplotlib.pyplot' in sys.modules, matplotlib.get_backend() == before)\n")

@@ -40,7 +40,8 @@ def _records(draw):
     return rank, recs
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=_records())
 def test_random_masks_read_back_bit_for_bit(tmp_path, data):
     rank, recs = data
@@ -217,7 +218,8 @@ def _write_small_run(path):
          "format version 2 is not supported"),
         (lambda p: (_write_small_run(p), _truncate(p, 0.5)), str),
     ],
-    ids=["missing", "directory", "empty", "random-bytes", "plain-hdf5", "newer-version", "truncated"],
+    ids=["missing", "directory", "empty", "random-bytes", "plain-hdf5", "newer-version",
+         "truncated"],
 )
 def test_bad_input_gives_one_run_file_error_naming_the_path(tmp_path, make, message):
     path = tmp_path / "bad.h5"

@@ -55,7 +55,8 @@ def worst_keep_probability(low: float, high: float) -> float:
     return max(high, 1.0 - low, 0.5)
 
 
-def log10_constant_fibers(lengths: np.ndarray, counts: np.ndarray, low: float, high: float) -> float:
+def log10_constant_fibers(lengths: np.ndarray, counts: np.ndarray, low: float,
+                          high: float) -> float:
     """log10 of the chance that independent Bernoulli fibers all come out constant.
 
     A fiber of ``n`` independent Bernoulli(p) elements is constant (all kept or all dropped)

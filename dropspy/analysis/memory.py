@@ -67,7 +67,8 @@ class MemorySite:
         self.calls = np.asarray(calls if calls is not None else [0] * n, dtype=np.int64)
         self.training = np.asarray(training if training is not None else [True] * n, dtype=bool)
         self.applied = np.array([x is not None for x in self._noises], dtype=bool)
-        for arr, what in ((self.steps, "steps"), (self.calls, "calls"), (self.training, "training")):
+        for arr, what in ((self.steps, "steps"), (self.calls, "calls"),
+                          (self.training, "training")):
             if len(arr) != n:
                 raise ValueError(f"Site {name!r}: {len(arr)} {what} for {n} records")
 

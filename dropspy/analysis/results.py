@@ -232,7 +232,8 @@ class SiteAnalysis:
         for a in self.axes:
             if a.name == name:
                 return a
-        raise SiteNotFoundError(f"Site {self.site!r} has no axis {name!r}; its axes: {self.axis_names}")
+        raise SiteNotFoundError(
+            f"Site {self.site!r} has no axis {name!r}; its axes: {self.axis_names}")
 
     @property
     def severity(self) -> Severity | None:

@@ -286,8 +286,8 @@ def _over_time(verdicts: Sequence[AxisVerdict], scan: SiteScan,
         if v.name == "time" and v.size > 1:
             word = {"shared": "constant", "independent": "resampled"}.get(v.verdict, "inconclusive")
             return PairCheck(word, 0, 0, v.log10_chance, f"time axis: {v.reason}")
-    check = _pair_check(scan.calls, independent_elements, log_w, threshold, ("resampled", "constant"),
-                        "calls within a step vs call 0")
+    check = _pair_check(scan.calls, independent_elements, log_w, threshold,
+                        ("resampled", "constant"), "calls within a step vs call 0")
     if check is not None and 0 < check.identical < check.pairs:
         # One call that differs from call 0 proves the mask is redrawn within the step.
         check = PairCheck("resampled", check.pairs, check.identical, check.log10_chance,

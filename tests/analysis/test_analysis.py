@@ -310,7 +310,8 @@ def test_run_incomplete_and_dropped_records_are_warnings():
     codes = {f.code: f for f in result.findings}
     assert codes["run-incomplete"].severity == Severity.WARNING
     assert codes["records-dropped"].severity == Severity.WARNING
-    assert "7" in codes["records-dropped"].message and "queue_full" in codes["records-dropped"].message
+    message = codes["records-dropped"].message
+    assert "7" in message and "queue_full" in message
     assert codes["note"].message == "sites left out"
 
 
@@ -332,7 +333,8 @@ def test_end_to_end_on_a_run_file(tmp_path):
          records("spatial", (16, 10, 32), (16, 1, 32), 0.3, steps=5)),
         (info("plain"), records("plain", (16, 10, 32), (16, 10, 32), 0.3, steps=5, seed=1)),
         (info("stale"), records("stale", (16, 10, 32), (16, 10, 32), 0.3, steps=5,
-                                make=lambda rng, s: np.random.default_rng(9).random((16, 10, 32)) >= 0.3)),
+                                make=lambda rng, s: (np.random.default_rng(9)
+                                                     .random((16, 10, 32)) >= 0.3))),
     ], dropped={"queue_full": 2})
     with load(path) as run:
         result = analyze_run(run)
