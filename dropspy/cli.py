@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from dropspy._text import safe, text
 from dropspy.analysis import (
     THRESHOLD,
     RunAnalysis,
@@ -79,7 +80,7 @@ def _errors() -> Iterator[None]:
 
 
 def _die(message: str, code: int = 2) -> None:
-    line = " ".join(message.split())
+    line = safe(" ".join(message.split()))
     typer.echo(f"dropspy: error: {line}", err=True)
     raise typer.Exit(code=code)
 
@@ -118,11 +119,11 @@ def _axes_text(s: SiteAnalysis) -> Text:
         if k:
             t.append(" ")
         if a.verdict == "shared":
-            t.append(f"[{a.name}]" + ("" if a.by_construction else "*"), style="bold cyan")
+            t.append(f"[{safe(a.name)}]" + ("" if a.by_construction else "*"), style="bold cyan")
         elif a.verdict == "inconclusive":
-            t.append(f"{a.name}?", style="yellow")
+            t.append(f"{safe(a.name)}?", style="yellow")
         else:
-            t.append(a.name)
+            t.append(safe(a.name))
     return t
 
 
@@ -154,16 +155,18 @@ def _word(check: Any) -> str:
 
 
 def _table(result: RunAnalysis) -> Table:
-    table = Table(title=f"{result.path or 'run'} ({result.framework})", title_justify="left")
+    table = Table(title=text(f"{result.path or 'run'} ({result.framework})"),
+                  title_justify="left")
     for col in ("site", "class", "axes", "pattern", "rate cfg / obs [99.9%]", "gates",
                 "time", "fresh", "records", "verdict"):
         table.add_column(col, overflow="fold")
     for s in result.sites:
         if s.opaque:
-            table.add_row(s.site, s.layer_class, " ".join(s.axis_names), "opaque", "-", "-", "-",
-                          "-", "0", Text("opaque", style="yellow"))
+            table.add_row(text(s.site), text(s.layer_class), text(" ".join(s.axis_names)),
+                          "opaque", "-", "-", "-", "-", "0", Text("opaque", style="yellow"))
             continue
-        table.add_row(s.site, s.layer_class, _axes_text(s), s.pattern, _rate_text(s),
+        table.add_row(text(s.site), text(s.layer_class), _axes_text(s), text(s.pattern),
+                      _rate_text(s),
                       _word(s.gates), _word(s.over_time), _word(s.freshness),
                       _records_text(s), _verdict_text(s))
     return table
@@ -175,7 +178,7 @@ def _print_findings(console: Console, result: RunAnalysis, verbose: bool) -> Non
         if f.severity == Severity.INFO and not verbose:
             continue
         where = f"{f.site}: " if f.site else ""
-        console.print(Text(f"{f.severity.value}: {where}{f.message} [{f.code}]",
+        console.print(text(f"{f.severity.value}: {where}{f.message} [{f.code}]",
                            style=style[f.severity]))
 
 
@@ -242,14 +245,14 @@ def check(
     failures = check_analysis(result, exps)
     errors = [f for f in result.all_findings if f.severity == Severity.ERROR]
     for f in failures:
-        typer.echo(f"FAIL {f}")
+        typer.echo(safe(f"FAIL {f}"))
     failed_exps = {id(f.expectation) for f in failures}
     for e in exps:
         if id(e) not in failed_exps:
-            typer.echo(f"ok   {e.text or e.site}")
+            typer.echo(safe(f"ok   {e.text or e.site}"))
     for f in errors:
         prefix = "FAIL" if fail_errors else "note"
-        typer.echo(f"{prefix} {f.site + ': ' if f.site else ''}{f.message} [{f.code}]")
+        typer.echo(safe(f"{prefix} {f.site + ': ' if f.site else ''}{f.message} [{f.code}]"))
     failed = bool(failures) or (fail_errors and bool(errors))
     n_err = len(errors) if fail_errors else 0
     typer.echo(f"{'FAILED' if failed else 'PASSED'}: {len(exps) - len(failed_exps)}/{len(exps)} "
@@ -280,16 +283,16 @@ def diff_cmd(
         typer.echo(json.dumps([{"site": d.site, "aspect": d.aspect, "a": d.a, "b": d.b}
                                for d in diffs], indent=2))
     elif not diffs:
-        typer.echo(header)
+        typer.echo(safe(header))
         what = "mask structure or site facts" if facts else "mask structure"
         typer.echo(f"no differences in {what} ({len(ra.sites)} sites)")
     else:
-        table = Table(title=header, title_justify="left")
+        table = Table(title=text(header), title_justify="left")
         for col in ("site", "aspect", "A", "B"):
             table.add_column(col, overflow="fold")
         for d in diffs:
             # Text, not markup: fact values such as [null, 1, null] would be read as tags.
-            table.add_row(*(Text(v) for v in (d.site, d.aspect, d.a, d.b)))
+            table.add_row(*(text(v) for v in (d.site, d.aspect, d.a, d.b)))
         _out().print(table)
     raise typer.Exit(code=1 if diffs else 0)
 
@@ -346,7 +349,7 @@ def validate(path: RunPath) -> None:
     with _errors():
         problems = validate_file(path)
     for p in problems:
-        typer.echo(p)
+        typer.echo(safe(p))
     if problems:
         typer.echo(f"{path}: {len(problems)} problem(s)")
         raise typer.Exit(code=1)
