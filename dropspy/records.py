@@ -29,6 +29,7 @@ __all__ = [
     "select_sites",
     "SiteLike",
     "RunLike",
+    "IndexBlock",
 ]
 
 FORMAT_NAME = "dropspy.run"
@@ -185,6 +186,27 @@ def select_sites(names: Sequence[str], patterns: str | Sequence[str] | None,
             )
         chosen.update(hit)
     return [n for n in names if n in chosen]
+
+
+@dataclass(frozen=True)
+class IndexBlock:
+    """Consecutive records of one site, as the reader streams its index (no mask bits).
+
+    ``start`` is the first record's number; every array has one entry (row) per record.
+    """
+
+    start: int
+    steps: np.ndarray         # int64
+    calls: np.ndarray         # int64
+    replicas: np.ndarray      # int64; 0 in files that do not record replicas
+    training: np.ndarray      # bool
+    applied: np.ndarray       # bool
+    offsets: np.ndarray       # int64, byte offset of the packed noise in the site's bits
+    shapes: np.ndarray        # (k, rank) int64, applied shapes
+    noise_shapes: np.ndarray  # (k, rank) int64, drawn noise shapes
+
+    def __len__(self) -> int:
+        return len(self.steps)
 
 
 class SiteLike(Protocol):

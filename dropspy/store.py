@@ -18,7 +18,14 @@ import numpy as np
 
 from dropspy._version import __version__
 from dropspy.errors import RunFileError, SiteNotFoundError
-from dropspy.records import FORMAT_NAME, FORMAT_VERSION, INDEX_FIELDS, Record, SiteInfo
+from dropspy.records import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    INDEX_FIELDS,
+    IndexBlock,
+    Record,
+    SiteInfo,
+)
 
 __all__ = ["Run", "Site", "load", "opened", "validate_file", "SiteInfo", "Record"]
 
@@ -43,8 +50,11 @@ def _json_attr(attrs: Mapping[str, Any], key: str, path: Path, default: Any = No
 class Site:
     """The records of one site, read lazily from the run file.
 
-    Attributes mirror :class:`SiteInfo`; index arrays (``steps``, ``calls``, ``training``,
-    ``applied``, ``shapes``, ``noise_shapes``) are loaded once, masks on demand.
+    Attributes mirror :class:`SiteInfo`. Opening a run reads no per-record data: the index
+    (``steps``, ``calls``, ``training``, ``applied``, ``offsets``, shapes) is read on first
+    use and held compactly (each distinct shape once, a small-int index per record, about 24
+    bytes per record instead of 80); masks are read on demand. The analysis streams the
+    index in blocks instead (:meth:`index_blocks`), so it holds no per-record array at all.
     """
 
     def __init__(self, group: h5py.Group, path: Path) -> None:
@@ -68,41 +78,146 @@ class Site:
         self.extra: dict[str, Any] = _json_attr(a, "extra", path, {})
         self.rate: float | None = None if math.isnan(rate) else rate
         self.scale: float | None = None if math.isnan(scale) else scale
-        self._load_index()
+        self._n: int | None = None
+        self._ix: _CompactIndex | None = None
 
-    def _load_index(self) -> None:
-        g = self._g
+    # -- the index, read lazily ---------------------------------------------------------
+
+    def _dataset(self, key: str) -> h5py.Dataset:
         try:
-            cols = {k: g[k][()] for k in INDEX_FIELDS}
-            shape = g["shape"][()]
-            nshape = g["noise_shape"][()]
-            nbits = g["bits"].shape[0]
+            return self._g[key]
+        except KeyError as exc:
+            raise RunFileError(f"{self._path}: site {self.name!r} is damaged: no dataset "
+                               f"{key!r}") from exc
+
+    def _raw_rows(self, a: int, b: int) -> dict[str, np.ndarray]:
+        """Index columns of rows ``a:b`` as stored (``replica`` is 0 in version-1 files)."""
+        try:
+            cols = {k: self._g[k][a:b] for k in INDEX_FIELDS + ("shape", "noise_shape")}
+            cols["replica"] = (self._g["replica"][a:b] if "replica" in self._g
+                               else np.zeros(b - a, np.int32))
         except (KeyError, OSError) as exc:
             raise RunFileError(f"{self._path}: site {self.name!r} is damaged: {exc}") from exc
-        # A writer killed between appends can leave index datasets of unequal length: keep the
-        # rows every dataset has, whose packed bits lie wholly inside `bits`.
-        n = min(min(len(v) for v in cols.values()), len(shape), len(nshape))
-        sizes = np.where(cols["applied"][:n] != 0, (np.prod(nshape[:n], axis=1) + 7) // 8, 0)
-        ends = cols["offset"][:n] + sizes
-        ok = ends <= nbits
-        if not ok.all():
-            n = int(np.argmin(ok))
-        self.steps = cols["step"][:n].astype(np.int64)
-        self.calls = cols["call"][:n].astype(np.int64)
-        self.training = cols["training"][:n] != 0
-        self.applied = cols["applied"][:n] != 0
-        self.shapes = shape[:n].astype(np.int64)
-        self.noise_shapes = nshape[:n].astype(np.int64)
-        self.offsets = cols["offset"][:n].astype(np.int64)
-        self.nbytes = sizes[:n].astype(np.int64)
+        return cols
+
+    def _length(self) -> int:
+        """Readable records: rows every index dataset has whose bits lie inside ``bits``.
+
+        A writer killed between appends can leave index datasets of unequal length, or rows
+        whose packed bits were never written; only the tail can be affected (rows are
+        appended in order), so only the tail is read.
+        """
+        if self._n is not None:
+            return self._n
+        try:
+            lengths = [self._g[k].shape[0] for k in INDEX_FIELDS + ("shape", "noise_shape")]
+            if "replica" in self._g:
+                lengths.append(self._g["replica"].shape[0])
+            nbits = self._g["bits"].shape[0]
+        except (KeyError, OSError, IndexError, TypeError) as exc:
+            raise RunFileError(f"{self._path}: site {self.name!r} is damaged: {exc}") from exc
+        n = min(lengths) if lengths else 0
+        lo = max(0, n - _TAIL_ROWS)
+        while n > 0:
+            ok = _ends(self._raw_rows(lo, n)) <= nbits
+            if ok.all():
+                break
+            if ok[0] or lo == 0:
+                n = lo + int(np.argmin(ok))
+                break
+            # The damage reaches further back than the tail: look at the whole index.
+            n, lo = lo + 1, 0
+        self._n = n
+        return n
+
+    def _index(self) -> _CompactIndex:
+        if self._ix is None:
+            n = len(self)
+            ix = _CompactIndex(len(self.axes))
+            for a in range(0, n, _BLOCK_ROWS):
+                ix.add(self._raw_rows(a, min(n, a + _BLOCK_ROWS)))
+            ix.finish()
+            self._ix = ix
+        return self._ix
+
+    @property
+    def steps(self) -> np.ndarray:
+        """Training step of each record (int64)."""
+        return self._index().steps
+
+    @property
+    def calls(self) -> np.ndarray:
+        """Index of each record among the site's calls within its step."""
+        return self._index().calls
+
+    @property
+    def replicas(self) -> np.ndarray:
+        """Replica of each record within its process (0 in files that do not say)."""
+        return self._index().replicas
+
+    @property
+    def training(self) -> np.ndarray:
+        """Whether the model was in training mode, per record (bool)."""
+        return self._index().training
+
+    @property
+    def applied(self) -> np.ndarray:
+        """Whether a mask was applied, per record (bool)."""
+        return self._index().applied
+
+    @property
+    def offsets(self) -> np.ndarray:
+        """Byte offset of each record's packed noise in the site's ``bits`` (int64)."""
+        return self._index().offsets
+
+    @property
+    def shapes(self) -> np.ndarray:
+        """Applied shape of each record, ``(records, rank)`` int64 (built on each access)."""
+        ix = self._index()
+        return ix.shape_table[ix.shape_idx]
+
+    @property
+    def noise_shapes(self) -> np.ndarray:
+        """Drawn noise shape of each record, ``(records, rank)`` int64 (built on each access)."""
+        ix = self._index()
+        return ix.noise_table[ix.noise_idx]
+
+    @property
+    def nbytes(self) -> np.ndarray:
+        """Packed bytes of each record's noise (0 where none was applied)."""
+        ix = self._index()
+        return np.where(ix.applied, ix.noise_bytes[ix.noise_idx], 0)
+
+    def index_blocks(self, rows: int = 1 << 16) -> Iterator[IndexBlock]:
+        """The index streamed from the file in blocks of ``rows`` records (nothing cached).
+
+        The analysis reads the index this way, so its memory does not grow with the number
+        of records.
+        """
+        n = len(self)
+        for a in range(0, n, rows):
+            b = min(n, a + rows)
+            c = self._raw_rows(a, b)
+            yield IndexBlock(
+                start=a, steps=c["step"].astype(np.int64), calls=c["call"].astype(np.int64),
+                replicas=c["replica"].astype(np.int64), training=c["training"] != 0,
+                applied=c["applied"] != 0, offsets=c["offset"].astype(np.int64),
+                shapes=c["shape"].astype(np.int64).reshape(b - a, len(self.axes)),
+                noise_shapes=c["noise_shape"].astype(np.int64).reshape(b - a, len(self.axes)))
+
+    def read_bits(self, begin: int, end: int) -> np.ndarray:
+        """Packed bytes ``begin:end`` of the site's ``bits`` (uint8)."""
+        if end <= begin:
+            return np.empty(0, np.uint8)
+        return self._dataset("bits")[begin:end]
 
     def __len__(self) -> int:
-        return len(self.steps)
+        return self._length()
 
     def __repr__(self) -> str:
         return f"<Site {self.name!r} {self.layer_class} axes={self.axes} records={len(self)}>"
 
-    def _index(self, i: int) -> int:
+    def _check_index(self, i: int) -> int:
         n = len(self)
         if not -n <= i < n:
             raise IndexError(f"Site {self.name!r}: record {i} out of range (it has {n} records)")
@@ -110,19 +225,23 @@ class Site:
 
     def noise(self, i: int) -> np.ndarray | None:
         """The drawn keep-noise of record ``i`` (bool, noise shape), or None if none applied."""
-        i = self._index(i)
-        if not self.applied[i]:
+        i = self._check_index(i)
+        ix = self._index()
+        if not ix.applied[i]:
             return None
-        o, nb = int(self.offsets[i]), int(self.nbytes[i])
-        raw = self._g["bits"][o:o + nb]
-        return _unpack(raw, tuple(self.noise_shapes[i]))
+        k = int(ix.noise_idx[i])
+        o, nb = int(ix.offsets[i]), int(ix.noise_bytes[k])
+        raw = self._dataset("bits")[o:o + nb]
+        return _unpack(raw, tuple(int(x) for x in ix.noise_table[k]))
 
     def mask(self, i: int) -> np.ndarray | None:
         """The applied keep-mask of record ``i`` (bool, applied shape), or None if none."""
         noise = self.noise(i)
         if noise is None:
             return None
-        return np.broadcast_to(noise, tuple(self.shapes[self._index(i)])).copy()
+        ix = self._index()
+        shape = tuple(int(x) for x in ix.shape_table[ix.shape_idx[self._check_index(i)]])
+        return np.broadcast_to(noise, shape).copy()
 
     def masks(self, step: int, call: int | None = None) -> list[np.ndarray | None]:
         """Applied masks of the records of one step (optionally one call), in record order."""
@@ -139,24 +258,25 @@ class Site:
         Memory stays bounded by ``max_bytes`` of packed data (plus one record, however big).
         """
         stop = len(self) if stop is None else min(stop, len(self))
-        bits = self._g["bits"]
+        ix = self._index()
+        offsets, nbytes, applied = ix.offsets, self.nbytes, ix.applied
+        bits = self._dataset("bits")
         i = start
         while i < stop:
             j = i
-            begin = int(self.offsets[i])
-            while j < stop and (j == i
-                                or int(self.offsets[j] + self.nbytes[j]) - begin <= max_bytes):
+            begin = int(offsets[i])
+            while j < stop and (j == i or int(offsets[j] + nbytes[j]) - begin <= max_bytes):
                 j += 1
-            end = int(self.offsets[j - 1] + self.nbytes[j - 1])
+            end = int(offsets[j - 1] + nbytes[j - 1])
             block = bits[begin:end] if end > begin else np.empty(0, np.uint8)
             for k in range(i, j):
-                if not self.applied[k]:
+                if not applied[k]:
                     yield k, None
                     continue
-                o = int(self.offsets[k]) - begin
-                yield k, _unpack(block[o:o + int(self.nbytes[k])], tuple(self.noise_shapes[k]))
+                o = int(offsets[k]) - begin
+                shape = tuple(int(x) for x in ix.noise_table[ix.noise_idx[k]])
+                yield k, _unpack(block[o:o + int(nbytes[k])], shape)
             i = j
-
 
     def iter_batches(
         self, start: int = 0, stop: int | None = None, *, max_bytes: int = 16 << 20,
@@ -170,16 +290,19 @@ class Site:
         Records with no mask are skipped.
         """
         stop = len(self) if stop is None else min(stop, len(self))
-        idx = np.flatnonzero(self.applied[start:stop]) + start
+        ix = self._index()
+        idx = np.flatnonzero(ix.applied[start:stop]) + start
         if not len(idx):
             return
-        ns, off, nb = self.noise_shapes[idx], self.offsets[idx], self.nbytes[idx]
+        kind, off = ix.noise_idx[idx], ix.offsets[idx]
+        nb = ix.noise_bytes[kind]
         brk = np.ones(len(idx), dtype=bool)
-        brk[1:] = (ns[1:] != ns[:-1]).any(axis=1) | (off[1:] != off[:-1] + nb[:-1])
+        brk[1:] = (kind[1:] != kind[:-1]) | (off[1:] != off[:-1] + nb[:-1])
         firsts = np.flatnonzero(brk).tolist()
-        bits = self._g["bits"]
+        bits = self._dataset("bits")
         for a, b in zip(firsts, firsts[1:] + [len(idx)]):
-            width, shape = int(nb[a]), tuple(int(x) for x in ns[a])
+            width = int(nb[a])
+            shape = tuple(int(x) for x in ix.noise_table[kind[a]])
             size = math.prod(shape)
             # max_bytes bounds the unpacked bools (8x the packed bits), not the read.
             per = max(1, min(max_records, max_bytes // max(size, 1)))
@@ -192,6 +315,86 @@ class Site:
                 else:
                     flat = np.unpackbits(raw.reshape(k, width), axis=1, count=size)
                 yield idx[c:d], flat.view(np.bool_).reshape((k, *shape))
+
+
+# Index rows read per block when streaming (65536 rows of ~70 bytes: a few MiB at a time), and
+# rows looked at from the end when checking a possibly truncated tail.
+_BLOCK_ROWS = 1 << 16
+_TAIL_ROWS = 4096
+
+
+def _ends(cols: Mapping[str, np.ndarray]) -> np.ndarray:
+    """End byte of each row's packed noise in ``bits`` (its offset where none applied)."""
+    ns = np.asarray(cols["noise_shape"], dtype=np.int64)
+    sizes = np.where(np.asarray(cols["applied"]) != 0,
+                     (np.prod(ns.reshape(len(ns), -1), axis=1) + 7) // 8, 0)
+    return np.asarray(cols["offset"], dtype=np.int64) + sizes
+
+
+def _smallest_int(values: np.ndarray) -> np.ndarray:
+    """``values`` in the smallest signed integer type that holds them."""
+    if not len(values):
+        return values.astype(np.int8)
+    lo, hi = int(values.min()), int(values.max())
+    for t in (np.int8, np.int16, np.int32):
+        info = np.iinfo(t)
+        if info.min <= lo and hi <= info.max:
+            return values.astype(t)
+    return values.astype(np.int64)
+
+
+class _CompactIndex:
+    """A site's index held compactly: each distinct shape once, a small index per record."""
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+        self._tables: dict[str, dict[tuple[int, ...], int]] = {"shape": {}, "noise_shape": {}}
+        self._parts: dict[str, list[np.ndarray]] = {}
+
+    def _codes(self, which: str, rows: np.ndarray) -> np.ndarray:
+        table = self._tables[which]
+        rows = rows.reshape(len(rows), self.rank)
+        if len(rows) and (rows == rows[0]).all():
+            uniq, inverse = rows[:1], np.zeros(len(rows), np.int64)
+        else:
+            uniq, inverse = np.unique(rows, axis=0, return_inverse=True)
+        codes = np.array([table.setdefault(tuple(int(x) for x in u), len(table)) for u in uniq],
+                         dtype=np.int64)
+        return codes[inverse.reshape(-1)]
+
+    def add(self, cols: Mapping[str, np.ndarray]) -> None:
+        for key, value in (
+            ("steps", np.asarray(cols["step"], np.int64)),
+            ("calls", _smallest_int(np.asarray(cols["call"]))),
+            ("replicas", _smallest_int(np.asarray(cols["replica"]))),
+            ("training", np.asarray(cols["training"]) != 0),
+            ("applied", np.asarray(cols["applied"]) != 0),
+            ("offsets", np.asarray(cols["offset"], np.int64)),
+            ("shape_idx", self._codes("shape", np.asarray(cols["shape"], np.int64))),
+            ("noise_idx", self._codes("noise_shape", np.asarray(cols["noise_shape"], np.int64))),
+        ):
+            self._parts.setdefault(key, []).append(value)
+
+    def finish(self) -> None:
+        def table(which: str) -> np.ndarray:
+            rows = sorted(self._tables[which].items(), key=lambda kv: kv[1])
+            return np.array([r for r, _ in rows], dtype=np.int64).reshape(len(rows), self.rank)
+
+        self.shape_table = table("shape")
+        self.noise_table = table("noise_shape")
+        self.noise_bytes = (np.prod(self.noise_table, axis=1) + 7) // 8
+        empty = {"steps": np.int64, "offsets": np.int64, "training": bool, "applied": bool}
+        out: dict[str, np.ndarray] = {}
+        for key in ("steps", "calls", "replicas", "training", "applied", "offsets", "shape_idx",
+                    "noise_idx"):
+            parts = self._parts.pop(key, [])
+            out[key] = (np.concatenate(parts) if parts
+                        else np.empty(0, empty.get(key, np.int8)))
+        self.steps, self.calls, self.replicas = out["steps"], out["calls"], out["replicas"]
+        self.training, self.applied, self.offsets = out["training"], out["applied"], out["offsets"]
+        # Distinct shapes are few: the smallest integer type holds their codes.
+        self.shape_idx = _smallest_int(out["shape_idx"])
+        self.noise_idx = _smallest_int(out["noise_idx"])
 
 
 def _unpack(raw: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
