@@ -4,6 +4,8 @@
 model whose framework the user has already imported.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from dropspy._version import __version__
 from dropspy.errors import (
     DropspyError,
@@ -16,6 +18,9 @@ from dropspy.errors import (
 from dropspy.recorder import Recording, record
 from dropspy.records import Record, SiteInfo
 from dropspy.store import Run, Site, load
+
+if TYPE_CHECKING:
+    from dropspy import testing
 
 __all__ = [
     "__version__",
@@ -32,4 +37,15 @@ __all__ = [
     "UnsupportedModelError",
     "RecordingError",
     "ExpectationError",
+    "testing",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # ``dropspy.testing`` without an explicit import (as the README's Quickstart uses it),
+    # loaded on first use so that ``import dropspy`` stays light.
+    if name == "testing":
+        import importlib
+
+        return importlib.import_module("dropspy.testing")
+    raise AttributeError(f"module 'dropspy' has no attribute {name!r}")

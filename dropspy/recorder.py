@@ -45,6 +45,8 @@ class Session:
         self._selected: dict[str, bool] = {}
         self._warned_error = False
         self.excluded: list[str] = []
+        self.declared: list[str] = []
+        self.matched: set[str] = set()
 
     def declare_site(self, info: SiteInfo) -> bool:
         """Declare a site; returns whether it is selected by the ``sites`` patterns.
@@ -56,8 +58,10 @@ class Session:
             if known:
                 self.writer.declare_site(info)
             return known
-        selected = self.patterns is None or any(
-            site_matches(p, info.name, info.layer) for p in self.patterns)
+        self.declared.append(info.name)
+        hits = {p for p in self.patterns or () if site_matches(p, info.name, info.layer)}
+        self.matched |= hits
+        selected = self.patterns is None or bool(hits)
         self._selected[info.name] = selected
         if selected:
             self.writer.declare_site(info)
@@ -159,8 +163,24 @@ class Recording:
         self.session: Session | None = None
         self.writer: RunWriter | None = None
         self._used = False
+        self._stopped = False
 
     def __enter__(self) -> Recording:
+        return self.start()
+
+    def start(self) -> Recording:
+        """Start recording (what ``with`` does on entry), for code that cannot use ``with``.
+
+        Call :meth:`stop` when training is done, also when it raised (``try``/``finally``):
+        until then the model's dropout calls stay patched and the file stays open.
+
+        Returns:
+            This recording.
+
+        Raises:
+            RecordingError: The recording was started before, or the model is already being
+                recorded.
+        """
         if self._used:
             raise RecordingError(
                 "This recording was already used; call dropspy.record(model, path) again "
@@ -222,9 +242,68 @@ class Recording:
         return self.writer.stats if self.writer is not None else {}
 
     def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        """Stop recording (what ``with`` does on exit): restore the model, close the file.
+
+        Prints the summary line, and warns when the run holds nothing to look at. A second
+        call does nothing.
+
+        Raises:
+            RecordingError: The recording was never started.
+        """
+        if not self._used:
+            raise RecordingError(
+                f"stop() on a recording that was never started (into {self.path}); call "
+                f"start() first, or use `with dropspy.record(model, path):`."
+            )
+        if self._stopped:
+            return
         self._stop(print_summary=True)
+        self._warn_if_empty()
+
+    def __del__(self) -> None:
+        # A recording made and dropped without `with` or start() records nothing; say so,
+        # since the user believes the model is being recorded. getattr: __init__ may have
+        # raised before the attribute existed.
+        if getattr(self, "_used", True):
+            return
+        warnings.warn(
+            f"dropspy.record(<{type(self.model).__name__}>, {self.path!r}) was never started: "
+            f"nothing was recorded. Use it as `with dropspy.record(model, path): ...`, or call "
+            f".start() before training and .stop() after.",
+            DropspyWarning,
+            stacklevel=2,
+        )
+
+    def _warn_if_empty(self) -> None:
+        """Warn when the run holds nothing: no dropout found, or ``sites=`` matching nothing."""
+        session, writer = self.session, self.writer
+        if session is None or writer is None:
+            return
+        model = type(self.model).__name__
+        unmatched = [p for p in session.patterns or () if p not in session.matched]
+        if unmatched and session.declared:
+            warnings.warn(
+                f"sites={', '.join(repr(p) for p in unmatched)} matched no site of {model}; "
+                f"its sites: {', '.join(session.declared)}. Nothing was recorded from them.",
+                DropspyWarning,
+                stacklevel=3,
+            )
+        if not session.declared:
+            framework = getattr(self.adapter, "framework", "")
+            kinds = _LOOKS_FOR.get(framework, "dropout calls")
+            warnings.warn(
+                f"dropspy found no dropout in {model} while recording into {self.path}: it "
+                f"looks for {kinds}. If the model has dropout, train it inside the `with` "
+                f"block (torch: in train() mode).",
+                DropspyWarning,
+                stacklevel=3,
+            )
 
     def _stop(self, *, print_summary: bool) -> None:
+        self._stopped = True
         try:
             if self.adapter is not None:
                 self.adapter.detach()
@@ -240,6 +319,28 @@ class Recording:
             print(_summary_line(self.path, self.writer.stats), file=sys.stderr)
 
 
+# What each adapter looks for, named in the warning for a run that found no dropout.
+_LOOKS_FOR = {
+    "keras": "Keras Dropout-family layers (Dropout, SpatialDropout1D/2D/3D, ...), recurrent "
+             "layers with dropout= or recurrent_dropout= (LSTM, GRU, SimpleRNN, ConvLSTM) and "
+             "attention dropout",
+    "torch": "dropout calls made in training mode inside the model (nn.Dropout, Dropout1d/2d/3d, "
+             "AlphaDropout, F.dropout and friends, nn.LSTM/GRU/RNN(dropout=) between layers)",
+}
+_LOOKS_FOR["tf_keras"] = _LOOKS_FOR["keras"]
+
+
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def _size(nbytes: int) -> str:
+    """Bytes in the unit a person reads: bytes, KB below 1 MB, MB above."""
+    if nbytes < 1000:
+        return _count(nbytes, "byte")
+    if nbytes < 1_000_000:
+        return f"{nbytes / 1e3:.1f} KB"
+    return f"{nbytes / 1e6:.2f} MB"
 
 
 def _summary_line(path: str, stats: dict[str, Any]) -> str:
@@ -249,8 +350,9 @@ def _summary_line(path: str, stats: dict[str, Any]) -> str:
     lost = sum(counts.values())
     why = f" ({', '.join(f'{k}: {v}' for k, v in sorted(counts.items()))})" if lost else ""
     line = (
-        f"dropspy: {path}: {stats['sites']} sites, {stats['records_written']} records, "
-        f"{stats['bytes'] / 1e6:.2f} MB of masks, {lost} records dropped{why}"
+        f"dropspy: {path}: {_count(stats['sites'], 'site')}, "
+        f"{_count(stats['records_written'], 'record')}, {_size(stats['bytes'])} of masks, "
+        f"{_count(lost, 'record')} dropped{why}"
     )
     if skipped:
         line += f", {skipped} left out by the sampling policy"

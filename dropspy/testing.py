@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,10 +33,11 @@ from dropspy.analysis import (
 from dropspy.errors import SiteNotFoundError
 from dropspy.expectations import Expectation, check_site
 
-try:  # the fixture needs pytest; the assertion helpers do not
-    import pytest
-except ImportError:  # pragma: no cover - plain use without pytest
-    pytest = None  # type: ignore[assignment]
+# The fixture needs pytest; the assertion helpers do not. ``dropspy.testing`` is reachable from
+# a plain script (``import dropspy; dropspy.testing.assert_...``), which must not pay for
+# importing pytest: the fixture is defined only when pytest is already loaded, as it always is
+# when pytest loads this module as its plugin (entry point ``pytest11: dropspy``).
+pytest: Any = sys.modules.get("pytest")
 
 __all__ = [
     "analyze",
@@ -267,7 +269,7 @@ def _fixture(tmp_path: Path) -> Iterator[Recorder]:
 
 if pytest is not None:
     dropspy_record = pytest.fixture(name="dropspy_record")(_fixture)
-else:  # pragma: no cover
+else:  # a plain script: no pytest, no fixture
     dropspy_record = None
 
 

@@ -8,16 +8,18 @@ from dropspy.records import Record, SiteInfo
 
 
 class FakeModel:
-    """Two dropout sites; each train_step draws one (4, 6) mask per site."""
+    """Two dropout sites (or ``sites``); each train_step draws one (4, 6) mask per site."""
 
-    def __init__(self, seed: int = 0) -> None:
+    def __init__(self, seed: int = 0, sites: tuple[str, ...] = ("enc.dropout", "dec.dropout"),
+                 ) -> None:
+        self.sites = sites
         self.rng = np.random.default_rng(seed)
         self.hook = None
         self.step = 0
         self.drawn: dict[tuple[str, int], np.ndarray] = {}
 
     def train_step(self) -> None:
-        for name in ("enc.dropout", "dec.dropout"):
+        for name in self.sites:
             mask = self.rng.random((4, 6)) >= 0.25
             self.drawn[(name, self.step)] = mask
             if self.hook is not None:
@@ -47,7 +49,7 @@ class FakeAdapter:
 
     def attach(self):
         type(self).attached += 1
-        for name in ("enc.dropout", "dec.dropout"):
+        for name in self.model.sites:
             self.session.declare_site(SiteInfo(name, name, "Dropout", "output",
                                                ("batch", "feature"), 0.25, scale=4 / 3))
         self.model.hook = self._hook

@@ -134,3 +134,77 @@ def test_unknown_model_names_what_was_received(tmp_path):
         dropspy.record(object(), tmp_path / "n.h5")
     assert "Keras 3" in str(exc.value) and "tf_keras.Model" in str(exc.value)
     assert "torch.nn.Module" in str(exc.value)
+
+
+def test_start_and_stop_record_like_with(tmp_path, capsys):
+    model = FakeModel()
+    rec = dropspy.record(model, tmp_path / "ss.h5")
+    assert rec.start() is rec
+    for _ in range(3):
+        model.train_step()
+    rec.stop()
+    rec.stop()  # a second stop does nothing
+    assert model.hook is None
+    run = dropspy.load(tmp_path / "ss.h5")
+    assert run.complete and run["enc.dropout"].steps.tolist() == [0, 1, 2]
+    assert capsys.readouterr().err.count("dropspy: ") == 1  # one summary line
+
+
+def test_stop_before_start_says_how_to_start(tmp_path):
+    rec = dropspy.record(FakeModel(), tmp_path / "x.h5")
+    with pytest.raises(RecordingError, match="never started"):
+        rec.stop()
+    rec.start()
+    rec.stop()
+
+
+def test_a_recording_never_started_warns_when_collected(tmp_path):
+    import gc
+
+    with pytest.warns(dropspy.DropspyWarning,
+                      match=r"x\.h5'\) was never started: nothing was recorded"):
+        dropspy.record(FakeModel(), tmp_path / "x.h5")
+        gc.collect()
+    assert not (tmp_path / "x.h5").exists()
+
+
+def test_a_started_recording_does_not_warn_when_collected(tmp_path, recwarn):
+    import gc
+
+    with dropspy.record(FakeModel(), tmp_path / "ok.h5"):
+        pass
+    gc.collect()
+    assert not [w for w in recwarn if "never started" in str(w.message)]
+
+
+def test_a_model_without_dropout_warns_naming_the_model_and_what_dropspy_looks_for(tmp_path):
+    with pytest.warns(dropspy.DropspyWarning, match="found no dropout in FakeModel.*looks for"):
+        with dropspy.record(FakeModel(sites=()), tmp_path / "none.h5") as rec:
+            rec.model.train_step()
+
+
+def test_a_sites_pattern_matching_nothing_lists_the_sites_that_exist(tmp_path):
+    model = FakeModel()
+    with pytest.warns(dropspy.DropspyWarning,
+                      match=r"sites='dropuot\*' matched no site of FakeModel; its sites: "
+                            r"enc.dropout, dec.dropout"):
+        with dropspy.record(model, tmp_path / "typo.h5", sites="dropuot*"):
+            model.train_step()
+
+
+def test_a_pattern_that_matches_gives_no_warning(tmp_path, recwarn):
+    model = FakeModel()
+    with dropspy.record(model, tmp_path / "m.h5", sites=["enc.*", "dec.dropout"]):
+        model.train_step()
+    assert not [w for w in recwarn if issubclass(w.category, dropspy.DropspyWarning)]
+
+
+@pytest.mark.parametrize("nbytes, text", [(0, "0 bytes"), (1, "1 byte"), (999, "999 bytes"),
+                                          (12_345, "12.3 KB"), (1_048_576, "1.05 MB")])
+def test_summary_line_sizes_in_units_a_person_reads(nbytes, text):
+    from dropspy.recorder import _summary_line
+
+    stats = {"sites": 1, "records_written": 1, "bytes": nbytes, "records_dropped": {},
+             "error": None}
+    assert _summary_line("r.h5", stats) == (
+        f"dropspy: r.h5: 1 site, 1 record, {text} of masks, 0 records dropped")
