@@ -177,3 +177,14 @@ def test_pytest_plugin_fixture_records_a_model_in_a_test(tmp_path):
     assert out.returncode == 1, text
     assert "1 failed, 1 passed" in text
     assert "shared axes: expected {feature}, observed {time}" in text
+
+
+def test_dropspy_testing_is_reachable_after_import_dropspy_without_pytest():
+    import subprocess
+    import sys
+
+    code = ("import sys, dropspy; f = dropspy.testing.assert_mask_structure; "
+            "print(callable(f), 'pytest' in sys.modules, dropspy.testing.dropspy_record)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=str(__import__("pathlib").Path(__file__).parents[1]))
+    assert out.stdout.split() == ["True", "False", "None"]
