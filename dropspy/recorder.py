@@ -11,7 +11,7 @@ from typing import Any
 
 from dropspy.errors import DropspyWarning, RecordingError
 from dropspy.frameworks import find_adapter
-from dropspy.records import POLICY_CAUSES, Record, SiteInfo, site_matches
+from dropspy.records import POLICY_CAUSES, Record, SiteInfo, rank_path, site_matches
 from dropspy.writer import RunWriter
 
 __all__ = ["record", "Recording", "Session"]
@@ -154,7 +154,10 @@ class Recording:
         if isinstance(sites, str):
             sites = [sites]
         self.model = model
-        self.path = os.fspath(path)
+        #: The path given to record(); :attr:`path` is the file this process writes (the
+        #: rank's own file in a distributed job, see :func:`dropspy.records.rank_path`).
+        self.requested_path = os.fspath(path)
+        self.path = self.requested_path
         self._options = dict(every=every, steps=steps, sites=sites)
         self._max_bytes = max_bytes
         self._on_full = on_full
@@ -217,6 +220,10 @@ class Recording:
         self.session = Session(None, **self._options)
         self.adapter = self._adapter_cls(self.model, self.session)
         meta = {**self.adapter.meta(), "config": config}
+        # Each rank writes its own file (no collective on the recording path: ranks that
+        # sample differently must never wait for each other).
+        self.path = rank_path(self.requested_path, int(meta.get("rank", 0)),
+                              int(meta.get("world_size", 1)))
         self.writer = RunWriter(self.path, meta, max_bytes=self._max_bytes, on_full=self._on_full)
         self.session.writer = self.writer
         self.adapter.attach()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -27,6 +28,8 @@ __all__ = [
     "Record",
     "site_matches",
     "select_sites",
+    "rank_path",
+    "DIST_ATTRS",
     "SiteLike",
     "RunLike",
     "IndexBlock",
@@ -44,6 +47,44 @@ DROP_CAUSES = ("queue_full", "max_bytes", "disk_full", "write_error", "site_filt
                "capture_error")
 #: Causes that are the user's own sampling choice, not losses.
 POLICY_CAUSES = frozenset({"site_filter", "sampling"})
+
+#: Root attributes of a distributed run (absent, or rank 0 of world size 1, in a single process).
+DIST_ATTRS = ("rank", "world_size", "local_rank", "dist_backend", "run_id")
+RANK_PLACEHOLDER = "{rank}"
+
+
+def rank_path(path: str, rank: int, world_size: int) -> str:
+    """The run file one rank of a distributed job writes: ranks never share a file.
+
+    A ``{rank}`` placeholder in ``path`` is replaced by the rank; otherwise, when
+    ``world_size > 1``, ``.rank<R>`` goes before the suffix (``run.h5`` -> ``run.rank1.h5``).
+    A single process keeps ``path`` as given. The rule is framework-free: every adapter that
+    knows its rank (torch DDP/FSDP, multi-worker Keras, JAX processes) gets the same names.
+
+    Args:
+        path: The path given to ``record()``.
+        rank: This process's rank (0 in a single process).
+        world_size: Number of processes in the job (1 in a single process).
+
+    Returns:
+        The path this process writes.
+
+    Example:
+        >>> rank_path("out/run.h5", 1, 2)
+        'out/run.rank1.h5'
+        >>> rank_path("run-{rank}.h5", 3, 4)
+        'run-3.h5'
+    """
+    if RANK_PLACEHOLDER in path:
+        return path.replace(RANK_PLACEHOLDER, str(int(rank)))
+    if world_size <= 1:
+        return path
+    head, tail = os.path.split(path)
+    stem, dot, suffix = tail.rpartition(".")
+    if not dot or not stem:  # "run" or ".h5": no suffix to keep
+        return os.path.join(head, f"{tail}.rank{int(rank)}")
+    return os.path.join(head, f"{stem}.rank{int(rank)}.{suffix}")
+
 
 @dataclass(frozen=True)
 class SiteInfo:

@@ -218,7 +218,8 @@ class RunWriter:
                 raise ValueError(f"Root attribute {key!r} is set by the writer, not by an adapter")
             root[key] = _attr_value(value)
         for key, default in (("framework", "unknown"), ("framework_version", ""),
-                             ("backend", ""), ("devices", "[]"), ("rank", 0)):
+                             ("backend", ""), ("devices", "[]"), ("rank", 0),
+                             ("world_size", 1)):
             if key not in root:
                 root[key] = _attr_value(default)
         root["host"] = _attr_value(os.uname().nodename)

@@ -18,8 +18,11 @@ What is not observed, and why (each is said to the user, never guessed):
   ``DROPSPY_TORCH_CUDNN_RNN=exact`` runs those RNNs without cuDNN, announced as a perturbation.
 - Random draws that are not Bernoulli masks (``torch.rand_like(x) < p``) inside a
   dropout-looking module: an opaque "untracked" site and a note.
-- Refused by name: ``DataParallel`` / ``DistributedDataParallel`` wrappers, ``torch.compile``
-  and TorchScript modules, forwards on a thread other than the one that entered ``record()``.
+- Data parallel: a ``DistributedDataParallel`` (or single-device ``DataParallel``) wrapper is
+  recorded through the module it wraps, in every rank, each rank into its own file
+  (``distributed.py``). Refused by name: ``DataParallel`` over several devices, the legacy
+  ``FullyShardedDataParallel`` wrapper, TorchScript modules, forwards on a thread other than
+  the one that entered ``record()``.
 
 A step that ``GradScaler`` skips (inf/NaN gradients) calls no ``optimizer.step()``; its
 ``update()`` still ends the iteration, so a skipped iteration is still one step.
@@ -45,6 +48,7 @@ from dropspy.frameworks.torch.capture import (
     Frame,
     FunctionMode,
 )
+from dropspy.frameworks.torch.distributed import dist_meta, unwrap
 from dropspy.frameworks.torch.pack import DeviceCopy, pack_host
 from dropspy.frameworks.torch.sites import SiteFacts, SiteKey, SiteRegistry
 from dropspy.records import Record
@@ -63,7 +67,7 @@ class TorchAdapter:
     """Records the dropout masks of a ``torch.nn.Module``.
 
     Args:
-        model: The module to record (not wrapped in DataParallel / DDP, not compiled).
+        model: The module to record, or its DistributedDataParallel wrapper.
         session: The recorder's session.
         cudnn_rnn: ``"opaque"`` (default) reports cuDNN's between-layer RNN dropout as an
             opaque site; ``"exact"`` runs those RNN calls without cuDNN so their masks are
@@ -71,8 +75,8 @@ class TorchAdapter:
             reads ``DROPSPY_TORCH_CUDNN_RNN`` (default ``"opaque"``).
 
     Raises:
-        UnsupportedModelError: The model is wrapped in ``DataParallel`` /
-            ``DistributedDataParallel`` or compiled with ``torch.compile``.
+        UnsupportedModelError: The model is wrapped in a multi-device ``DataParallel`` or
+            the legacy ``FullyShardedDataParallel``.
     """
 
     framework = "torch"
@@ -91,6 +95,9 @@ class TorchAdapter:
             raise ValueError(f"Invalid value received for argument `cudnn_rnn` (or "
                              f"DROPSPY_TORCH_CUDNN_RNN). Expected 'opaque' or 'exact'. "
                              f"Received: cudnn_rnn={cudnn_rnn!r}")
+        #: What the user handed to record() (a DDP wrapper, say); ``model`` is what runs.
+        self.wrapper = model
+        model, self.wrapped_by = unwrap(model)
         _refuse_wrappers(model)
         self.model = model
         self.session = session
@@ -129,6 +136,9 @@ class TorchAdapter:
             "devices": devices,
             "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
         }
+        meta.update(dist_meta())
+        if self.wrapped_by is not None:
+            meta["wrapper"] = self.wrapped_by
         if backend == "cuda":
             meta["cudnn_enabled"] = torch.backends.cudnn.enabled
             meta["cudnn_version"] = torch.backends.cudnn.version() or 0
@@ -590,16 +600,13 @@ def _refuse_wrappers(model: torch.nn.Module) -> None:
             "hooks. Record the eager nn.Module it was made from.")
     for name, module in model.named_modules():
         where = f" (at {name!r})" if name else ""
-        if isinstance(module, DataParallel):
+        if isinstance(module, (DataParallel, DistributedDataParallel)):
+            # Top-level wrappers are unwrapped; one nested inside a model is not a layout
+            # torch documents, and its forward would run under the outer one's hooks.
             raise UnsupportedModelError(
-                f"dropspy cannot record a torch.nn.DataParallel module{where}: it runs replicas "
-                f"on other threads, where dropspy's capture is not active. Record the plain "
-                f"module on one device: dropspy.record(model.module, ...).")
-        if isinstance(module, DistributedDataParallel):
-            raise UnsupportedModelError(
-                f"dropspy cannot record a DistributedDataParallel wrapper{where}. Record the "
-                f"wrapped module in each process, one file per rank: "
-                f"dropspy.record(ddp_model.module, f'run-rank{{rank}}.h5').")
+                f"dropspy cannot record a {type(module).__name__} nested inside the model"
+                f"{where}. Wrap the whole model instead and record the wrapper: "
+                f"dropspy.record(ddp_model, 'run.h5') (each rank writes its own file).")
         compiled = type(module).__name__ == "OptimizedModule" or getattr(
             module, "_compiled_call_impl", None) is not None
         if compiled:

@@ -189,21 +189,38 @@ def test_sequential_re_entry_records_into_each_file(tmp_path):
         assert len(dropspy.load(tmp_path / name)["1"]) == 1
 
 
-def test_data_parallel_is_refused_by_name(tmp_path):
-    with pytest.raises(UnsupportedModelError, match="DataParallel.*model.module"):
-        dropspy.record(nn.DataParallel(_mlp()), tmp_path / "run.h5").__enter__()
+def test_data_parallel_over_several_devices_is_refused_pointing_to_ddp(tmp_path):
+    dp = nn.DataParallel.__new__(nn.DataParallel)
+    nn.Module.__init__(dp)
+    dp.module, dp.device_ids = _mlp(), [0, 1]
+    with pytest.raises(UnsupportedModelError, match="2 devices.*DistributedDataParallel"):
+        dropspy.record(dp, tmp_path / "run.h5").__enter__()
 
 
-def test_distributed_data_parallel_is_refused_by_name(tmp_path):
+def test_cpu_data_parallel_records_the_module_it_wraps(tmp_path):
+    dp = nn.DataParallel(_mlp())  # no GPU: DataParallel calls self.module(...) directly
+    seen = []
+    dp.module[1].register_forward_hook(lambda m, a, out: seen.append((a[0].clone(), out)))
+    with dropspy.record(dp, tmp_path / "run.h5"):
+        dp(torch.randn(8, 4))
+    run = dropspy.load(tmp_path / "run.h5")
+    assert run.sites == ("1",) and run.attrs["wrapper"] == "DataParallel"
+    (x, y), = seen
+    np.testing.assert_array_equal(y.detach().numpy(),
+                                  x.detach().numpy() * run["1"].mask(0) * np.float32(2.0))
+
+
+def test_ddp_nested_inside_a_model_is_refused_by_name(tmp_path):
     from torch.nn.parallel import DistributedDataParallel
 
     ddp = DistributedDataParallel.__new__(DistributedDataParallel)
     nn.Module.__init__(ddp)
-    with pytest.raises(UnsupportedModelError, match="DistributedDataParallel.*one file per rank"):
-        dropspy.record(ddp, tmp_path / "run.h5").__enter__()
+    outer = nn.Sequential(nn.Linear(4, 4), ddp)
+    with pytest.raises(UnsupportedModelError, match="nested inside the model.*'1'"):
+        dropspy.record(outer, tmp_path / "run.h5").__enter__()
 
 
-def test_the_module_inside_ddp_records_as_the_refusal_suggests(tmp_path):
+def test_a_one_process_ddp_wrapper_records_under_the_inner_names(tmp_path):
     import socket
 
     dist = pytest.importorskip("torch.distributed")
@@ -216,14 +233,16 @@ def test_the_module_inside_ddp_records_as_the_refusal_suggests(tmp_path):
     try:
         ddp = nn.parallel.DistributedDataParallel(_mlp())
         opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
-        with dropspy.record(ddp.module, tmp_path / "run.h5"):
+        with dropspy.record(ddp, tmp_path / "run.h5"):
             for _ in range(3):
                 opt.zero_grad()
                 ddp(torch.randn(2, 4)).sum().backward()
                 opt.step()
     finally:
         dist.destroy_process_group()
-    assert dropspy.load(tmp_path / "run.h5")["1"].steps.tolist() == [0, 1, 2]
+    run = dropspy.load(tmp_path / "run.h5")  # world size 1: the path as given
+    assert run["1"].steps.tolist() == [0, 1, 2]
+    assert run.attrs["world_size"] == 1 and run.attrs["wrapper"] == "DistributedDataParallel"
 
 
 def test_compiled_model_is_refused_with_the_way_forward(tmp_path):
