@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import json
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
+
+from dropspy import _h5read as _h5
+from dropspy.errors import RunFileError
 
 _TYPES = {
     "string": lambda v: isinstance(v, str),
@@ -25,6 +29,10 @@ _TYPES = {
 }
 
 
+def _v(value: Any) -> str:
+    return _h5.safe(repr(value), 80)
+
+
 def run_schema() -> dict[str, Any]:
     """The run file schema, as shipped in the package."""
     text = resources.files("dropspy").joinpath("schemas/run.schema.json").read_text("utf-8")
@@ -35,28 +43,29 @@ def check(value: Any, schema: dict[str, Any], where: str) -> list[str]:
     """Problems of ``value`` against ``schema`` (the subset above), each naming ``where``."""
     out: list[str] = []
     if "const" in schema and value != schema["const"]:
-        return [f"{where}: expected {schema['const']!r}, found {value!r}"]
+        return [f"{where}: expected {schema['const']!r}, found {_v(value)}"]
     if "enum" in schema and value not in schema["enum"]:
-        return [f"{where}: expected one of {schema['enum']!r}, found {value!r}"]
+        return [f"{where}: expected one of {schema['enum']!r}, found {_v(value)}"]
     if "type" in schema:
         types = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
         if not any(_TYPES[t](value) for t in types):
             return [f"{where}: expected {' or '.join(types)}, "
-                    f"found {type(value).__name__} {value!r}"]
+                    f"found {type(value).__name__} {_v(value)}"]
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if "minimum" in schema and value < schema["minimum"]:
-            out.append(f"{where}: expected >= {schema['minimum']}, found {value!r}")
+            out.append(f"{where}: expected >= {schema['minimum']}, found {_v(value)}")
         if "maximum" in schema and value > schema["maximum"]:
-            out.append(f"{where}: expected <= {schema['maximum']}, found {value!r}")
+            out.append(f"{where}: expected <= {schema['maximum']}, found {_v(value)}")
     if isinstance(value, str):
         if len(value) < schema.get("minLength", 0):
             out.append(f"{where}: expected at least {schema['minLength']} characters, "
-                       f"found {value!r}")
+                       f"found {_v(value)}")
         if schema.get("contentMediaType") == "application/json":
             try:
-                decoded = json.loads(value)
-            except ValueError:
-                return out + [f"{where}: expected JSON text, found {value!r}"]
+                decoded = _h5.loads(value)
+            except ValueError as exc:
+                return out + [f"{where}: expected JSON text ({exc}), found "
+                              f"{_v(value)}"]
             out += check(decoded, schema.get("contentSchema", {}), where)
     if isinstance(value, list):
         if len(value) < schema.get("minItems", 0):
@@ -77,57 +86,73 @@ def check(value: Any, schema: dict[str, Any], where: str) -> list[str]:
     return out
 
 
-def _plain(attrs: h5py.AttributeManager) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in attrs.items():
-        if isinstance(value, bytes):
-            value = value.decode("utf-8", "replace")
-        elif isinstance(value, np.generic):
-            value = value.item()
-        elif isinstance(value, np.ndarray):
-            value = value.tolist()
-        out[key] = value
-    return out
+def _problem(exc: RunFileError, path: Path) -> str:
+    """A read failure as a problem line (without the path: validate prints it once)."""
+    return str(exc).removeprefix(f"{path}: ")
 
 
-def check_run_layout(f: h5py.File) -> list[str]:
-    """Every problem of an open run file: attributes, datasets, and record consistency."""
+def check_run_layout(f: h5py.File, path: Path | None = None) -> list[str]:
+    """Every problem of an open run file: attributes, datasets, and record consistency.
+
+    Everything is read through :mod:`dropspy._h5read`: links out of the file, data stored
+    outside it and sizes the file does not back are problems here, never followed.
+    """
+    path = Path(f.filename) if path is None else path
     schema = run_schema()["properties"]
-    problems = check(_plain(f.attrs), schema["root_attributes"], "/")
-    status = f.get("status")
-    if not isinstance(status, h5py.Dataset) or status.shape != (1,) or status.dtype.kind != "S":
-        problems.append("/status: expected a (1,) fixed-length bytes dataset")
-    else:
-        text = bytes(status[0]).rstrip(b"\0").decode("utf-8", "replace")
+    try:
+        root = _h5.attrs(f, path, "/")
+    except RunFileError as exc:
+        return [_problem(exc, path)]
+    problems = check(root, schema["root_attributes"], "/")
+    complete = False
+    try:
+        status = _h5.dataset(f, "status", path, "/status", kinds="S", ndim=1)
+        if status.shape != (1,) or status.dtype.itemsize > _h5.MAX_STATUS_BYTES:
+            raise _h5.fail(path, "/status", "expected a (1,) fixed-length bytes dataset")
+        text = bytes(_h5.read(status, path, "/status")[0]).rstrip(b"\0").decode(
+            "utf-8", "replace")
         problems += check(text, {"contentMediaType": "application/json",
                                  "contentSchema": schema["status"]}, "/status")
-    sites = f.get("sites")
-    if not isinstance(sites, h5py.Group):
-        return problems + ["/sites: missing group"]
+        complete = bool(_h5.read_status(f, path).get("closed_cleanly"))
+    except RunFileError as exc:
+        line = _problem(exc, path)
+        if not any(p.startswith("/status") for p in problems):
+            problems.append(line)
+    try:
+        sites = _h5.member(f, "sites", path, "/sites", kind=h5py.Group)
+        with _h5.guard(path, "/sites"):
+            keys = list(sites.keys())
+    except RunFileError as exc:
+        return problems + [_problem(exc, path)]
     names: set[str] = set()
-    for key in sites:
-        g = sites[key]
-        where = f"/sites/{key}"
-        if not isinstance(g, h5py.Group):
-            problems.append(f"{where}: expected a group")
+    for key in keys:
+        where = f"/sites/{_h5.safe(key)}"
+        try:
+            g = _h5.member(sites, key, path, where, kind=h5py.Group)
+            attrs = _h5.attrs(g, path, where)
+        except RunFileError as exc:
+            problems.append(_problem(exc, path))
             continue
-        attrs = _plain(g.attrs)
         problems += check(attrs, schema["site_attributes"], where)
         name = attrs.get("name")
         if name in names:
-            problems.append(f"{where}: site name {name!r} declared twice")
-        names.add(name)
-        problems += _check_site_data(g, where, schema["site_datasets"]["properties"], attrs)
+            problems.append(f"{where}: site name {_h5.safe(repr(name))} declared twice")
+        names.add(str(name))
+        try:
+            problems += _check_site_data(g, where, schema["site_datasets"]["properties"], path,
+                                         complete)
+        except RunFileError as exc:
+            problems.append(_problem(exc, path))
     return problems
 
 
-def _check_site_data(g: h5py.Group, where: str, spec: dict[str, Any],
-                     attrs: dict[str, Any]) -> list[str]:
+def _check_site_data(g: h5py.Group, where: str, spec: dict[str, Any], path: Path,
+                     complete: bool) -> list[str]:
     problems: list[str] = []
     lengths = {}
     for name, rule in spec.items():
-        d = g.get(name)
-        if not isinstance(d, h5py.Dataset):
+        d = _h5.member(g, name, path, f"{where}/{name}", kind=h5py.Dataset, required=False)
+        if d is None:
             problems.append(f"{where}/{name}: missing dataset")
             continue
         want = rule["const"]
@@ -143,35 +168,26 @@ def _check_site_data(g: h5py.Group, where: str, spec: dict[str, Any],
         return problems
     if len(set(lengths.values())) > 1:
         problems.append(f"{where}: record datasets differ in length {lengths} "
-                        "(an interrupted append)")
+                        f"(an interrupted append)")
+    rank = int(g["shape"].shape[1])
     try:
-        rank = len(json.loads(attrs.get("axes", "[]")))
-    except ValueError:
-        rank = None
-    n = min(lengths.values()) if lengths else 0
-    shape, nshape = g["shape"][:n], g["noise_shape"][:n]
-    if rank is not None and n and shape.shape[1] != rank:
-        problems.append(f"{where}/shape: expected rank {rank} (axes), found {shape.shape[1]}")
-        return problems
-    applied = g["applied"][:n] != 0
-    bad = applied & np.any((nshape != 1) & (nshape != shape), axis=1)
-    if bad.any():
-        i = int(np.argmax(bad))
-        problems.append(
-            f"{where}: record {i} noise shape {tuple(nshape[i])} does not broadcast to "
-            f"applied shape {tuple(shape[i])}"
-        )
-    sizes = np.where(applied, (np.prod(nshape, axis=1) + 7) // 8, 0)
-    ends = g["offset"][:n] + sizes
-    if n and int(ends.max()) > g["bits"].shape[0]:
-        problems.append(
-            f"{where}/bits: records point past the end of the packed data "
-            f"({int(ends.max())} > {g['bits'].shape[0]} bytes)"
-        )
-    offsets = g["offset"][:n]
-    if n > 1 and np.any(offsets[1:] < offsets[:-1] + sizes[:-1]):
+        axes = _h5.json_attr(g, "axes", path, where, [])
+        if isinstance(axes, list) and len(axes) != rank:
+            problems.append(f"{where}/shape: expected rank {len(axes)} (axes), found {rank}")
+            return problems
+    except RunFileError:
+        pass  # the attribute check above named it
+    # The reader's own row checks: what it would leave out is a problem here.
+    cols, sizes, _, damage = _h5.read_site_index(g, path, where, rank, complete)
+    if damage:
+        problems.append(f"{where}: {damage}")
+    offsets = cols["offset"]
+    applied = cols["applied"] != 0
+    starts, ends = offsets[applied], offsets[applied] + sizes[applied]
+    if len(starts) > 1 and np.any(starts[1:] < ends[:-1]):
         problems.append(f"{where}/offset: records overlap in bits")
     labels = [dim.label for dim in g["step"].dims]
     if labels and labels[0] != "record":
-        problems.append(f"{where}/step: dimension 0 labelled {labels[0]!r}, expected 'record'")
+        problems.append(f"{where}/step: dimension 0 labelled {_h5.safe(repr(labels[0]))}, "
+                        f"expected 'record'")
     return problems
