@@ -220,9 +220,17 @@ def check(
         "--fail-on-errors/--no-fail-on-errors",
         help="Also fail on error findings (stale masks, dropout at inference, rate "
              "mismatch). Default: on, or the spec file's fail_on_errors.")] = None,
+    allow_incomplete: Annotated[bool, typer.Option(
+        "--allow-incomplete",
+        help="Pass on incomplete evidence (a run not closed cleanly, records unreadable or "
+             "left out of a damaged file): still listed, as notes.")] = False,
     threshold: ThresholdOpt = THRESHOLD,
 ) -> None:
-    """Exit 0 when every expectation holds, 1 when any fails, 2 on usage or file errors."""
+    """Exit 0 when every expectation holds, 1 when any fails, 2 on usage or file errors.
+
+    A gate never passes silently on evidence it could not see: a killed run, unreadable
+    records or a damaged file fail the check unless ``--allow-incomplete``.
+    """
     from dropspy.expectations import check_analysis, load_spec, parse_expectation
 
     with _errors():
@@ -243,7 +251,9 @@ def check(
             result = _analyze(run, None, threshold)
     fail_errors = spec_fail if fail_on_errors is None else fail_on_errors
     failures = check_analysis(result, exps)
-    errors = [f for f in result.all_findings if f.severity == Severity.ERROR]
+    incomplete = [f for f in result.all_findings if f.code in _INCOMPLETE]
+    errors = [f for f in result.all_findings
+              if f.severity == Severity.ERROR and f.code not in _INCOMPLETE]
     for f in failures:
         typer.echo(safe(f"FAIL {f}"))
     failed_exps = {id(f.expectation) for f in failures}
@@ -253,11 +263,27 @@ def check(
     for f in errors:
         prefix = "FAIL" if fail_errors else "note"
         typer.echo(safe(f"{prefix} {f.site + ': ' if f.site else ''}{f.message} [{f.code}]"))
-    failed = bool(failures) or (fail_errors and bool(errors))
+    for f in incomplete:
+        prefix = "note" if allow_incomplete else "FAIL"
+        typer.echo(safe(f"{prefix} incomplete evidence: {f.message} [{f.code}]"))
+    for f in result.all_findings:
+        if f.code == "records-dropped":  # said, not failed: the file counts them exactly
+            typer.echo(safe(f"note {f.message} [{f.code}]"))
+    failed = (bool(failures) or (fail_errors and bool(errors))
+              or (bool(incomplete) and not allow_incomplete))
     n_err = len(errors) if fail_errors else 0
+    tail = ""
+    if incomplete:
+        tail = ", evidence incomplete" + ("" if allow_incomplete else
+                                          " (--allow-incomplete to accept)")
     typer.echo(f"{'FAILED' if failed else 'PASSED'}: {len(exps) - len(failed_exps)}/{len(exps)} "
-               f"expectations hold, {n_err} error finding(s)")
+               f"expectations hold, {n_err} error finding(s){tail}")
     raise typer.Exit(code=1 if failed else 0)
+
+
+# Findings that say the analysis saw less than the run recorded: `check` fails on them
+# unless --allow-incomplete (a CI gate must not pass on evidence it could not see).
+_INCOMPLETE = frozenset({"run-incomplete", "records-unreadable", "file-damaged"})
 
 
 @app.command(name="diff")

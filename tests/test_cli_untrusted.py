@@ -34,3 +34,43 @@ def test_file_text_reaches_the_terminal_as_literal_escaped_text(evil_path, args)
         assert "\\x1b[2J" in out
     if args[0] == "inspect":
         assert "[link=http://evil.example]x[/link][/bold]" in out.replace("\n", "")
+
+
+def _set_status(path, **fields):
+    import json
+
+    import h5py
+
+    with h5py.File(path, "r+") as f:
+        status = json.loads(bytes(f["status"][0]).rstrip(b"\0"))
+        status.update(fields)
+        f["status"][0] = json.dumps(status).encode()
+
+
+@pytest.fixture
+def killed_path(tmp_path):
+    path = write_run(tmp_path / "killed.h5", [
+        (info("d"), records("d", (16, 4, 8), (16, 1, 8), 0.3, steps=6))])
+    _set_status(path, closed_cleanly=0, records_written=20)
+    return path
+
+
+def test_check_fails_on_incomplete_evidence_unless_allowed(killed_path):
+    result = runner.invoke(app, ["check", str(killed_path), "-e", "d: shared=time"])
+    assert result.exit_code == 1, result.output
+    assert "FAIL incomplete evidence" in result.output and "[run-incomplete]" in result.output
+    assert "[records-unreadable]" in result.output
+    assert result.output.strip().splitlines()[-1].startswith("FAILED: 1/1 expectations hold")
+    allowed = runner.invoke(app, ["check", str(killed_path), "-e", "d: shared=time",
+                                  "--allow-incomplete"])
+    assert allowed.exit_code == 0, allowed.output
+    assert "note incomplete evidence" in allowed.output
+    assert "PASSED" in allowed.output and "evidence incomplete" in allowed.output
+
+
+def test_check_passes_a_complete_run_without_incomplete_notes(tmp_path):
+    path = write_run(tmp_path / "ok.h5", [
+        (info("d"), records("d", (16, 4, 8), (16, 1, 8), 0.3, steps=6))])
+    result = runner.invoke(app, ["check", str(path), "-e", "d: shared=time"])
+    assert result.exit_code == 0, result.output
+    assert "incomplete" not in result.output

@@ -58,6 +58,8 @@ class RunEvidence:
     records_readable: int | None
     records_dropped: Mapping[str, int]
     notes: Sequence[str] = field(default_factory=tuple)
+    #: What the reader had to leave out of a damaged file, one message per problem.
+    damage: Sequence[str] = field(default_factory=tuple)
 
 
 def _opaque(e: SiteEvidence) -> list[Finding]:
@@ -190,6 +192,12 @@ def _records_unreadable(e: RunEvidence) -> list[Finding]:
         None, {"written": e.records_written, "readable": e.records_readable})]
 
 
+def _file_damaged(e: RunEvidence) -> list[Finding]:
+    return [Finding("file-damaged", Severity.ERROR,
+                    f"the run file is damaged, records were left out: {d}", None, {"damage": d})
+            for d in e.damage]
+
+
 def _note(e: RunEvidence) -> list[Finding]:
     return [Finding("note", Severity.INFO, str(n)) for n in e.notes]
 
@@ -241,6 +249,9 @@ FINDINGS: tuple[FindingRule, ...] = (
                 "records were not written; info when only the sampling policy left them out"),
     FindingRule("records-unreadable", Severity.WARNING, "run", _records_unreadable,
                 "the file holds fewer readable records than the writer reported"),
+    FindingRule("file-damaged", Severity.ERROR, "run", _file_damaged,
+                "the reader left out records whose index the file contradicts; the damage is "
+                "named"),
     FindingRule("note", Severity.INFO, "run", _note, "a message the recorder stored"),
 )
 

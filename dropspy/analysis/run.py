@@ -104,6 +104,7 @@ def _run_findings(run: Any) -> list[Any]:
         records_readable=None if readable is None else int(readable),
         records_dropped=dict(getattr(run, "records_dropped", {}) or {}),
         notes=tuple(getattr(run, "notes", ()) or ()),
+        damage=tuple(getattr(run, "damage", ()) or ()),
     ))
 
 
