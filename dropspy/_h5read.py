@@ -550,6 +550,10 @@ def read_site_index(g: h5py.Group, path: Path, where: str, rank: int, complete: 
     """
     dsets = {name: dataset(g, name, path, f"{where}/{name}", kinds=kinds, ndim=1)
              for name, kinds in _INDEX_KINDS.items()}
+    replica = dataset(g, "replica", path, f"{where}/replica", kinds="iu", ndim=1,
+                      required=False)
+    if replica is not None:
+        dsets["replica"] = replica
     for name in ("shape", "noise_shape"):
         d = dataset(g, name, path, f"{where}/{name}", kinds="iu", ndim=2)
         if d.shape[1] != rank:

@@ -6,7 +6,6 @@ The file layout is documented in ``schemas/run.schema.json`` and in :mod:`dropsp
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 from collections.abc import Iterator, Mapping
@@ -16,6 +15,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from dropspy import _h5read as _h5
 from dropspy._version import __version__
 from dropspy.errors import RunFileError, SiteNotFoundError
 from dropspy.records import (
@@ -29,24 +29,6 @@ from dropspy.records import (
 
 __all__ = ["Run", "Site", "load", "opened", "validate_file", "SiteInfo", "Record"]
 
-def _decode(value: Any) -> Any:
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
-def _json_attr(attrs: Mapping[str, Any], key: str, path: Path, default: Any = None) -> Any:
-    if key not in attrs:
-        return default
-    raw = _decode(attrs[key])
-    try:
-        return json.loads(raw)
-    except (TypeError, ValueError) as exc:
-        raise RunFileError(f"{path}: attribute {key!r} is not valid JSON: {raw!r}") from exc
-
-
 class Site:
     """The records of one site, read lazily from the run file.
 
@@ -57,47 +39,73 @@ class Site:
     index in blocks instead (:meth:`index_blocks`), so it holds no per-record array at all.
     """
 
-    def __init__(self, group: h5py.Group, path: Path) -> None:
+    def __init__(self, group: h5py.Group, path: Path, complete: bool = True) -> None:
         self._g = group
         self._path = path
-        a = group.attrs
-        try:
-            self.name: str = _decode(a["name"])
-            self.layer: str = _decode(a["layer"])
-            self.layer_class: str = _decode(a["layer_class"])
-            self.role: str = _decode(a["role"])
-            self.gate: str | None = _decode(a["gate"]) or None
-            rate = float(_decode(a["rate"]))
-            scale = float(_decode(a["scale"]))
-            self.opaque: str | None = _decode(a["opaque"]) or None
-        except KeyError as exc:
-            raise RunFileError(f"{path}: site group {group.name} lacks attribute {exc}") from exc
-        self.axes: tuple[str, ...] = tuple(_json_attr(a, "axes", path, []))
-        ns = _json_attr(a, "noise_shape", path)
-        self.noise_shape: tuple[int | None, ...] | None = None if ns is None else tuple(ns)
-        self.extra: dict[str, Any] = _json_attr(a, "extra", path, {})
-        self.rate: float | None = None if math.isnan(rate) else rate
-        self.scale: float | None = None if math.isnan(scale) else scale
+        self._complete = complete
+        self._where = _h5.safe(group.name)
+        a = _h5.read_site_attrs(group, path, self._where)  # each attribute checked for type
+        self.name: str = a["name"]
+        self.layer: str = a["layer"]
+        self.layer_class: str = a["layer_class"]
+        self.role: str = a["role"]
+        self.gate: str | None = a["gate"]
+        self.opaque: str | None = a["opaque"]
+        self.axes: tuple[str, ...] = a["axes"]
+        self.noise_shape: tuple[int | None, ...] | None = a["noise_shape"]
+        self.extra: dict[str, Any] = a["extra"]
+        self.rate: float | None = a["rate"]
+        self.scale: float | None = a["scale"]
+        #: What the reader left out of this site and why (None: nothing, or only the
+        #: expected unflushed tail of a killed run). Known once ``len(site)`` was taken.
+        self.damage: str | None = None
         self._n: int | None = None
+        self._nbits = 0
+        self._ds: dict[str, h5py.Dataset] | None = None
         self._ix: _CompactIndex | None = None
 
     # -- the index, read lazily ---------------------------------------------------------
 
+    def _datasets(self) -> dict[str, h5py.Dataset]:
+        """The site's datasets, each checked (hard link, in-file storage, dtype, rank)."""
+        if self._ds is None:
+            g, p, w = self._g, self._path, self._where
+            ds = {k: _h5.dataset(g, k, p, f"{w}/{k}", kinds=kinds, ndim=1)
+                  for k, kinds in _INDEX_KINDS.items()}
+            rep = _h5.dataset(g, "replica", p, f"{w}/replica", kinds="iu", ndim=1,
+                              required=False)
+            if rep is not None:
+                ds["replica"] = rep
+            for k in ("shape", "noise_shape"):
+                d = _h5.dataset(g, k, p, f"{w}/{k}", kinds="iu", ndim=2)
+                if d.shape[1] != len(self.axes):
+                    raise _h5.fail(p, f"{w}/{k}", f"expected {len(self.axes)} column(s) (one "
+                                   f"per axis of the site), found shape {d.shape}")
+                ds[k] = d
+            ds["bits"] = _h5.dataset(g, "bits", p, f"{w}/bits", kinds="u", ndim=1, itemsize=1)
+            self._ds = ds
+        return self._ds
+
     def _dataset(self, key: str) -> h5py.Dataset:
-        try:
-            return self._g[key]
-        except KeyError as exc:
-            raise RunFileError(f"{self._path}: site {self.name!r} is damaged: no dataset "
-                               f"{key!r}") from exc
+        return self._datasets()[key]
+
+    def _read_rows(self, a: int, b: int) -> dict[str, np.ndarray]:
+        ds = self._datasets()
+        cols = {k: _h5.read(ds[k], self._path, f"{self._where}/{k}", a, b).astype(np.int64)
+                for k in INDEX_FIELDS + ("shape", "noise_shape")}
+        cols["replica"] = (_h5.read(ds["replica"], self._path, f"{self._where}/replica", a, b)
+                           .astype(np.int64) if "replica" in ds else np.zeros(b - a, np.int64))
+        return cols
 
     def _raw_rows(self, a: int, b: int) -> dict[str, np.ndarray]:
-        """Index columns of rows ``a:b`` as stored (``replica`` is 0 in version-1 files)."""
-        try:
-            cols = {k: self._g[k][a:b] for k in INDEX_FIELDS + ("shape", "noise_shape")}
-            cols["replica"] = (self._g["replica"][a:b] if "replica" in self._g
-                               else np.zeros(b - a, np.int32))
-        except (KeyError, OSError) as exc:
-            raise RunFileError(f"{self._path}: site {self.name!r} is damaged: {exc}") from exc
+        """Index columns of rows ``a:b``, every row checked (``replica`` 0 in version 1)."""
+        cols = self._read_rows(a, b)
+        k, _, problem = _h5.check_rows(cols, self._nbits)
+        if problem is not None:
+            # Found while streaming, after len() was given: refuse rather than skip silently.
+            raise _h5.fail(self._path, f"{self._where} (site {_h5.safe(self.name)!r})",
+                           f"{problem.replace(f'record {k}:', f'record {a + k}:', 1)}; the "
+                           f"file is damaged")
         return cols
 
     def _length(self) -> int:
@@ -105,28 +113,40 @@ class Site:
 
         A writer killed between appends can leave index datasets of unequal length, or rows
         whose packed bits were never written; only the tail can be affected (rows are
-        appended in order), so only the tail is read.
+        appended in order), so only the tail is read. Rows the file's storage does not hold
+        are never read (a crafted file may declare 2^40 of them); what is cut for any reason
+        but a killed run's tail is named in :attr:`damage`.
         """
         if self._n is not None:
             return self._n
-        try:
-            lengths = [self._g[k].shape[0] for k in INDEX_FIELDS + ("shape", "noise_shape")]
-            if "replica" in self._g:
-                lengths.append(self._g["replica"].shape[0])
-            nbits = self._g["bits"].shape[0]
-        except (KeyError, OSError, IndexError, TypeError) as exc:
-            raise RunFileError(f"{self._path}: site {self.name!r} is damaged: {exc}") from exc
-        n = min(lengths) if lengths else 0
+        ds = self._datasets()
+        p, w = self._path, self._where
+        self._nbits = _h5.backed_rows(ds["bits"], p, f"{w}/bits") or 0
+        declared = {k: int(d.shape[0]) for k, d in ds.items() if k != "bits"}
+        backed = [_h5.backed_rows(d, p, f"{w}/{k}") for k, d in ds.items() if k != "bits"]
+        n = min(declared.values())
+        damage: list[str] = []
+        if self._complete and len(set(declared.values())) > 1:
+            damage.append(f"index datasets differ in length {declared}")
+        stored = min([n] + [b for b in backed if b is not None])
+        if stored < n:
+            damage.append(f"declares {n} records but the file stores {stored}")
+            n = stored
         lo = max(0, n - _TAIL_ROWS)
+        problem: str | None = None
         while n > 0:
-            ok = _ends(self._raw_rows(lo, n)) <= nbits
-            if ok.all():
+            k, _, problem = _h5.check_rows(self._read_rows(lo, n), self._nbits)
+            if problem is None:
                 break
-            if ok[0] or lo == 0:
-                n = lo + int(np.argmin(ok))
+            if k > 0 or lo == 0:
+                problem = problem.replace(f"record {k}:", f"record {lo + k}:", 1)
+                if self._complete or "past the end of bits" not in problem:
+                    damage.append(f"{problem}; records {lo + k}..{n - 1} not read")
+                n = lo + k
                 break
             # The damage reaches further back than the tail: look at the whole index.
             n, lo = lo + 1, 0
+        self.damage = "; ".join(damage) or None
         self._n = n
         return n
 
@@ -209,7 +229,8 @@ class Site:
         """Packed bytes ``begin:end`` of the site's ``bits`` (uint8)."""
         if end <= begin:
             return np.empty(0, np.uint8)
-        return self._dataset("bits")[begin:end]
+        return _h5.read(self._dataset("bits"), self._path,
+                        f"{self._where}/bits (site {_h5.safe(self.name)!r})", begin, end)
 
     def __len__(self) -> int:
         return self._length()
@@ -231,7 +252,7 @@ class Site:
             return None
         k = int(ix.noise_idx[i])
         o, nb = int(ix.offsets[i]), int(ix.noise_bytes[k])
-        raw = self._dataset("bits")[o:o + nb]
+        raw = self.read_bits(o, o + nb)
         return _unpack(raw, tuple(int(x) for x in ix.noise_table[k]))
 
     def mask(self, i: int) -> np.ndarray | None:
@@ -241,7 +262,13 @@ class Site:
             return None
         ix = self._index()
         shape = tuple(int(x) for x in ix.shape_table[ix.shape_idx[self._check_index(i)]])
-        return np.broadcast_to(noise, shape).copy()
+        try:
+            return np.broadcast_to(noise, shape).copy()
+        except MemoryError:
+            raise RunFileError(
+                f"{self._path}: site {_h5.safe(self.name)!r} record {i}: the applied mask of "
+                f"shape {shape} ({math.prod(shape)} elements) does not fit in memory; "
+                f"noise({i}) gives the drawn noise it broadcasts from") from None
 
     def masks(self, step: int, call: int | None = None) -> list[np.ndarray | None]:
         """Applied masks of the records of one step (optionally one call), in record order."""
@@ -260,7 +287,6 @@ class Site:
         stop = len(self) if stop is None else min(stop, len(self))
         ix = self._index()
         offsets, nbytes, applied = ix.offsets, self.nbytes, ix.applied
-        bits = self._dataset("bits")
         i = start
         while i < stop:
             j = i
@@ -268,7 +294,7 @@ class Site:
             while j < stop and (j == i or int(offsets[j] + nbytes[j]) - begin <= max_bytes):
                 j += 1
             end = int(offsets[j - 1] + nbytes[j - 1])
-            block = bits[begin:end] if end > begin else np.empty(0, np.uint8)
+            block = self.read_bits(begin, end)
             for k in range(i, j):
                 if not applied[k]:
                     yield k, None
@@ -299,7 +325,6 @@ class Site:
         brk = np.ones(len(idx), dtype=bool)
         brk[1:] = (kind[1:] != kind[:-1]) | (off[1:] != off[:-1] + nb[:-1])
         firsts = np.flatnonzero(brk).tolist()
-        bits = self._dataset("bits")
         for a, b in zip(firsts, firsts[1:] + [len(idx)]):
             width = int(nb[a])
             shape = tuple(int(x) for x in ix.noise_table[kind[a]])
@@ -309,7 +334,7 @@ class Site:
             for c in range(a, b, per):
                 d = min(b, c + per)
                 k = d - c
-                raw = bits[int(off[c]):int(off[c]) + width * k]
+                raw = self.read_bits(int(off[c]), int(off[c]) + width * k)
                 if size % 8 == 0:
                     flat = np.unpackbits(raw)
                 else:
@@ -317,18 +342,12 @@ class Site:
                 yield idx[c:d], flat.view(np.bool_).reshape((k, *shape))
 
 
+_INDEX_KINDS = {"step": "iu", "call": "iu", "training": "iub", "applied": "iub", "offset": "iu"}
+
 # Index rows read per block when streaming (65536 rows of ~70 bytes: a few MiB at a time), and
 # rows looked at from the end when checking a possibly truncated tail.
 _BLOCK_ROWS = 1 << 16
 _TAIL_ROWS = 4096
-
-
-def _ends(cols: Mapping[str, np.ndarray]) -> np.ndarray:
-    """End byte of each row's packed noise in ``bits`` (its offset where none applied)."""
-    ns = np.asarray(cols["noise_shape"], dtype=np.int64)
-    sizes = np.where(np.asarray(cols["applied"]) != 0,
-                     (np.prod(ns.reshape(len(ns), -1), axis=1) + 7) // 8, 0)
-    return np.asarray(cols["offset"], dtype=np.int64) + sizes
 
 
 def _smallest_int(values: np.ndarray) -> np.ndarray:
@@ -413,28 +432,50 @@ class Run(Mapping[str, Site]):
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
-        self._file = _open_run_file(self.path)
+        self._file = _h5.open_file(self.path)
         try:
-            self.attrs: dict[str, Any] = {k: _decode(v) for k, v in self._file.attrs.items()}
+            self.attrs: dict[str, Any] = _h5.attrs(self._file, self.path, "/")
             self._check_root()
-            self.status: dict[str, Any] = _read_status(self._file, self.path)
+            self.status: dict[str, Any] = _h5.read_status(self._file, self.path)
             self.attrs.update(self.status)
+            self._damage: list[str] = []
             self._sites: dict[str, Site] = {}
-            for key in sorted(self._file["sites"].keys()):
-                site = Site(self._file["sites"][key], self.path)
+            sites = _h5.member(self._file, "sites", self.path, "/sites", kind=h5py.Group)
+            with _h5.guard(self.path, "/sites"):
+                keys = sorted(sites.keys())
+            for key in keys:
+                where = f"/sites/{_h5.safe(key)}"
+                site = Site(_h5.member(sites, key, self.path, where, kind=h5py.Group),
+                            self.path, self.complete)
+                if site.name in self._sites:
+                    self._damage.append(f"{where}: site {_h5.safe(site.name)!r} is declared "
+                                        f"twice; the second is not read")
+                    continue
                 self._sites[site.name] = site
-        except RunFileError:
+        except BaseException:
             self._file.close()
             raise
-        except (OSError, KeyError, ValueError, TypeError) as exc:
-            self._file.close()
-            raise RunFileError(f"{self.path}: damaged run file: {exc}") from exc
 
     def _check_root(self) -> None:
-        _check_format(self._file, self.path)
-        if "sites" not in self._file:
-            raise RunFileError(f"{self.path}: run file has no 'sites' group")
-        self.devices: list[str] = _json_attr(self.attrs, "devices", self.path, [])
+        _check_format(self.attrs, self.path)
+        devices = _h5.json_attr(self._file, "devices", self.path, "/", [])
+        if not isinstance(devices, list):
+            raise _h5.fail(self.path, "/ attribute 'devices'", "expected a JSON list")
+        self.devices: list[str] = [str(d) for d in devices]
+
+    @property
+    def damage(self) -> list[str]:
+        """What the reader had to leave out of a damaged file, one message per problem.
+
+        Empty for a sound file, and for a killed run whose only loss is its unflushed tail
+        (that is :attr:`complete` False and ``records_unreadable``). Takes every site's length.
+        """
+        out = list(self._damage)
+        for s in self._sites.values():
+            len(s)
+            if s.damage:
+                out.append(f"{s._where} (site {_h5.safe(s.name)!r}): {s.damage}")
+        return out
 
     @property
     def records_dropped(self) -> dict[str, int]:
@@ -510,59 +551,19 @@ class Run(Mapping[str, Site]):
         self.close()
 
 
-def _open_run_file(path: Path) -> h5py.File:
-    if not path.exists():
-        raise RunFileError(f"{path}: no such file")
-    if path.is_dir():
-        raise RunFileError(f"{path}: is a directory, expected a run file (.h5)")
-    if path.stat().st_size == 0:
-        raise RunFileError(f"{path}: file is empty, expected an HDF5 run file")
-    try:
-        is_hdf5 = h5py.is_hdf5(path)
-    except OSError as exc:
-        raise RunFileError(f"{path}: cannot read: {exc}") from exc
-    if not is_hdf5:
-        raise RunFileError(f"{path}: not an HDF5 file, expected a dropspy run file")
-    try:
-        return h5py.File(path, "r")
-    except OSError as exc:
-        first = exc
-    if "open for write" in str(first):
-        # A writer that died outside SWMR mode leaves its status flag set; an SWMR reader
-        # ignores it. Only here: on a damaged file an SWMR reader retries reads for minutes.
-        try:
-            return h5py.File(path, "r", libver="latest", swmr=True)
-        except OSError:
-            pass
-    raise RunFileError(
-        f"{path}: HDF5 file cannot be opened (truncated or damaged?): {first}"
-    ) from first
-
-
-def _read_status(f: h5py.File, path: Path) -> dict[str, Any]:
-    if "status" not in f:
-        raise RunFileError(f"{path}: run file has no 'status' dataset")
-    raw = f["status"][0]
-    try:
-        status = json.loads(bytes(raw).rstrip(b"\0").decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise RunFileError(f"{path}: 'status' is not valid JSON: {bytes(raw)[:80]!r}") from exc
-    if not isinstance(status, dict):
-        raise RunFileError(f"{path}: 'status' is not a JSON object: {status!r}")
-    return status
-
-
-def _check_format(f: h5py.File, path: Path) -> None:
-    fmt = _decode(f.attrs.get("format"))
+def _check_format(attrs: Mapping[str, Any], path: Path) -> None:
+    fmt = attrs.get("format")
     if fmt != FORMAT_NAME:
         raise RunFileError(
-            f"{path}: not a dropspy run file (HDF5 root attribute 'format' is {fmt!r}, "
+            f"{path}: not a dropspy run file (HDF5 root attribute 'format' is "
+            f"{_h5.safe(repr(fmt), 80)}, "
             f"expected {FORMAT_NAME!r})"
         )
-    version = _decode(f.attrs.get("format_version"))
+    version = attrs.get("format_version")
     if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
         raise RunFileError(
-            f"{path}: run file format version {version!r} is not supported by dropspy "
+            f"{path}: run file format version {_h5.safe(repr(version), 40)} is not supported "
+            f"by dropspy "
             f"{__version__} (it reads versions 1 to {FORMAT_VERSION}); upgrade dropspy"
         )
 
@@ -608,12 +609,9 @@ def validate_file(path: str | os.PathLike[str]) -> list[str]:
     from dropspy._schema import check_run_layout
 
     path = Path(path)
-    f = _open_run_file(path)
+    f = _h5.open_file(path)
     try:
-        _check_format(f, path)
-        try:
-            return check_run_layout(f)
-        except (OSError, KeyError) as exc:
-            raise RunFileError(f"{path}: damaged run file: {exc}") from exc
+        _check_format(_h5.attrs(f, path, "/"), path)
+        return check_run_layout(f, path)
     finally:
         f.close()
