@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -18,14 +19,12 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.console import Console
 from rich.table import Table
-from rich.text import Text
 
 from dropspy._text import safe, text
 from dropspy.analysis import (
     THRESHOLD,
     RunAnalysis,
     Severity,
-    SiteAnalysis,
     analyze_run,
     diff,
 )
@@ -60,8 +59,8 @@ class _UserError(Exception):
 
 def _out() -> Console:
     console = Console(highlight=False, soft_wrap=False)
-    if not console.is_terminal:
-        # A pipe or a CI log: do not squeeze the table to 80 columns.
+    if not console.is_terminal and not os.environ.get("COLUMNS", "").isdigit():
+        # A pipe or a CI log with no width given: do not squeeze the table to 80 columns.
         console = Console(highlight=False, width=200, soft_wrap=False)
     return console
 
@@ -113,85 +112,19 @@ def _analyze(run: Any, sites: list[str] | None, threshold: float) -> RunAnalysis
                            progress=lambda nb: bar.advance(task, nb))
 
 
-def _axes_text(s: SiteAnalysis) -> Text:
-    t = Text()
-    for k, a in enumerate(s.axes):
-        if k:
-            t.append(" ")
-        if a.verdict == "shared":
-            t.append(f"[{safe(a.name)}]" + ("" if a.by_construction else "*"), style="bold cyan")
-        elif a.verdict == "inconclusive":
-            t.append(f"{safe(a.name)}?", style="yellow")
-        else:
-            t.append(safe(a.name))
-    return t
-
-
-def _rate_text(s: SiteAnalysis) -> Text:
-    r = s.rate
-    cfg = "?" if r.configured is None else f"{r.configured:g}"
-    if r.observed is None:
-        return Text(f"{cfg} / -")
-    style = {"ok": "green", "mismatch": "bold red"}.get(r.verdict, "")
-    return Text(f"{cfg} / {r.observed:.3f} [{r.low:.3f}, {r.high:.3f}]", style=style)
-
-
-def _verdict_text(s: SiteAnalysis) -> Text:
-    bad = [f for f in s.findings if f.severity != Severity.INFO]
-    if not bad:
-        return Text("ok", style="green")
-    codes = sorted({f.code for f in bad}, key=lambda c: c)
-    style = "bold red" if any(f.severity == Severity.ERROR for f in bad) else "yellow"
-    return Text(", ".join(codes), style=style)
-
-
-def _records_text(s: SiteAnalysis) -> str:
-    extra = s.records - s.training_records
-    return f"{s.records} ({s.steps} steps" + (f", {extra} eval)" if extra else ")")
-
-
-def _word(check: Any) -> str:
-    return "-" if check is None else check.verdict
-
-
-def _table(result: RunAnalysis) -> Table:
-    table = Table(title=text(f"{result.path or 'run'} ({result.framework})"),
-                  title_justify="left")
-    for col in ("site", "class", "axes", "pattern", "rate cfg / obs [99.9%]", "gates",
-                "time", "fresh", "records", "verdict"):
-        table.add_column(col, overflow="fold")
-    for s in result.sites:
-        if s.opaque:
-            table.add_row(text(s.site), text(s.layer_class), text(" ".join(s.axis_names)),
-                          "opaque", "-", "-", "-", "-", "0", Text("opaque", style="yellow"))
-            continue
-        table.add_row(text(s.site), text(s.layer_class), _axes_text(s), text(s.pattern),
-                      _rate_text(s),
-                      _word(s.gates), _word(s.over_time), _word(s.freshness),
-                      _records_text(s), _verdict_text(s))
-    return table
-
-
-def _print_findings(console: Console, result: RunAnalysis, verbose: bool) -> None:
-    style = {Severity.ERROR: "bold red", Severity.WARNING: "yellow", Severity.INFO: "dim"}
-    for f in result.all_findings:
-        if f.severity == Severity.INFO and not verbose:
-            continue
-        where = f"{f.site}: " if f.site else ""
-        console.print(text(f"{f.severity.value}: {where}{f.message} [{f.code}]",
-                           style=style[f.severity]))
-
-
 @app.command()
 def inspect(
     path: RunPath,
     site: SiteOpt = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.", metavar="")] = False,
     threshold: ThresholdOpt = THRESHOLD,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v",
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", metavar="",
                                           help="Also list info findings.")] = False,
 ) -> None:
-    """One table: every site, its axes (shared ones marked), pattern, rates and verdicts."""
+    """Every site: its axes (shared ones marked), rates, verdicts and the answer in words.
+
+    A table when the terminal is wide enough, otherwise one block per site.
+    """
     with _errors():
         with _load(path) as run:
             result = _analyze(run, site or None, threshold)
@@ -200,11 +133,9 @@ def inspect(
 
         typer.echo(to_json(result))
         return
-    console = _out()
-    console.print(_table(result))
-    console.print(Text("axes: [x] shared by construction, [x]* shared (observed), "
-                       "x? inconclusive, x independent", style="dim"))
-    _print_findings(console, result, verbose)
+    from dropspy.render import render_inspect
+
+    render_inspect(result, _out(), verbose=verbose)
 
 
 @app.command()
@@ -241,6 +172,10 @@ def check(
             exps += loaded.expectations
             spec_fail = loaded.fail_on_errors
         with _load(path) as run:
+            if not exps and fail_on_errors is not True:
+                # A CI gate whose expectations went missing must fail, not pass on nothing.
+                raise _UserError("nothing to check: give --expect 'SITE: ...', --spec FILE, "
+                                 "or --fail-on-errors to check the error findings alone")
             names = list(run.sites)
             for e in exps:
                 # A pattern naming no site is a mistake in the expectation (or a renamed
@@ -291,7 +226,8 @@ def diff_cmd(
     a: Annotated[Path, typer.Argument(help="First run file.", show_default=False)],
     b: Annotated[Path, typer.Argument(help="Second run file.", show_default=False)],
     site: SiteOpt = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print differences as JSON.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print differences as JSON.",
+                                             metavar="")] = False,
     facts: Annotated[bool, typer.Option(
         "--facts/--no-facts",
         help="Also compare what the adapters stated about each site (noise shape, scale, "

@@ -60,15 +60,20 @@ def _one_line_error(result, *needles):
         assert n in lines[0]
 
 
-def test_inspect_prints_one_row_per_site_with_pattern_and_rates(run_path):
+def test_inspect_prints_one_row_per_site_with_its_answer_in_words(run_path):
     result = runner.invoke(app, ["inspect", str(run_path)])
     assert result.exit_code == 0, result.output
-    out = result.stdout
+    lines = result.stdout.splitlines()
     for site in ("spatial", "plain", "lstm/input/i", "lstm/input/f"):
-        assert site in out
-    assert "batch [time] feature" in out
-    assert "time-shared" in out and "elementwise" in out
-    assert "distinct" in out
+        assert any(line.startswith(site + " ") for line in lines), site
+    assert "batch [time] feature" in result.stdout
+    said = {line.split("  ")[0]: " ".join(line.split()[len(line.split("  ")[0].split()):])
+            for line in lines[lines.index("In words:") + 1:] if "  " in line}
+    assert said["spatial"] == ("drops whole features, per sample; the same features at every "
+                               "time step")
+    assert said["plain"] == "drops single elements, no axis shared; a new mask at each time step"
+    assert said["lstm/input/i, f"] == ("drops whole features, per sample; the same features "
+                                       "at every time step; 2 different masks, one per gate")
 
 
 def test_inspect_json_validates_against_the_report_schema(run_path):
@@ -128,10 +133,13 @@ def test_check_fails_with_exit_1_and_expected_vs_observed(run_path):
 
 
 def test_check_fails_on_error_findings_unless_told_not_to(bad_run_path):
-    strict = runner.invoke(app, ["check", str(bad_run_path)])
+    strict = runner.invoke(app, ["check", str(bad_run_path), "--fail-on-errors"])
     assert strict.exit_code == 1, strict.output
     assert "stale-mask" in strict.stdout and "inference-dropout" in strict.stdout
-    lenient = runner.invoke(app, ["check", str(bad_run_path), "--no-fail-on-errors"])
+    holds = "plain: independent=time"
+    strict = runner.invoke(app, ["check", str(bad_run_path), "-e", holds])
+    assert strict.exit_code == 1, strict.output
+    lenient = runner.invoke(app, ["check", str(bad_run_path), "-e", holds, "--no-fail-on-errors"])
     assert lenient.exit_code == 0, lenient.output
 
 
@@ -273,3 +281,24 @@ def test_inspect_with_a_progress_bar_prints_the_same_report(monkeypatch, run_pat
     assert with_bar.exit_code == 0, with_bar.output
     assert json.loads(with_bar.stdout) == json.loads(plain.stdout)
     assert "analysing" in with_bar.stderr
+
+
+def test_check_with_no_expectation_is_exit_2_nothing_to_check(run_path):
+    _one_line_error(runner.invoke(app, ["check", str(run_path)]), "nothing to check")
+
+
+def test_inspect_on_a_run_filtered_to_nothing_shows_the_drop_causes_without_v(tmp_path):
+    path = write_run(tmp_path / "typo.h5", [], dropped={"site_filter": 6},
+                     notes=["2 site(s) left out by sites=['dropuot*']: enc.dropout, dec.dropout"])
+    result = runner.invoke(app, ["inspect", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "This run holds no dropout site" in result.stdout
+    assert "site_filter: 6" in result.stdout
+    assert "left out by sites=['dropuot*']: enc.dropout, dec.dropout" in result.stdout
+
+
+def test_json_and_verbose_show_as_flags_in_help():
+    result = runner.invoke(app, ["inspect", "--help"], env={"COLUMNS": "100"})
+    assert result.exit_code == 0
+    line = next(x for x in result.stdout.splitlines() if "--json" in x)
+    assert "<bool>" not in line and "Print the report as JSON." in line
