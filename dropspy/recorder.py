@@ -11,37 +11,30 @@ from typing import Any
 
 from dropspy.errors import DropspyWarning, RecordingError
 from dropspy.frameworks import find_adapter
+from dropspy.frameworks.base import Adapter
+from dropspy.options import RecordOptions
 from dropspy.records import POLICY_CAUSES, Record, SiteInfo, rank_path, site_matches
 from dropspy.writer import RunWriter
 
-__all__ = ["record", "Recording", "Session"]
+__all__ = ["record", "Recording", "Session", "RecordOptions"]
 
 _ACTIVE: dict[int, Recording] = {}
 _ACTIVE_LOCK = threading.Lock()
 
 
 class Session:
-    """What an adapter sees of the recorder: declare sites, ask for steps, submit records.
+    """What an adapter sees of the recorder (the :class:`dropspy.frameworks.base.Session`
+    protocol): declare sites, ask for steps, submit records.
 
     Args:
-        writer: The run file writer.
-        every: Record every N-th step (step % every == 0).
-        steps: Steps to record (None: all), combined with ``every``.
-        sites: Glob patterns on site names or layer paths (None: all sites).
+        writer: The run file writer, already open.
+        options: The validated recording options (sampling policy and site patterns).
     """
 
-    def __init__(
-        self,
-        writer: RunWriter | None,
-        *,
-        every: int = 1,
-        steps: Iterable[int] | None = None,
-        sites: Sequence[str] | None = None,
-    ) -> None:
+    def __init__(self, writer: RunWriter, options: RecordOptions | None = None) -> None:
         self.writer = writer
-        self.every = every
-        self.steps = None if steps is None else _StepSet(steps)
-        self.patterns = None if sites is None else tuple(sites)
+        self.options = RecordOptions() if options is None else options
+        self.patterns = self.options.sites
         self._selected: dict[str, bool] = {}
         self._warned_error = False
         self.excluded: list[str] = []
@@ -71,9 +64,7 @@ class Session:
 
     def want_step(self, step: int) -> bool:
         """Whether records of ``step`` are wanted by the sampling policy."""
-        if step % self.every:
-            return False
-        return self.steps is None or step in self.steps
+        return self.options.wants(step)
 
     def submit(self, step: int, records: list[Record]) -> None:
         """Hand over the records of one step (call once per recorded step)."""
@@ -107,62 +98,25 @@ class Session:
         warnings.warn(f"dropspy changes this training run: {message}", DropspyWarning, stacklevel=2)
 
 
-class _StepSet:
-    """Membership test for ``steps=`` (a range stays a range: no materialized set)."""
-
-    def __init__(self, steps: Iterable[int]) -> None:
-        if isinstance(steps, range):
-            self._steps: range | frozenset[int] = steps
-        else:
-            try:
-                self._steps = frozenset(int(s) for s in steps)
-            except (TypeError, ValueError) as exc:
-                raise ValueError(
-                    f"Invalid value received for argument `steps`. Expected None, a range or an "
-                    f"iterable of ints. Received: steps={steps!r}"
-                ) from exc
-
-    def __contains__(self, step: int) -> bool:
-        return step in self._steps
-
-    def describe(self) -> str:
-        s = self._steps
-        if isinstance(s, range):
-            return f"range({s.start}, {s.stop}, {s.step})"
-        return repr(sorted(s))
-
-
 class Recording:
-    """A recording in progress; returned by :func:`record` and used as a context manager."""
+    """A recording in progress; returned by :func:`record` and used as a context manager.
 
-    def __init__(
-        self,
-        model: Any,
-        path: str | os.PathLike[str],
-        *,
-        every: int = 1,
-        steps: Iterable[int] | None = None,
-        sites: str | Sequence[str] | None = None,
-        max_bytes: int | None = None,
-        on_full: str = "block",
-    ) -> None:
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(
-                f"Invalid value received for argument `every`. Expected an int >= 1. "
-                f"Received: every={every!r}"
-            )
-        if isinstance(sites, str):
-            sites = [sites]
+    Args:
+        model: The model to record.
+        path: The run file to create (a rank's own file in a distributed job).
+        options: The validated options (see :class:`dropspy.options.RecordOptions`).
+    """
+
+    def __init__(self, model: Any, path: str | os.PathLike[str],
+                 options: RecordOptions | None = None) -> None:
         self.model = model
         #: The path given to record(); :attr:`path` is the file this process writes (the
         #: rank's own file in a distributed job, see :func:`dropspy.records.rank_path`).
         self.requested_path = os.fspath(path)
         self.path = self.requested_path
-        self._options = dict(every=every, steps=steps, sites=sites)
-        self._max_bytes = max_bytes
-        self._on_full = on_full
+        self.options = RecordOptions() if options is None else options
         self._adapter_cls = find_adapter(model)
-        self.adapter: Any = None
+        self.adapter: Adapter | None = None
         self.session: Session | None = None
         self.writer: RunWriter | None = None
         self._used = False
@@ -207,41 +161,37 @@ class Recording:
         return self
 
     def _start(self) -> None:
-        steps = self._options["steps"]
-        config = {
-            "every": self._options["every"],
-            "steps": None if steps is None else _StepSet(steps).describe(),
-            "sites": self._options["sites"],
-            "max_bytes": self._max_bytes,
-            "on_full": self._on_full,
-        }
-        # The adapter is built before the writer so that its metadata is in the file before
-        # SWMR writing starts (root attributes are not rewritten after that).
-        self.session = Session(None, **self._options)
-        self.adapter = self._adapter_cls(self.model, self.session)
-        meta = {**self.adapter.meta(), "config": config}
+        # The adapter checks the model before any file exists; its metadata goes into the file
+        # before SWMR writing starts (root attributes are not rewritten after that); only then
+        # does it meet a session, complete with its writer.
+        adapter = self.adapter = self._adapter_cls(self.model)
+        opts = self.options
+        meta = {**adapter.meta(), "config": opts.describe()}
         # Each rank writes its own file (no collective on the recording path: ranks that
         # sample differently must never wait for each other).
         self.path = rank_path(self.requested_path, int(meta.get("rank", 0)),
                               int(meta.get("world_size", 1)))
-        self.writer = RunWriter(self.path, meta, max_bytes=self._max_bytes, on_full=self._on_full)
-        self.session.writer = self.writer
-        self.adapter.attach()
-        if self.session.excluded:
-            self.writer.note(
-                f"{len(self.session.excluded)} site(s) left out by sites="
-                f"{self._options['sites']!r}: {', '.join(self.session.excluded)}"
+        writer = self.writer = RunWriter(self.path, meta, max_bytes=opts.max_bytes,
+                                         on_full=opts.on_full)
+        session = self.session = Session(writer, opts)
+        adapter.attach(session)
+        if session.excluded:
+            writer.note(
+                f"{len(session.excluded)} site(s) left out by sites="
+                f"{list(opts.sites or ())!r}: {', '.join(session.excluded)}"
             )
 
     def mark_step(self, step: int | None = None) -> None:
-        """Start a new step explicitly (torch loops without an optimizer in sight)."""
-        fn = getattr(self.adapter, "mark_step", None)
-        if fn is None:
-            raise RecordingError(
-                f"The {getattr(self.adapter, 'framework', '?')} adapter counts steps itself; "
-                f"mark_step() is not supported for it."
-            )
-        fn(step)
+        """Start a new step explicitly (torch loops without an optimizer in sight).
+
+        Raises:
+            RecordingError: The recording has not started (call it inside the ``with``
+                block), or the adapter counts steps itself.
+        """
+        if self.adapter is None:
+            raise RecordingError("mark_step() is called inside the `with dropspy.record(...)` "
+                                 "block; this recording has not started.")
+        self.adapter.mark_step(step)
 
     @property
     def stats(self) -> dict[str, Any]:
@@ -299,7 +249,7 @@ class Recording:
                 stacklevel=3,
             )
         if not session.declared:
-            framework = getattr(self.adapter, "framework", "")
+            framework = self.adapter.framework if self.adapter is not None else ""
             kinds = _LOOKS_FOR.get(framework, "dropout calls")
             warnings.warn(
                 f"dropspy found no dropout in {model} while recording into {self.path}: it "
@@ -394,6 +344,8 @@ def record(
         A :class:`Recording`, to use as a context manager.
 
     Raises:
+        OptionError: An option has the wrong type or range (checked before anything is built;
+            no file is created).
         UnsupportedModelError: No adapter claims the model.
         RecordingError: The model is already being recorded.
 
@@ -401,5 +353,6 @@ def record(
         >>> with dropspy.record(model, "run.h5"):   # doctest: +SKIP
         ...     model.fit(x, y, epochs=1)
     """
-    return Recording(model, path, every=every, steps=steps, sites=sites, max_bytes=max_bytes,
-                     on_full=on_full)
+    options = RecordOptions.of(every=every, steps=steps, sites=sites, max_bytes=max_bytes,
+                               on_full=on_full)
+    return Recording(model, path, options)

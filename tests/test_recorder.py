@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import pytest
 from fake_adapter import FakeAdapter, FakeModel
 
 import dropspy
-from dropspy.errors import RecordingError, UnsupportedModelError
+from dropspy.errors import OptionError, RecordingError, UnsupportedModelError
 from dropspy.frameworks import _REGISTRY, register_adapter
+from dropspy.frameworks.base import Adapter, Session
+from dropspy.recorder import Session as RecorderSession
 
 
 @pytest.fixture(autouse=True)
@@ -124,7 +128,7 @@ def test_two_models_record_side_by_side(tmp_path):
     [(dict(every=0), "every"), (dict(on_full="wait"), "on_full"), (dict(steps=["x"]), "steps")],
 )
 def test_bad_arguments_say_what_was_received(tmp_path, kwargs, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(OptionError, match=match):
         with dropspy.record(FakeModel(), tmp_path / "bad.h5", **kwargs):
             pass
 
@@ -208,3 +212,50 @@ def test_summary_line_sizes_in_units_a_person_reads(nbytes, text):
              "error": None}
     assert _summary_line("r.h5", stats) == (
         f"dropspy: r.h5: 1 site, 1 record, {text} of masks, 0 records dropped")
+
+
+def _members(protocol):
+    return {name: value for name, value in vars(protocol).items()
+            if not name.startswith("_") and (callable(value) or isinstance(value, classmethod))}
+
+
+def _parameters(fn):
+    return [p.name for p in inspect.signature(fn).parameters.values()]
+
+
+@pytest.mark.parametrize("cls, protocol", [(FakeAdapter, Adapter), (RecorderSession, Session)])
+def test_the_fake_adapter_and_the_session_follow_the_contract(cls, protocol):
+    # mypy holds the built-in adapters to the protocol (frameworks/__init__.py); this holds the
+    # test double to it, so the recorder tests exercise the contract the adapters follow.
+    members = _members(protocol)
+    assert members, "the protocol has no methods: the test would prove nothing"
+    for name in members:
+        assert _parameters(getattr(cls, name)) == _parameters(getattr(protocol, name)), name
+    if protocol is Adapter:
+        assert _parameters(cls.__init__) == _parameters(protocol.__init__)
+        assert isinstance(cls.framework, str)
+
+
+def test_the_adapter_meets_a_complete_session_after_the_file_is_open(tmp_path, monkeypatch):
+    seen = {}
+    attach = FakeAdapter.attach
+
+    def spy(self, session):
+        seen["writer_open"] = session.writer is not None and session.writer.error is None
+        seen["file_exists"] = (tmp_path / "o.h5").exists()
+        attach(self, session)
+
+    monkeypatch.setattr(FakeAdapter, "attach", spy)
+    with dropspy.record(FakeModel(), tmp_path / "o.h5"):
+        pass
+    assert seen == {"writer_open": True, "file_exists": True}
+
+
+def test_mark_step_outside_the_with_block_or_on_a_self_counting_adapter_says_so(tmp_path):
+    model = FakeModel()
+    rec = dropspy.record(model, tmp_path / "m.h5")
+    with pytest.raises(RecordingError, match="inside the `with"):
+        rec.mark_step()
+    with rec:
+        with pytest.raises(RecordingError, match="counts steps itself"):
+            rec.mark_step()

@@ -92,61 +92,16 @@ def test_assert_no_findings_and_no_inference_dropout(run):
         assert_no_inference_dropout(run)
 
 
-_FAKE_ADAPTER = '''
-import numpy as np
-from dropspy.records import Record, SiteInfo
-
-
-class FakeModel:
-    """A 'framework' model: SpatialDropout1D-like masks, one record per step."""
-
-    def __init__(self):
-        self.hook = None
-
-    def fit(self, steps):
-        rng = np.random.default_rng(0)
-        for step in range(steps):
-            noise = rng.random((8, 1, 16)) >= 0.25
-            if self.hook is not None:
-                self.hook(step, noise)
-
-
-class FakeAdapter:
-    framework = "fake"
-
-    @classmethod
-    def claims(cls, model):
-        return isinstance(model, FakeModel)
-
-    def __init__(self, model, session):
-        self.model, self.session = model, session
-
-    def meta(self):
-        return {"framework": "fake", "framework_version": "0"}
-
-    def attach(self):
-        self.session.declare_site(SiteInfo("spatial", "spatial", "SpatialDropout1D", "output",
-                                           ("batch", "time", "feature"), 0.25))
-        self.model.hook = self._on_step
-
-    def _on_step(self, step, noise):
-        if self.session.want_step(step):
-            self.session.submit(step, [Record("spatial", step, 0, True, (8, 12, 16), noise=noise)])
-
-    def detach(self):
-        self.model.hook = None
-'''
-
 _TEST_FILE = '''
-import fakefw
+from fake_adapter import SPATIAL, FakeModel
 from dropspy.frameworks import register_adapter
 from dropspy.testing import assert_mask_structure
 
-register_adapter("fakefw", "fakefw", "FakeAdapter")
+register_adapter("fake_adapter", "fake_adapter", "FakeAdapter")
 
 
 def test_records_into_tmp_path(dropspy_record, tmp_path):
-    model = fakefw.FakeModel()
+    model = FakeModel(sites=(SPATIAL,))
     with dropspy_record(model, "fit.h5") as rec:
         model.fit(5)
     assert rec.path == tmp_path / "fit.h5"
@@ -156,7 +111,7 @@ def test_records_into_tmp_path(dropspy_record, tmp_path):
 
 
 def test_wrong_expectation_fails(dropspy_record):
-    model = fakefw.FakeModel()
+    model = FakeModel(sites=(SPATIAL,))
     with dropspy_record(model) as rec:
         model.fit(3)
     assert_mask_structure(rec.path, "spatial", shared=["feature"])
@@ -164,14 +119,14 @@ def test_wrong_expectation_fails(dropspy_record):
 
 
 def test_pytest_plugin_fixture_records_a_model_in_a_test(tmp_path):
-    (tmp_path / "fakefw.py").write_text(textwrap.dedent(_FAKE_ADAPTER))
     (tmp_path / "test_fake.py").write_text(textwrap.dedent(_TEST_FILE))
     entry_points = importlib.metadata.entry_points(group="pytest11")
     installed = any(ep.name == "dropspy" for ep in entry_points)
     args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)]
     if not installed:
         args[3:3] = ["-p", "dropspy.testing"]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, str(tmp_path)]))
+    # The tests' one fake adapter (tests/fake_adapter.py) is importable in the child.
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]))
     out = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
     text = out.stdout + out.stderr
     assert out.returncode == 1, text

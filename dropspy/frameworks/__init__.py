@@ -2,18 +2,29 @@
 
 An adapter module is imported only when its framework is already in ``sys.modules`` (the user
 imported it), so ``import dropspy`` stays framework-free. Keras is checked before torch: under
-Keras 3's torch backend every Keras layer is also a ``torch.nn.Module``.
+Keras 3's torch backend every Keras layer is also a ``torch.nn.Module``. The contract every
+adapter follows is :class:`~dropspy.frameworks.base.Adapter` (see ``base.py``).
 """
 
 from __future__ import annotations
 
 import importlib
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from dropspy.errors import UnsupportedModelError
+from dropspy.frameworks.base import Adapter, Session
 
-__all__ = ["register_adapter", "find_adapter"]
+if TYPE_CHECKING:
+    # Never imported at run time (that would import every framework): the type checker holds
+    # each built-in adapter to the Adapter protocol through this list.
+    from dropspy.frameworks.keras import KerasAdapter
+    from dropspy.frameworks.tf_keras import TfKerasAdapter
+    from dropspy.frameworks.torch import TorchAdapter
+
+    _BUILT_IN: tuple[type[Adapter], ...] = (TfKerasAdapter, KerasAdapter, TorchAdapter)
+
+__all__ = ["register_adapter", "find_adapter", "Adapter", "Session"]
 
 # (module that must already be imported, adapter module, adapter class)
 # Keras 2 (tf_keras) before Keras 3, so each claims its own models; both before torch.
@@ -31,7 +42,7 @@ def register_adapter(trigger_module: str, adapter_module: str, adapter_class: st
         _REGISTRY.append(entry)
 
 
-def find_adapter(model: Any) -> type:
+def find_adapter(model: Any) -> type[Adapter]:
     """Return the adapter class that claims ``model``.
 
     Raises:
@@ -48,7 +59,9 @@ def find_adapter(model: Any) -> type:
         except ImportError as exc:
             tried.append(f"{module_name} (cannot import: {exc})")
             continue
-        cls = getattr(module, class_name)
+        # Registered by name, so the type checker cannot see the class: the Protocol says
+        # what it must be, and tests/test_recorder.py holds every built-in adapter to it.
+        cls = cast("type[Adapter]", getattr(module, class_name))
         if cls.claims(model):
             return cls
         tried.append(class_name)

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from dropspy.errors import RecordingError, UnsupportedModelError
+from dropspy.frameworks.base import Session
 from dropspy.records import Record, SiteInfo
 
 __all__ = ["OUTPUT_KEY", "PREDICT_OUTPUTS_KEY", "DrawMeta", "SiteSpec", "KerasAdapterBase",
@@ -289,17 +290,16 @@ class KerasAdapterBase:
 
     Args:
         model: The model to record.
-        session: The recorder's session (see ``docs/internals.md``).
     """
 
     framework: str
+    session: Session  # set by attach()
     _model_label: str
     _sites: Any
     _cap: Any     # the adapter's capture module: Trace, push_trace, pop_trace
 
-    def __init__(self, model: Any, session: Any) -> None:
+    def __init__(self, model: Any) -> None:
         self.model = model
-        self.session = session
         self._undo: list[Callable[[], None]] = []
         self._attached = False
         self._sites = None
@@ -309,12 +309,13 @@ class KerasAdapterBase:
         self._calls: dict[str, int] = {}
         self._noted: set[str] = set()
 
-    def attach(self) -> None:
+    def attach(self, session: Session) -> None:
         """Find and declare the sites, then install the capture. Undone by :meth:`detach`."""
         if self._attached:
             raise RecordingError(
                 f"This {type(self).__name__} is already attached; call detach() first.")
         self._attached = True
+        self.session = session
         try:
             self._install()
         except BaseException:
@@ -339,6 +340,16 @@ class KerasAdapterBase:
                 )
         self._attached = False
         self._traces.clear()
+
+    def mark_step(self, step: int | None = None) -> None:
+        """Not supported: Keras counts train steps itself (``fit``, ``train_on_batch``).
+
+        Raises:
+            RecordingError: Always.
+        """
+        raise RecordingError(
+            f"The {self.framework} adapter counts steps itself (one per train step); "
+            f"mark_step() is not supported for it.")
 
     def _install(self) -> None:  # pragma: no cover - provided by the adapter
         raise NotImplementedError

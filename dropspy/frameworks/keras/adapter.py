@@ -49,7 +49,6 @@ class KerasAdapter(DrawRouter, KerasAdapterBase):
 
     Args:
         model: A ``keras.Model``.
-        session: The recorder's session (see ``docs/internals.md``).
 
     Raises:
         UnsupportedModelError: A tf_keras (Keras 2) model (recorded by ``TfKerasAdapter``), a
@@ -73,9 +72,9 @@ class KerasAdapter(DrawRouter, KerasAdapterBase):
             return True
         return _is_tf_keras_model(model)
 
-    def __init__(self, model: Any, session: Any) -> None:
+    def __init__(self, model: Any) -> None:
         _check_supported(model)
-        super().__init__(model, session)
+        super().__init__(model)
 
     def meta(self) -> dict[str, Any]:
         """Framework, versions, backend and devices, for the run file's root attributes."""

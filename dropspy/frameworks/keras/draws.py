@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import numbers
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+
+from dropspy.frameworks.base import Session
 
 __all__ = ["DrawRouter"]
 
@@ -39,10 +42,14 @@ class DrawRouter:
     """Routes each dropout drawn in a recorded step to its site (mixin; see module doc)."""
 
     model: Any
-    session: Any
+    session: Session
     _sites: Any
     _cap: Any
     _noted: set[str]
+    # From KerasAdapterBase (annotations only: a stub here would shadow it in the MRO).
+    _declare: Callable[[Any, int], bool]
+    _unobservable: Callable[..., None]
+    _note_once: Callable[[str, str], None]
 
     def _refresh_sites(self) -> None:  # pragma: no cover - provided by the adapter
         raise NotImplementedError

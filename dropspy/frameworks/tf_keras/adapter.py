@@ -45,7 +45,6 @@ class TfKerasAdapter(KerasAdapterBase):
 
     Args:
         model: A ``tf_keras.Model`` (also ``tf.keras.Model`` under ``TF_USE_LEGACY_KERAS=1``).
-        session: The recorder's session (see ``docs/internals.md``).
 
     Raises:
         UnsupportedModelError: A layer that is not a model, ``steps_per_execution > 1``, or
@@ -65,7 +64,7 @@ class TfKerasAdapter(KerasAdapterBase):
         base = _tf_keras_layer_class()
         return isinstance(base, type) and isinstance(model, base)
 
-    def __init__(self, model: Any, session: Any) -> None:
+    def __init__(self, model: Any) -> None:
         import tf_keras
 
         if not isinstance(model, tf_keras.Model):
@@ -74,7 +73,7 @@ class TfKerasAdapter(KerasAdapterBase):
                 f"layer that is not a model: {type(model).__qualname__} "
                 f"{getattr(model, 'name', '')!r}; wrap it in a tf_keras.Model."
             )
-        super().__init__(model, session)
+        super().__init__(model)
 
     # -- contract -------------------------------------------------------------------------
 

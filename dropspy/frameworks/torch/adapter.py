@@ -1,6 +1,6 @@
 """The PyTorch adapter: records the exact dropout masks an ``nn.Module`` applies.
 
-How it works (details in ``torch_capture``): a ``TorchFunctionMode`` catches the dropout entry
+How it works (details in ``capture``): a ``TorchFunctionMode`` catches the dropout entry
 points (``F.dropout`` and family, ``torch.dropout``, ``bernoulli``, the RNN layer stacks,
 attention) while a forward of the recorded module runs; inside such a call a short-lived
 ``TorchDispatchMode`` copies the mask ATen draws. Module hooks keep the stack of running
@@ -41,6 +41,7 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from dropspy.errors import RecordingError, UnsupportedModelError
+from dropspy.frameworks.base import Session
 from dropspy.frameworks.torch.capture import (
     FAST_PATH_MODULES,
     Capture,
@@ -68,7 +69,6 @@ class TorchAdapter:
 
     Args:
         model: The module to record, or its DistributedDataParallel wrapper.
-        session: The recorder's session.
         cudnn_rnn: ``"opaque"`` (default) reports cuDNN's between-layer RNN dropout as an
             opaque site; ``"exact"`` runs those RNN calls without cuDNN so their masks are
             recorded, which changes the random stream (announced as a perturbation). None
@@ -80,14 +80,14 @@ class TorchAdapter:
     """
 
     framework = "torch"
+    session: Session  # set by attach()
 
     @classmethod
     def claims(cls, model: Any) -> bool:
         """Whether ``model`` is a ``torch.nn.Module``."""
         return isinstance(model, torch.nn.Module)
 
-    def __init__(self, model: torch.nn.Module, session: Any, *,
-                 cudnn_rnn: str | None = None) -> None:
+    def __init__(self, model: torch.nn.Module, *, cudnn_rnn: str | None = None) -> None:
         if cudnn_rnn is None:
             # record() has no adapter options; the opt-in travels by environment variable.
             cudnn_rnn = os.environ.get("DROPSPY_TORCH_CUDNN_RNN", "opaque")
@@ -100,7 +100,6 @@ class TorchAdapter:
         model, self.wrapped_by = unwrap(model)
         _refuse_wrappers(model)
         self.model = model
-        self.session = session
         self.cudnn_rnn = cudnn_rnn
         self._capture: Capture | None = None
         self._mode: FunctionMode | None = None
@@ -144,11 +143,12 @@ class TorchAdapter:
             meta["cudnn_version"] = torch.backends.cudnn.version() or 0
         return meta
 
-    def attach(self) -> None:
+    def attach(self, session: Session) -> None:
         """Find sites, install the module hooks, the function mode and the step hook."""
         if self._attached:
             raise RecordingError("This TorchAdapter is already attached; create a new one.")
         self._attached = True
+        self.session = session
         model = self.model
         paths = {}
         for name, module in model.named_modules():

@@ -3,7 +3,7 @@
 A site is found lazily, the first time a mask is drawn (or a dropout call is made) inside a
 module of the recorded model. This module turns what the capture saw (module path, kind of
 call, where in the user's code, rank of the applied mask) into a stable, unique site name and a
-:class:`~dropspy.store.SiteInfo`, and declares it to the session once.
+:class:`~dropspy.records.SiteInfo`, and declares it to the session once.
 """
 
 from __future__ import annotations

@@ -148,7 +148,7 @@ def test_keras3_adapter_refuses_a_tf_keras_model_naming_tf_keras():
 
     model = tf_keras.Sequential([tf_keras.layers.Dropout(0.5, input_shape=(3,))])
     with pytest.raises(UnsupportedModelError, match="tf_keras"):
-        KerasAdapter(model, session=None)
+        KerasAdapter(model)
 
 
 @pytest.mark.slow

@@ -261,7 +261,7 @@ def test_torchscript_module_is_refused_by_name(tmp_path):
 def test_invalid_cudnn_rnn_option_says_what_it_got(monkeypatch):
     monkeypatch.setenv("DROPSPY_TORCH_CUDNN_RNN", "fast")
     with pytest.raises(ValueError, match="Received: cudnn_rnn='fast'"):
-        TorchAdapter(_mlp(), session=None)
+        TorchAdapter(_mlp())
 
 
 def test_forward_on_another_thread_is_refused_by_name(tmp_path):
