@@ -116,7 +116,8 @@ def _analyze(run: Any, sites: list[str] | None, threshold: float) -> RunAnalysis
 def inspect(
     path: RunPath,
     site: SiteOpt = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.", metavar="")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.",
+                                          metavar="")] = False,
     threshold: ThresholdOpt = THRESHOLD,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", metavar="",
                                           help="Also list info findings.")] = False,
