@@ -14,7 +14,7 @@ import numpy as np
 
 from dropspy.errors import RecordNotFoundError
 
-__all__ = ["plot_site", "find_record"]
+__all__ = ["plot_site", "site_figure", "mask_image", "find_record", "CAPTION"]
 
 _MAX_CELLS = 512  # longest axis drawn in a panel; longer axes are cut (and the title says so)
 
@@ -45,30 +45,139 @@ def find_record(site: Any, step: int | None = None, call: int = 0) -> int:
     return int(pick[0])
 
 
-def _panel(mask: np.ndarray, axes: tuple[str, ...],
-           sample: int | None) -> tuple[np.ndarray, str, str, str]:
-    """A 2-D slice of one sample's mask: (image, row axis, column axis, note)."""
-    note = ""
+CAPTION = "white = kept, black = dropped"
+
+# Axes drawn down a panel, in order of preference; time (or else the batch) goes across, as in
+# the README's reading guide: horizontal stripes = the same features at every time step.
+_DOWN = ("feature", "channel", "gate", "depth", "height")
+
+
+def mask_image(mask: np.ndarray, axes: tuple[str, ...],
+               sample: int | None = None) -> tuple[np.ndarray, str, str, str]:
+    """A 2-D picture of one sample's applied mask: (image, row axis, column axis, note).
+
+    Time (else the batch) runs across and the feature (or channel) axis down whenever the
+    mask has them, so a
+    mask shared over time shows horizontal stripes in every picture dropspy draws. Axes
+    beyond the two drawn are fixed at index 0 (named in ``note``).
+
+    Args:
+        mask: The applied mask.
+        axes: Its axis names.
+        sample: Batch index to draw (the first axis is the batch), or None for the whole mask.
+    """
+    names = list(axes)
     if sample is not None:
         mask = mask[sample]
-        axes = axes[1:]
+        names = names[1:]
     if mask.ndim == 1:
-        return mask[None, :], "", axes[0], note
-    if mask.ndim > 2:
-        fixed = ", ".join(f"{a}=0" for a in axes[1:-1])
-        note = f" ({fixed})"
-        mask = mask[(slice(None),) + (0,) * (mask.ndim - 2) + (slice(None),)]
-        axes = (axes[0], axes[-1])
-    return mask, axes[0], axes[1], note
+        return mask[:, None], names[0], "", ""
+    first: str | None = next((a for a in ("time", "batch") if a in names), None)
+    down = next(a for a in (*_DOWN, *names) if a in names and a != first)
+    # No time and no batch: the last other axis goes across (a channel-dropout mask on
+    # (channel, height, width) draws channel by width: the same stripes as over time).
+    across = first if first is not None else next(a for a in reversed(names) if a != down)
+    img = np.moveaxis(mask, [names.index(down), names.index(across)], [0, 1])
+    rest = [a for a in names if a not in (down, across)]
+    note = f" ({', '.join(f'{a}=0' for a in rest)})" if rest else ""
+    img = img[(slice(None), slice(None)) + (0,) * len(rest)]
+    return img, down, across, note
+
+
+def _siblings(run: Any, main: Any, site: str, step: int, call: int) -> list[tuple[Any, np.ndarray]]:
+    """(gate, mask) of the site and of its sibling gates (same layer and role), in gate order."""
+    i = find_record(main, step, call)
+    columns = [(main.gate, main.mask(i))]
+    if main.gate:
+        for name in run.sites:
+            other = run[name]
+            if (name != site and other.gate and other.layer == main.layer
+                    and other.role == main.role and not other.opaque):
+                try:
+                    j = find_record(other, step, call)
+                except ValueError:
+                    continue
+                columns.append((other.gate, other.mask(j)))
+        order = "ifcozrh"
+        columns.sort(key=lambda c: order.index(c[0]) if c[0] in order else len(order))
+    return columns
+
+
+def site_figure(run: Any, site: str, *, step: int | None = None, call: int = 0,
+                samples: int = 4) -> Any:
+    """The matplotlib ``Figure`` that :func:`plot_site` saves (Agg canvas, no pyplot)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    main = run[site]
+    i = find_record(main, step, call)
+    rec_step, rec_call = int(np.asarray(main.steps)[i]), int(np.asarray(main.calls)[i])
+    columns = _siblings(run, main, site, rec_step, rec_call)
+    axes = tuple(main.axes)
+    mask0 = columns[0][1]
+    batched = bool(axes) and axes[0] == "batch" and mask0.ndim >= 3
+    rows = min(samples, mask0.shape[0]) if batched else 1
+    ncols = len(columns)
+    # One gate: samples side by side in one row; several gates: a row per sample.
+    if ncols == 1:
+        grid_rows, grid_cols = 2, max(rows, mask0.ndim)
+    else:
+        grid_rows, grid_cols = rows + 1, max(ncols, mask0.ndim)
+    fig = Figure(figsize=(3.2 * grid_cols, 2.6 * grid_rows + 0.3), layout="constrained")
+    FigureCanvasAgg(fig)
+    grid = fig.add_gridspec(grid_rows, grid_cols)
+    down = across = ""
+    for c, (gate, mask) in enumerate(columns):
+        for r in range(rows):
+            img, down, across, note = mask_image(mask, axes, r if batched else None)
+            cut = img[:_MAX_CELLS, :_MAX_CELLS]
+            ax = fig.add_subplot(grid[0, r] if ncols == 1 else grid[r, c])
+            ax.imshow(cut, cmap="gray", vmin=0, vmax=1, interpolation="nearest", aspect="auto")
+            title = f"gate {gate}, " if ncols > 1 else ""
+            title += f"sample {r}" if batched else "mask"
+            if cut.shape != img.shape:
+                title += f" (first {cut.shape[0]}x{cut.shape[1]})"
+            ax.set_title(title + note, fontsize=9)
+            ax.set_xlabel(f"{across} \u2192" if across else "")
+            ax.set_ylabel(f"{down} \u2193" if down else "")
+    rate = main.rate
+    gate_note = f" (gate {main.gate})" if ncols > 1 else ""
+    for k, name in enumerate(axes):
+        ax = fig.add_subplot(grid[grid_rows - 1, k])
+        keep = mask0.mean(axis=tuple(j for j in range(mask0.ndim) if j != k))
+        ax.plot(np.arange(keep.size), keep, marker="." if keep.size <= 64 else None, lw=1)
+        reference = ""
+        if rate is not None:
+            # Said in the title, not a legend box, which hid data points near the bottom.
+            ax.axhline(1 - rate, color="tab:red", ls="--", lw=1)
+            reference = f"\nred dashes: configured keep rate {1 - rate:g}"
+        ax.set_ylim(-0.05, 1.05)
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=5, integer=True))
+        ax.set_xlabel(f"{name} index")
+        ax.set_ylabel("kept fraction")
+        ax.set_title(f"keep rate along {name}{gate_note}{reference}", fontsize=9)
+    if ncols > 1:
+        gates = ", ".join(str(g) for g, _ in columns)
+        name = f"{main.layer}/{main.role}: gates {gates}"
+    else:
+        name = site
+    rate_words = "?" if rate is None else f"{rate:g}"
+    layout = f"; {down} down, {across} across" if down and across else ""
+    fig.suptitle(f"{name} ({main.layer_class}), step {rec_step} call {rec_call}, configured "
+                 f"rate {rate_words}, applied shape {tuple(mask0.shape)}\n{CAPTION}{layout}",
+                 fontsize=10)
+    return fig
 
 
 def plot_site(run: Any, site: str, output: str | os.PathLike[str], *, step: int | None = None,
               call: int = 0, samples: int = 4) -> Path:
     """Draw one record's applied mask and the keep rate along each axis into a PNG.
 
-    Top: the applied mask (white kept, black dropped) for the first ``samples`` samples,
-    one column per gate when the site has sibling gates (same layer and role), so stripes show
-    sharing at a glance. Bottom: the fraction kept at each index of each axis.
+    Top: the applied mask (white = kept, black = dropped) for the first ``samples`` samples,
+    time across and features down (:func:`mask_image`), one column per gate when the site has
+    sibling gates (same layer and role), so stripes show sharing at a glance. Bottom: the
+    fraction kept at each index of each axis, with a dashed line at the configured keep rate.
 
     Args:
         run: A :class:`dropspy.store.Run` (or :class:`dropspy.analysis.MemoryRun`).
@@ -85,62 +194,7 @@ def plot_site(run: Any, site: str, output: str | os.PathLike[str], *, step: int 
         KeyError: No such site.
         ValueError: No record with a mask at that step and call.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
-
-    main = run[site]
-    i = find_record(main, step, call)
-    rec_step, rec_call = int(np.asarray(main.steps)[i]), int(np.asarray(main.calls)[i])
-    columns = [(main.gate, main.mask(i))]
-    if main.gate:
-        for name in run.sites:
-            other = run[name]
-            if (name != site and other.gate and other.layer == main.layer
-                    and other.role == main.role and not other.opaque):
-                try:
-                    j = find_record(other, rec_step, rec_call)
-                except ValueError:
-                    continue
-                columns.append((other.gate, other.mask(j)))
-        order = "ifcozrh"
-        columns.sort(key=lambda c: order.index(c[0]) if c[0] in order else len(order))
-    axes = tuple(main.axes)
-    mask0 = columns[0][1]
-    batched = bool(axes) and axes[0] == "batch" and mask0.ndim >= 3
-    rows = min(samples, mask0.shape[0]) if batched else 1
-    ncols = len(columns)
-    # One gate: samples side by side in one row; several gates: a row per sample.
-    grid_rows, grid_cols = ((2, max(rows, mask0.ndim)) if ncols == 1
-                            else (rows + 1, max(ncols, mask0.ndim)))
-    fig = Figure(figsize=(3.2 * grid_cols, 2.6 * grid_rows), layout="constrained")
-    FigureCanvasAgg(fig)
-    grid = fig.add_gridspec(grid_rows, grid_cols)
-    for c, (gate, mask) in enumerate(columns):
-        for r in range(rows):
-            img, ylab, xlab, note = _panel(mask, axes, r if batched else None)
-            cut = img[:_MAX_CELLS, :_MAX_CELLS]
-            ax = fig.add_subplot(grid[0, r] if ncols == 1 else grid[r, c])
-            ax.imshow(cut, cmap="gray", vmin=0, vmax=1, interpolation="nearest", aspect="auto")
-            title = f"gate {gate}, " if gate else ""
-            title += f"sample {r}" if batched else "mask"
-            if cut.shape != img.shape:
-                title += f" (first {cut.shape[0]}x{cut.shape[1]})"
-            ax.set_title(title + note, fontsize=9)
-            ax.set_xlabel(xlab)
-            ax.set_ylabel(ylab)
-    for k, name in enumerate(axes):
-        ax = fig.add_subplot(grid[grid_rows - 1, k])
-        keep = mask0.mean(axis=tuple(j for j in range(mask0.ndim) if j != k))
-        ax.plot(np.arange(keep.size), keep, marker="." if keep.size <= 64 else None, lw=1)
-        ax.set_ylim(-0.05, 1.05)
-        ax.xaxis.set_major_locator(MaxNLocator(nbins=5, integer=True))
-        ax.set_xlabel(f"{name} index")
-        ax.set_ylabel("kept fraction")
-        ax.set_title(f"keep rate along {name}", fontsize=9)
-    rate = "?" if main.rate is None else f"{main.rate:g}"
-    fig.suptitle(f"{site} ({main.layer_class}), step {rec_step} call {rec_call}, "
-                 f"configured rate {rate}, applied shape {tuple(mask0.shape)}", fontsize=10)
+    fig = site_figure(run, site, step=step, call=call, samples=samples)
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from _synth import info, records, write_run
 
@@ -68,3 +69,56 @@ def test_plotting_leaves_pyplot_and_the_backend_alone(tmp_path, run_path):
                          env=dict(os.environ, PYTHONPATH=root, MPLBACKEND="svg"), timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["False", "True"]
+
+
+def _site_figure(run_path, name, **kw):
+    from dropspy.plot import site_figure
+
+    with load(run_path) as run:
+        return site_figure(run, name, **kw)
+
+
+def test_a_time_shared_mask_is_drawn_as_horizontal_stripes_features_down_time_across():
+    from dropspy.plot import mask_image
+
+    rng = np.random.default_rng(0)
+    noise = rng.random((4, 1, 12)) >= 0.5       # (batch, time, feature), shared over time
+    mask = np.broadcast_to(noise, (4, 20, 12))
+    img, down, across, _ = mask_image(mask, ("batch", "time", "feature"), sample=2)
+    assert (down, across) == ("feature", "time") and img.shape == (12, 20)
+    assert np.array_equal(img, np.repeat(noise[2, 0][:, None], 20, axis=1))  # rows constant
+
+
+def test_a_channels_first_mask_is_drawn_channel_down():
+    from dropspy.plot import mask_image
+
+    mask = np.zeros((2, 16, 12, 10), dtype=bool)
+    img, down, across, note = mask_image(mask, ("batch", "channel", "height", "width"), 0)
+    assert (down, across, img.shape) == ("channel", "width", (16, 10))
+    assert note == " (height=0)"
+    img, down, across, note = mask_image(mask[:, :, 0, :], ("batch", "channel", "width"), None)
+    assert (down, across, img.shape) == ("channel", "batch", (16, 2))
+
+
+def test_every_picture_says_white_kept_black_dropped_and_names_its_gates(run_path):
+    fig = _site_figure(run_path, "lstm/input/i", step=1, samples=2)
+    title = fig._suptitle.get_text()
+    assert "white = kept, black = dropped" in title and "feature down, time across" in title
+    assert title.startswith("lstm/input: gates i, f, c, o (LSTM)")
+    panel_titles = [ax.get_title() for ax in fig.axes]
+    for gate in "ifco":
+        assert f"gate {gate}, sample 0" in panel_titles
+    assert "white = kept, black = dropped" in _site_figure(run_path, "conv_drop")._suptitle \
+        .get_text()
+
+
+def test_rate_panels_draw_the_configured_keep_rate(run_path):
+    fig = _site_figure(run_path, "lstm/input/i")
+    rate_axes = [ax for ax in fig.axes if ax.get_title().startswith("keep rate along")]
+    assert len(rate_axes) == 3
+    for ax in rate_axes:
+        flat = [line for line in ax.get_lines()
+                if len(set(np.asarray(line.get_ydata(), dtype=float))) == 1
+                and line.get_linestyle() == "--"]
+        assert flat and float(flat[0].get_ydata()[0]) == pytest.approx(1 - 0.3)  # info() rate
+        assert "configured keep rate 0.7" in ax.get_title()
