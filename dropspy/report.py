@@ -22,7 +22,9 @@ from dropspy._version import __version__
 from dropspy.analysis import (
     AxisVerdict,
     Finding,
+    Member,
     PairCheck,
+    RankSite,
     RateEstimate,
     RunAnalysis,
     Severity,
@@ -105,6 +107,10 @@ def _site(s: SiteAnalysis) -> dict[str, Any]:
         "freshness": _pair(s.freshness),
         "severity": None if s.severity is None else str(s.severity),
         "findings": [_finding(f) for f in s.findings],
+        "replicas": list(s.replicas),
+        "across": _pair(s.across),
+        "ranks": [{"rank": r.rank, "records": r.records, "rate_observed": _num(r.rate_observed),
+                   "replicas": list(r.replicas)} for r in s.ranks],
         "facts": {
             "noise_shape": None if s.noise_shape is None else list(s.noise_shape),
             "scale": _num(s.scale),
@@ -137,6 +143,9 @@ def to_dict(analysis: RunAnalysis) -> dict[str, Any]:
         "confidence": analysis.confidence,
         "summary": {sev.value: sum(1 for f in every if f.severity == sev) for sev in Severity},
         "findings": [_finding(f) for f in analysis.findings],
+        "members": [{"path": m.path, "rank": m.rank, "world_size": m.world_size,
+                     "records": m.records, "complete": m.complete, "error": m.error}
+                    for m in analysis.members],
         "sites": [_site(s) for s in analysis.sites],
     }
 
@@ -175,6 +184,9 @@ def _site_from(d: Mapping[str, Any]) -> SiteAnalysis:
         findings=tuple(_finding_from(f) for f in d.get("findings", ())),
         noise_shape=None if facts.get("noise_shape") is None else tuple(facts["noise_shape"]),
         scale=facts.get("scale"), extra=dict(facts.get("extra") or {}),
+        replicas=tuple(d.get("replicas", ())), across=_pair_from(d.get("across")),
+        ranks=tuple(RankSite(r["rank"], r["records"], r.get("rate_observed"),
+                             tuple(r.get("replicas", ()))) for r in d.get("ranks", ())),
     )
 
 
@@ -202,6 +214,9 @@ def from_dict(data: Mapping[str, Any]) -> RunAnalysis:
             threshold=data["threshold"], confidence=data["confidence"],
             sites=tuple(_site_from(s) for s in data["sites"]),
             findings=tuple(_finding_from(f) for f in data.get("findings", ())),
+            members=tuple(Member(m["path"], m.get("rank"), m.get("world_size"),
+                                 m.get("records", 0), m.get("complete", False), m.get("error"))
+                          for m in data.get("members", ())),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ReportError(f"Malformed dropspy report: {type(exc).__name__}: {exc}") from exc

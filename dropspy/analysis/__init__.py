@@ -11,6 +11,9 @@ bounded whatever the size of the run.
 - :mod:`.run`: a whole run, with the gate comparison.
 - :mod:`.diff`: two runs compared.
 - :mod:`.memory`: sites and runs held in memory.
+- :mod:`.summary`: the small, mergeable per-file summary a scan leaves.
+- :mod:`.runset`: summaries of one file or of a run set's ranks merged into one report.
+- :mod:`.copies`: records compared across ranks and replicas.
 
 Example:
     >>> run = dropspy.load("run.h5")                      # doctest: +SKIP
@@ -29,7 +32,9 @@ from dropspy.analysis.results import (
     THRESHOLD,
     AxisVerdict,
     Finding,
+    Member,
     PairCheck,
+    RankSite,
     RateEstimate,
     RunAnalysis,
     Severity,
@@ -38,6 +43,7 @@ from dropspy.analysis.results import (
 )
 from dropspy.analysis.rules import FINDINGS
 from dropspy.analysis.run import analyze_run
+from dropspy.analysis.runset import RunSetError, analyze_summaries, summarize_run
 from dropspy.analysis.site import analyze_masks, analyze_site
 from dropspy.records import select_sites
 
@@ -54,6 +60,11 @@ __all__ = [
     "SiteAnalysis",
     "RunAnalysis",
     "SiteDifference",
+    "RankSite",
+    "Member",
+    "RunSetError",
+    "summarize_run",
+    "analyze_summaries",
     "analyze_site",
     "analyze_run",
     "analyze_masks",

@@ -22,7 +22,7 @@ __all__ = [
 _LN10 = math.log(10.0)
 
 
-def wilson_interval(events: int, trials: float, confidence: float) -> tuple[float, float]:
+def wilson_interval(events: float, trials: float, confidence: float) -> tuple[float, float]:
     """Wilson score interval for a binomial proportion.
 
     Args:

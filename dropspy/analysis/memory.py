@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from dropspy.records import IndexBlock
+
 __all__ = ["MemorySite", "MemoryRun"]
 
 
@@ -30,6 +32,7 @@ class MemorySite:
         gate: Gate name or None.
         extra: Site facts.
         opaque: Reason the masks cannot be observed, or None.
+        replicas: Replica per record (default: 0).
     """
 
     def __init__(self, name: str, axes: Sequence[str], noises: Sequence[np.ndarray | None], *,
@@ -37,7 +40,8 @@ class MemorySite:
                  steps: Sequence[int] | None = None, calls: Sequence[int] | None = None,
                  training: Sequence[bool] | None = None, layer: str | None = None,
                  layer_class: str = "Dropout", role: str = "output", gate: str | None = None,
-                 extra: Mapping[str, Any] | None = None, opaque: str | None = None) -> None:
+                 extra: Mapping[str, Any] | None = None, opaque: str | None = None,
+                 replicas: Sequence[int] | None = None) -> None:
         self.name = name
         self.axes = tuple(axes)
         self.rate = rate
@@ -67,10 +71,47 @@ class MemorySite:
         self.calls = np.asarray(calls if calls is not None else [0] * n, dtype=np.int64)
         self.training = np.asarray(training if training is not None else [True] * n, dtype=bool)
         self.applied = np.array([x is not None for x in self._noises], dtype=bool)
+        self.replicas = np.zeros(n, np.int64) if replicas is None else np.asarray(replicas,
+                                                                                   np.int64)
         for arr, what in ((self.steps, "steps"), (self.calls, "calls"),
-                          (self.training, "training")):
+                          (self.training, "training"), (self.replicas, "replicas")):
             if len(arr) != n:
                 raise ValueError(f"Site {name!r}: {len(arr)} {what} for {n} records")
+        packed = [np.empty(0, np.uint8) if x is None else np.packbits(x.ravel())
+                  for x in self._noises]
+        sizes = np.array([len(p) for p in packed], dtype=np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+        self._bits = np.concatenate(packed) if packed else np.empty(0, np.uint8)
+
+    @classmethod
+    def from_site(cls, site: Any) -> MemorySite:
+        """Any site with the reader API (``noise(i)``, index arrays) held in memory."""
+        n = len(site)
+        return cls(site.name, site.axes, [site.noise(i) for i in range(n)],
+                   rate=getattr(site, "rate", None),
+                   shapes=np.asarray(site.shapes)[:n].tolist(),
+                   steps=np.asarray(site.steps)[:n].tolist(),
+                   calls=np.asarray(site.calls)[:n].tolist(),
+                   training=np.asarray(site.training)[:n].tolist(),
+                   replicas=getattr(site, "replicas", None),
+                   layer=getattr(site, "layer", None),
+                   layer_class=getattr(site, "layer_class", "Dropout"),
+                   role=getattr(site, "role", "output"), gate=getattr(site, "gate", None),
+                   extra=getattr(site, "extra", None), opaque=getattr(site, "opaque", None))
+
+    def index_blocks(self, rows: int = 1 << 16) -> Iterator[IndexBlock]:
+        """The index in blocks of ``rows`` records (the reader API the analysis streams)."""
+        n = len(self)
+        for a in range(0, n, max(rows, 1)):
+            b = min(n, a + rows)
+            yield IndexBlock(start=a, steps=self.steps[a:b], calls=self.calls[a:b],
+                             replicas=self.replicas[a:b], training=self.training[a:b],
+                             applied=self.applied[a:b], offsets=self.offsets[a:b],
+                             shapes=self.shapes[a:b], noise_shapes=self.noise_shapes[a:b])
+
+    def read_bits(self, begin: int, end: int) -> np.ndarray:
+        """Packed bytes ``begin:end`` of all records' noise, back to back."""
+        return self._bits[begin:end]
 
     def __len__(self) -> int:
         return len(self._noises)

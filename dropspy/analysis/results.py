@@ -24,6 +24,8 @@ __all__ = [
     "SiteAnalysis",
     "RunAnalysis",
     "SiteDifference",
+    "RankSite",
+    "Member",
     "worst",
 ]
 
@@ -150,6 +152,44 @@ class PairCheck:
 
 
 @dataclass(frozen=True)
+class RankSite:
+    """One site in one rank's file of a run set.
+
+    Attributes:
+        rank: The rank.
+        records: Records of the site in that file.
+        rate_observed: Dropped / noise elements in that file, or None without masks.
+        replicas: Replica ids with records in that file.
+    """
+
+    rank: int
+    records: int
+    rate_observed: float | None
+    replicas: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Member:
+    """One file of a run set.
+
+    Attributes:
+        path: The file (or the summary it came from).
+        rank: Its rank (the root attribute ``rank``; 0 when absent).
+        world_size: The ranks the run had, when the file says.
+        records: Readable records.
+        complete: The writer closed it cleanly.
+        error: Why it could not be read, or None.
+    """
+
+    path: str
+    rank: int | None
+    world_size: int | None
+    records: int
+    complete: bool
+    error: str | None = None
+
+
+@dataclass(frozen=True)
 class SiteAnalysis:
     """Everything the analysis concluded about one site.
 
@@ -179,6 +219,11 @@ class SiteAnalysis:
         scale: The multiplier applied to kept elements, or None when unknown.
         extra: The adapter's facts about the site as stored in the run (JSON-able), e.g.
             ``masks_per_call``, ``gates_share_mask``, ``time_axis_by_construction``.
+        ranks: In a run set, the site in each rank's file (records, observed rate).
+        replicas: Replica ids with records (``(0,)`` for a single-device process).
+        across: Records of other ranks/replicas compared with the first rank/replica's at the
+            same step and call: ``identical``, ``partial``, ``independent`` or
+            ``inconclusive``; None when only one rank and replica has records.
     """
 
     site: str
@@ -202,6 +247,9 @@ class SiteAnalysis:
     noise_shape: tuple[int | None, ...] | None = None
     scale: float | None = None
     extra: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    ranks: tuple[RankSite, ...] = ()
+    replicas: tuple[int, ...] = ()
+    across: PairCheck | None = None
 
     @property
     def axis_names(self) -> tuple[str, ...]:
@@ -256,6 +304,7 @@ class RunAnalysis:
         sites: The analysed sites, in run order.
         findings: Findings about the run as a whole.
         framework_version: Version of that framework, or "" when the run does not say.
+        members: The files of a run set, one per rank (empty for a single file).
     """
 
     path: str | None
@@ -268,6 +317,7 @@ class RunAnalysis:
     sites: tuple[SiteAnalysis, ...]
     findings: tuple[Finding, ...]
     framework_version: str = ""
+    members: tuple[Member, ...] = ()
 
     def __getitem__(self, name: str) -> SiteAnalysis:
         for s in self.sites:

@@ -12,9 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
-from dropspy.analysis._scan import SiteScan
+from dropspy.analysis.copies import Copies
 from dropspy.analysis.results import (
     AxisVerdict,
     Finding,
@@ -24,28 +22,31 @@ from dropspy.analysis.results import (
 )
 from dropspy.records import POLICY_CAUSES
 
-__all__ = ["SiteEvidence", "RunEvidence", "FindingRule", "FINDINGS", "site_findings",
-           "run_findings"]
+__all__ = ["SiteEvidence", "RunEvidence", "SetEvidence", "FindingRule", "FINDINGS",
+           "site_findings", "run_findings", "set_findings"]
 
 
 @dataclass(frozen=True)
 class SiteEvidence:
-    """What the site rules read: the site's facts, its scan and the verdicts drawn from it."""
+    """What the site rules read: the site's facts, its summary's counts and the verdicts."""
 
     name: str
     records: int
+    training_records: int
+    applied_training: int
     configured: float | None
     opaque: str | None
-    training: np.ndarray
-    applied: np.ndarray
-    steps: np.ndarray
     extra: Mapping[str, Any]
-    scan: SiteScan
+    inference_records: int
+    inference_first_step: int | None
+    fresh_first: tuple[int, int] | None
     rate: RateEstimate
     axes: tuple[AxisVerdict, ...]
     freshness: PairCheck | None
     threshold: float
     confidence: float
+    across: PairCheck | None = None
+    across_detail: Copies | None = None
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,28 @@ class RunEvidence:
     damage: Sequence[str] = field(default_factory=tuple)
 
 
+@dataclass(frozen=True)
+class SetEvidence:
+    """What the run-set rules read: the files of the set and how they disagree.
+
+    Attributes:
+        world_size: The ranks the files say the run had (None when they do not say).
+        ranks: The ranks present.
+        unreadable: (path, why) of each file that could not be read.
+        sites_differ: (rank, sites only in it, sites it lacks) for ranks whose sites differ
+            from the others'.
+        different_runs: Why the files look like different runs (empty when they agree).
+        forced: The user merged them anyway (``--force``).
+    """
+
+    world_size: int | None
+    ranks: tuple[int, ...]
+    unreadable: tuple[tuple[str, str], ...] = ()
+    sites_differ: tuple[tuple[int, tuple[str, ...], tuple[str, ...]], ...] = ()
+    different_runs: tuple[str, ...] = ()
+    forced: bool = False
+
+
 def _opaque(e: SiteEvidence) -> list[Finding]:
     if not e.opaque:
         return []
@@ -70,12 +93,12 @@ def _opaque(e: SiteEvidence) -> list[Finding]:
 
 
 def _never_applied(e: SiteEvidence) -> list[Finding]:
-    if e.opaque or not e.configured or e.configured <= 0 or (e.applied & e.training).any():
+    if e.opaque or not e.configured or e.configured <= 0 or e.applied_training:
         return []
     return [Finding(
         "never-applied", Severity.WARNING,
         f"configured with rate={e.configured:g} but no mask was applied while training "
-        f"({e.records} records, {int(e.training.sum())} in training mode)",
+        f"({e.records} records, {e.training_records} in training mode)",
         e.name, {"rate": e.configured, "records": e.records})]
 
 
@@ -86,15 +109,15 @@ def _no_records(e: SiteEvidence) -> list[Finding]:
 
 
 def _inference_dropout(e: SiteEvidence) -> list[Finding]:
-    hits = e.scan.inference_dropping
+    hits = e.inference_records
     if not hits:
         return []
-    first = int(e.steps[hits[0]])
+    first = e.inference_first_step
     return [Finding(
         "inference-dropout", Severity.ERROR,
-        f"dropout active at inference: {len(hits)} record(s) made with training=False dropped "
+        f"dropout active at inference: {hits} record(s) made with training=False dropped "
         f"elements (first at step {first})",
-        e.name, {"records": len(hits), "first_step": first})]
+        e.name, {"records": hits, "first_step": first})]
 
 
 def _rate_mismatch(e: SiteEvidence) -> list[Finding]:
@@ -113,11 +136,11 @@ def _stale_mask(e: SiteEvidence) -> list[Finding]:
     f = e.freshness
     if f is None or f.verdict != "stale":
         return []
-    a, b = e.scan.fresh.first_pair or (0, 0)
+    a, b = e.fresh_first or (0, 0)
     return [Finding(
         "stale-mask", Severity.ERROR,
         f"mask identical to the previous step's in {f.identical} of {f.pairs} step pairs "
-        f"(first: step {int(e.steps[a])} -> {int(e.steps[b])}); chance for fresh masks "
+        f"(first: step {a} -> {b}); chance for fresh masks "
         f"<= 1e{f.log10_chance:.0f}",
         e.name, {"pairs": f.pairs, "identical": f.identical, "log10_chance": f.log10_chance})]
 
@@ -154,6 +177,65 @@ def _construction_contradicted(e: SiteEvidence) -> list[Finding]:
         "construction-contradicted", Severity.WARNING,
         "the site declares one mask for every timestep, but the mask varies along time", e.name)
         for v in e.axes if v.verdict == "independent" and v.name == "time"]
+
+
+def _identical_across_ranks(e: SiteEvidence) -> list[Finding]:
+    c, d = e.across, e.across_detail
+    if c is None or d is None or c.verdict not in ("identical", "partial"):
+        return []
+    who = "ranks" if d.kind == "ranks" else "replicas" if d.kind == "replicas" else "copies"
+    detail = ", ".join(f"{k}: {i}/{n}" for k, (i, n) in d.by_copy.items())
+    return [Finding(
+        "identical-across-ranks", Severity.WARNING,
+        f"{c.identical} of {c.pairs} records are identical across {who} at the same step and "
+        f"call ({detail}); chance for independent masks <= 1e{c.log10_chance:.0f}. Each "
+        f"{who[:-1]} drops the same units of its own data: seed each {who[:-1]} differently "
+        f"(e.g. torch.manual_seed(base + rank)), unless this is intended",
+        e.name, {"pairs": c.pairs, "identical": c.identical, "log10_chance": c.log10_chance,
+                 "kind": d.kind, "by_copy": {k: list(v) for k, v in d.by_copy.items()}})]
+
+
+def _rank_unreadable(e: SetEvidence) -> list[Finding]:
+    return [Finding("rank-unreadable", Severity.ERROR,
+                    f"{path} could not be read and is left out of the report: {why}", None,
+                    {"path": path, "reason": why}) for path, why in e.unreadable]
+
+
+def _rank_missing(e: SetEvidence) -> list[Finding]:
+    if e.world_size is None:
+        return []
+    missing = sorted(set(range(e.world_size)) - set(e.ranks))
+    if not missing:
+        return []
+    return [Finding(
+        "rank-missing", Severity.WARNING,
+        f"the run had {e.world_size} ranks but the set holds files of {len(e.ranks)}; missing "
+        f"rank(s): {', '.join(map(str, missing))}", None,
+        {"world_size": e.world_size, "missing": missing})]
+
+
+def _rank_sites_differ(e: SetEvidence) -> list[Finding]:
+    out = []
+    for rank, extra, lacking in e.sites_differ:
+        words = []
+        if extra:
+            words.append("only it has " + ", ".join(extra))
+        if lacking:
+            words.append("it lacks " + ", ".join(lacking))
+        out.append(Finding(
+            "rank-sites-differ", Severity.WARNING,
+            f"rank {rank} has different sites from the other ranks: {'; '.join(words)}", None,
+            {"rank": rank, "only_here": list(extra), "missing_here": list(lacking)}))
+    return out
+
+
+def _ranks_from_different_runs(e: SetEvidence) -> list[Finding]:
+    if not e.different_runs:
+        return []
+    return [Finding(
+        "ranks-from-different-runs", Severity.ERROR,
+        "the files look like different runs (" + "; ".join(e.different_runs) + "), merged "
+        "anyway because of --force", None, {"reasons": list(e.different_runs)})]
 
 
 def _run_incomplete(e: RunEvidence) -> list[Finding]:
@@ -210,7 +292,7 @@ class FindingRule:
         code: The finding's stable code.
         severity: Its usual severity (``records-dropped`` is info when only the sampling
             policy left records out).
-        scope: ``site`` or ``run``.
+        scope: ``site``, ``run`` or ``set`` (the files of a run set).
         rule: The function that makes the finding from the evidence.
         when: One line: when the finding is made (the docs table says the same).
     """
@@ -243,6 +325,17 @@ FINDINGS: tuple[FindingRule, ...] = (
     FindingRule("construction-contradicted", Severity.WARNING, "site",
                 _construction_contradicted,
                 "a site declared one mask for every timestep, but the mask varies along time"),
+    FindingRule("identical-across-ranks", Severity.WARNING, "site", _identical_across_ranks,
+                "records of different ranks/replicas are identical at the same step and call "
+                "beyond chance"),
+    FindingRule("rank-unreadable", Severity.ERROR, "set", _rank_unreadable,
+                "a file of a run set could not be read; the others are reported"),
+    FindingRule("rank-missing", Severity.WARNING, "set", _rank_missing,
+                "the files say the run had more ranks than the set holds"),
+    FindingRule("rank-sites-differ", Severity.WARNING, "set", _rank_sites_differ,
+                "a rank's file has sites the others lack, or lacks some they have"),
+    FindingRule("ranks-from-different-runs", Severity.ERROR, "set", _ranks_from_different_runs,
+                "files of different runs merged with --force"),
     FindingRule("run-incomplete", Severity.WARNING, "run", _run_incomplete,
                 "the writer did not close the file cleanly"),
     FindingRule("records-dropped", Severity.WARNING, "run", _records_dropped,
@@ -264,3 +357,8 @@ def site_findings(evidence: SiteEvidence) -> list[Finding]:
 def run_findings(evidence: RunEvidence) -> list[Finding]:
     """Every run rule applied to the run's evidence, in table order."""
     return [f for row in FINDINGS if row.scope == "run" for f in row.rule(evidence)]
+
+
+def set_findings(evidence: SetEvidence) -> list[Finding]:
+    """Every run-set rule applied to the set's evidence, in table order."""
+    return [f for row in FINDINGS if row.scope == "set" for f in row.rule(evidence)]

@@ -16,23 +16,26 @@ from typing import Any
 
 import numpy as np
 
-from dropspy.analysis._scan import SiteScan, scan_site
+from dropspy.analysis._scan import scan_site
 from dropspy.analysis._stats import (
     log10_constant_fibers,
     log10_repeat_tail,
     wilson_interval,
     worst_keep_probability,
 )
+from dropspy.analysis.copies import Copies
 from dropspy.analysis.memory import MemorySite
 from dropspy.analysis.results import (
     CONFIDENCE,
     THRESHOLD,
     AxisVerdict,
     PairCheck,
+    RankSite,
     RateEstimate,
     SiteAnalysis,
 )
 from dropspy.analysis.rules import SiteEvidence, site_findings
+from dropspy.analysis.summary import SiteSummary
 
 __all__ = ["analyze_site", "analyze_masks", "conclude", "check_args"]
 
@@ -59,8 +62,8 @@ def analyze_site(
         The :class:`SiteAnalysis`.
     """
     check_args(threshold, confidence)
-    scan = scan_site(site, max_bytes=max_bytes, progress=progress)
-    return conclude(site, scan, threshold, confidence)
+    summary = scan_site(site, max_bytes=max_bytes, progress=progress)
+    return conclude(summary, threshold, confidence)
 
 
 def analyze_masks(
@@ -121,24 +124,32 @@ def check_args(threshold: float, confidence: float) -> None:
         )
 
 
-def conclude(site: Any, scan: SiteScan, threshold: float, confidence: float,
-             gates: PairCheck | None = None, gate_sites: tuple[str, ...] = ()) -> SiteAnalysis:
-    name = site.name
-    n = len(site)
-    rank = scan.rank
-    axes = tuple(site.axes)
-    training = np.asarray(site.training, dtype=bool)[:n]
-    applied = np.asarray(site.applied, dtype=bool)[:n]
-    steps_arr = np.asarray(site.steps)[:n]
-    extra = dict(getattr(site, "extra", {}) or {})
+def conclude(s: SiteSummary, threshold: float, confidence: float,
+             gates: PairCheck | None = None, gate_sites: tuple[str, ...] = (),
+             across: Copies | None = None,
+             ranks: tuple[RankSite, ...] = ()) -> SiteAnalysis:
+    """The verdicts on one site from its (possibly merged) summary.
+
+    Args:
+        s: The site's summary (one file's, or merged over the files of a run set).
+        threshold: Largest chance of coincidence that still lets a structure be claimed.
+        confidence: Confidence level of the rate interval.
+        gates: The gate comparison, when the site has sibling gates.
+        gate_sites: The sibling gate sites compared.
+        across: Records of other ranks/replicas compared with the first one's, if any.
+        ranks: Per-rank facts of a run set.
+    """
+    rank = len(s.axes)
+    axes = tuple(s.axes)
+    extra = dict(s.extra)
 
     # Shapes of the used records, grouped: (applied shape, noise shape, records), so that
     # nothing here costs memory per record.
-    groups = list(scan.groups.items())
+    groups = list(s.groups.items())
     shapes = np.array([g[0][0] for g in groups], dtype=np.int64).reshape(len(groups), rank)
     nshapes = np.array([g[0][1] for g in groups], dtype=np.int64).reshape(len(groups), rank)
     counts = np.array([g[1] for g in groups], dtype=np.int64)
-    constant = np.array([v < 0 for v in scan.varies_at], dtype=bool)
+    constant = np.array([v is None for v in s.varies_at], dtype=bool)
 
     def independent_elements(noise_shapes: np.ndarray) -> np.ndarray:
         """Independently drawn elements per noise shape: axes seen constant count once."""
@@ -146,76 +157,69 @@ def conclude(site: Any, scan: SiteScan, threshold: float, confidence: float,
 
     eff = np.where(constant[None, :], 1, nshapes)
     eff_elements = int((independent_elements(nshapes) * counts).sum()) if len(groups) else 0
-    rate = _rate(site.rate, scan, eff_elements, confidence)
+    rate = _rate(s.rate, s.kept, s.elements, eff_elements, confidence)
     low = rate.low if rate.low is not None else 0.0
     high = rate.high if rate.high is not None else 1.0
 
     verdicts = tuple(
-        _axis_verdict(k, axes[k], scan, shapes, nshapes, counts, eff, low, high,
-                      threshold, extra, steps_arr)
+        _axis_verdict(k, axes[k], s, shapes, nshapes, counts, eff, low, high, threshold, extra)
         for k in range(rank)
     )
-    pattern = _pattern(verdicts) if scan.used else "unobserved"
+    pattern = _pattern(verdicts) if s.used else "unobserved"
 
     log_w = math.log10(worst_keep_probability(low, high))
-    freshness = _pair_check(scan.fresh, independent_elements, log_w, threshold,
+    freshness = _pair_check(s.fresh, independent_elements, log_w, threshold,
                             ("fresh", "stale"), "each record vs the same call at the previous step")
-    over_time = _over_time(verdicts, scan, independent_elements, log_w, threshold)
+    over_time = _over_time(verdicts, s, independent_elements, log_w, threshold)
+    copies = None if across is None else across.check(independent_elements, log_w, threshold)
 
-    opaque = getattr(site, "opaque", None)
     findings = site_findings(SiteEvidence(
-        name=name, records=n, configured=site.rate, opaque=opaque, training=training,
-        applied=applied, steps=steps_arr, extra=extra, scan=scan, rate=rate, axes=verdicts,
-        freshness=freshness, threshold=threshold, confidence=confidence))
+        name=s.name, records=s.records, training_records=s.training_records,
+        applied_training=s.applied_training, configured=s.rate, opaque=s.opaque,
+        extra=extra, inference_records=s.inference_records,
+        inference_first_step=s.inference_first_step, fresh_first=s.fresh.first, rate=rate,
+        axes=verdicts, freshness=freshness, across=copies,
+        across_detail=None if across is None else across, threshold=threshold,
+        confidence=confidence))
 
     return SiteAnalysis(
-        site=name, layer=site.layer, layer_class=site.layer_class, role=site.role,
-        gate=getattr(site, "gate", None), axes=verdicts, pattern=pattern, rate=rate,
-        records=n, training_records=int(training.sum()), applied_records=int(applied.sum()),
-        steps=int(np.unique(steps_arr).size), opaque=opaque, gates=gates, gate_sites=gate_sites,
-        over_time=over_time, freshness=freshness, findings=tuple(findings),
-        **_site_facts(site, extra),
+        site=s.name, layer=s.layer, layer_class=s.layer_class, role=s.role,
+        gate=s.gate, axes=verdicts, pattern=pattern, rate=rate,
+        records=s.records, training_records=s.training_records,
+        applied_records=s.applied_records, steps=s.steps, opaque=s.opaque, gates=gates,
+        gate_sites=gate_sites, over_time=over_time, freshness=freshness,
+        findings=tuple(findings), noise_shape=s.noise_shape, scale=s.scale,
+        extra=json.loads(json.dumps(extra, default=str, sort_keys=True)),
+        ranks=ranks, replicas=tuple(s.replicas), across=copies,
     )
 
 
-def _site_facts(site: Any, extra: Mapping[str, Any]) -> dict[str, Any]:
-    """noise_shape, scale and extra in their JSON form, so that a report round trip is lossless."""
-    ns = getattr(site, "noise_shape", None)
-    scale = getattr(site, "scale", None)
-    scale = None if scale is None or not math.isfinite(float(scale)) else float(scale)
-    return {
-        "noise_shape": None if ns is None else tuple(None if d is None else int(d) for d in ns),
-        "scale": scale,
-        "extra": json.loads(json.dumps(dict(extra), default=str, sort_keys=True)),
-    }
-
-
-def _rate(configured: float | None, scan: SiteScan, eff_elements: int,
+def _rate(configured: float | None, kept: int, elements: int, eff_elements: int,
           confidence: float) -> RateEstimate:
-    if scan.elements == 0:
+    if elements == 0:
         return RateEstimate(configured, None, None, None, confidence, 0, 0, "unknown")
-    dropped = scan.elements - scan.kept
-    observed = dropped / scan.elements
+    dropped = elements - kept
+    observed = dropped / elements
     low, high = wilson_interval(observed * eff_elements, eff_elements, confidence)
     if configured is None:
         verdict = "unknown"
     else:
         verdict = "ok" if low - 1e-12 <= configured <= high + 1e-12 else "mismatch"
-    return RateEstimate(configured, observed, low, high, confidence, scan.elements,
+    return RateEstimate(configured, observed, low, high, confidence, elements,
                         eff_elements, verdict)
 
 
-def _axis_verdict(k: int, name: str, scan: SiteScan, shapes: np.ndarray, nshapes: np.ndarray,
+def _axis_verdict(k: int, name: str, s: SiteSummary, shapes: np.ndarray, nshapes: np.ndarray,
                   counts: np.ndarray, eff: np.ndarray, low: float, high: float, threshold: float,
-                  extra: Mapping[str, Any], steps: np.ndarray) -> AxisVerdict:
+                  extra: Mapping[str, Any]) -> AxisVerdict:
     """Verdict on one axis from shape groups (applied shape, noise shape, records)."""
     if len(shapes) == 0:
         return AxisVerdict(name, "inconclusive", False, 0, None, "no masks recorded")
     size = int(shapes[:, k].max())
-    if scan.varies_at[k] >= 0:
-        at = scan.varies_at[k]
+    at = s.varies_at[k]
+    if at is not None:
         return AxisVerdict(name, "independent", False, size, None,
-                           f"the mask varies along {name} (first at step {int(steps[at])})")
+                           f"the mask varies along {name} (first at step {at})")
     if size <= 1:
         return AxisVerdict(name, "inconclusive", False, size, None,
                            f"{name} has size 1 in every record")
@@ -268,7 +272,7 @@ def _pair_check(log: Any, independent_elements: Callable[[np.ndarray], np.ndarra
     pairs = log.pairs
     if pairs == 0:
         return None
-    repeats = len(log.identical)
+    repeats = log.identical
     smallest = int(independent_elements(np.array(sorted(log.shapes), dtype=np.int64)).min())
     log_pair = smallest * log_w
     tail = log10_repeat_tail(pairs, repeats, log_pair)
@@ -279,14 +283,14 @@ def _pair_check(log: Any, independent_elements: Callable[[np.ndarray], np.ndarra
     return PairCheck("inconclusive", pairs, repeats, tail, source)
 
 
-def _over_time(verdicts: Sequence[AxisVerdict], scan: SiteScan,
+def _over_time(verdicts: Sequence[AxisVerdict], s: SiteSummary,
                independent_elements: Callable[[np.ndarray], np.ndarray],
                log_w: float, threshold: float) -> PairCheck | None:
     for v in verdicts:
         if v.name == "time" and v.size > 1:
             word = {"shared": "constant", "independent": "resampled"}.get(v.verdict, "inconclusive")
             return PairCheck(word, 0, 0, v.log10_chance, f"time axis: {v.reason}")
-    check = _pair_check(scan.calls, independent_elements, log_w, threshold,
+    check = _pair_check(s.calls, independent_elements, log_w, threshold,
                         ("resampled", "constant"), "calls within a step vs call 0")
     if check is not None and 0 < check.identical < check.pairs:
         # One call that differs from call 0 proves the mask is redrawn within the step.
