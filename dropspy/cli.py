@@ -196,15 +196,16 @@ def check(
     for e in exps:
         if id(e) not in failed_exps:
             typer.echo(safe(f"ok   {e.text or e.site}"))
-    for f in errors:
+    for error in errors:
         prefix = "FAIL" if fail_errors else "note"
-        typer.echo(safe(f"{prefix} {f.site + ': ' if f.site else ''}{f.message} [{f.code}]"))
-    for f in incomplete:
+        where = f"{error.site}: " if error.site else ""
+        typer.echo(safe(f"{prefix} {where}{error.message} [{error.code}]"))
+    for missing in incomplete:
         prefix = "note" if allow_incomplete else "FAIL"
-        typer.echo(safe(f"{prefix} incomplete evidence: {f.message} [{f.code}]"))
-    for f in result.all_findings:
-        if f.code == "records-dropped":  # said, not failed: the file counts them exactly
-            typer.echo(safe(f"note {f.message} [{f.code}]"))
+        typer.echo(safe(f"{prefix} incomplete evidence: {missing.message} [{missing.code}]"))
+    for finding in result.all_findings:
+        if finding.code == "records-dropped":  # said, not failed: the file counts them exactly
+            typer.echo(safe(f"note {finding.message} [{finding.code}]"))
     failed = (bool(failures) or (fail_errors and bool(errors))
               or (bool(incomplete) and not allow_incomplete))
     n_err = len(errors) if fail_errors else 0

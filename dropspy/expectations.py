@@ -317,7 +317,8 @@ def check_site(exp: Expectation, site: SiteAnalysis) -> list[str]:
             if abs(r.observed - exp.rate) > exp.tol + 1e-12:
                 problems.append(f"rate: expected {exp.rate:g} +- {exp.tol:g}, "
                                 f"observed {r.observed:.4g}")
-        elif not (r.low - 1e-12 <= exp.rate <= r.high + 1e-12):
+        elif (r.low is not None and r.high is not None
+              and not (r.low - 1e-12 <= exp.rate <= r.high + 1e-12)):
             problems.append(f"rate: expected {exp.rate:g}, observed {r.observed:.4g} "
                             f"({r.confidence:.1%} interval {r.low:.4g}-{r.high:.4g})")
     for key in ("gates", "over_time"):
@@ -328,11 +329,11 @@ def check_site(exp: Expectation, site: SiteAnalysis) -> list[str]:
             if got is None or got.verdict != want:
                 problems.append(f"{key}: expected {want}, observed {observed}")
     if exp.fresh is not None:
-        want = "fresh" if exp.fresh else "stale"
+        fresh = "fresh" if exp.fresh else "stale"
         got = site.freshness
-        if got is None or got.verdict != want:
+        if got is None or got.verdict != fresh:
             observed = "n/a (fewer than two steps)" if got is None else got.verdict
-            problems.append(f"freshness: expected {want}, observed {observed}")
+            problems.append(f"freshness: expected {fresh}, observed {observed}")
     return problems
 
 

@@ -151,12 +151,13 @@ def assert_fresh(run: RunLike, site: str = "*") -> None:
     """Assert every matching site draws a new mask at every step (no stale masks)."""
     __tracebackhide__ = True
     _, matched = _sites(run, site)
-    stale = [s for s in matched if s.freshness is not None and s.freshness.verdict == "stale"]
+    stale = [(s.site, s.freshness) for s in matched
+             if s.freshness is not None and s.freshness.verdict == "stale"]
     if stale:
         raise AssertionError("Stale masks (identical to the previous step's):\n" + "\n".join(
-            f"  {s.site}: freshness: expected fresh, observed stale "
-            f"({s.freshness.identical} of {s.freshness.pairs} step pairs identical)"
-            for s in stale))
+            f"  {name}: freshness: expected fresh, observed stale "
+            f"({check.identical} of {check.pairs} step pairs identical)"
+            for name, check in stale))
 
 
 def assert_no_findings(run: RunLike, severity: str = "error", *,

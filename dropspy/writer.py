@@ -482,7 +482,7 @@ class RunWriter:
         # attributes under SWMR corrupted files killed mid-flush (bad heap index), raw data
         # writes to an existing dataset do not.
         with self._lock:
-            status = {
+            status: dict[str, Any] = {
                 "closed_cleanly": int(closed),
                 "records_written": self._written,
                 "records_dropped": dict(self._dropped),

@@ -26,7 +26,8 @@ def wilson_interval(events: float, trials: float, confidence: float) -> tuple[fl
     """Wilson score interval for a binomial proportion.
 
     Args:
-        events: Observed successes (here: dropped elements).
+        events: Observed successes (here: dropped elements; fractional when scaled to an
+            effective element count).
         trials: Number of independent trials; may be fractional when derived from an
             effective element count.
         confidence: Two-sided confidence level, e.g. 0.999.

@@ -46,8 +46,8 @@ def diff(a: RunAnalysis, b: RunAnalysis, *, facts: bool = False) -> list[SiteDif
         if x.pattern != y.pattern:
             out.append(SiteDifference(n, "pattern", x.pattern, y.pattern))
         ra, rb = x.rate, y.rate
-        if (ra.low is not None and rb.low is not None
-                and (ra.high < rb.low or rb.high < ra.low)):
+        if (ra.low is not None and rb.low is not None and ra.high is not None
+                and rb.high is not None and (ra.high < rb.low or rb.high < ra.low)):
             out.append(SiteDifference(n, "rate", f"{ra.observed:.4g}", f"{rb.observed:.4g}"))
         for aspect in ("gates", "over_time", "freshness"):
             ca, cb = getattr(x, aspect), getattr(y, aspect)
