@@ -333,7 +333,8 @@ def record(
     Args:
         model: A Keras 3 model or layer, or a ``torch.nn.Module``; its framework must be
             imported already.
-        path: The run file to create (HDF5).
+        path: The run file to create (HDF5). An existing dropspy run there is replaced;
+            any other file is refused with a RunFileError, never overwritten.
         every: Record every N-th training step.
         steps: Only these steps (a range or iterable of ints); None for all.
         sites: Glob pattern(s) on site names or layer paths; None for every site.

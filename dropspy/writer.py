@@ -23,11 +23,13 @@ every record appended before the last flush.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import math
 import os
 import queue
 import shutil
+import stat
 import threading
 import time
 import weakref
@@ -111,19 +113,51 @@ class _SiteBuffer:
 
     __slots__ = ("group", "rank", "rows", "chunks", "nbytes", "dsets", "n_records", "n_bytes")
 
-    def __init__(self, group: h5py.Group, rank: int) -> None:
-        self.group = group
+    def __init__(self, group: h5py.Group | None, rank: int) -> None:
         self.rank = rank
         self.rows: list[tuple[int, int, int, int, tuple[int, ...], tuple[int, ...]]] = []
         self.chunks: list[np.ndarray] = []
         self.nbytes = 0
+        self.group: h5py.Group | None = None
+        self.dsets: dict[str, h5py.Dataset] = {}
+        self.n_records = 0
+        self.n_bytes = 0
+        if group is not None:
+            self.attach(group)
+
+    def attach(self, group: h5py.Group) -> None:
+        """Bind the buffer to its site group, made once the disk has room for it."""
+        self.group = group
         # Datasets and lengths kept here: looking datasets up and asking HDF5 for their shapes
         # at every append cost more than the appends (bench_writer, 12 sites: ~27 ms a flush).
         self.dsets = {name: group[name] for name in _DTYPES}
         self.n_records = int(self.dsets["step"].shape[0])
         self.n_bytes = int(self.dsets["bits"].shape[0])
 
+    def growth(self) -> int:
+        """Bytes appending the buffered rows may add to the file.
 
+        HDF5 allocates every chunk of an uncompressed dataset whole at its first write: a
+        site's first append takes 64 KiB of bits and ~35 KiB of index (rank 3) however small
+        its records. Counting only the records' bytes let 200 sites' first flush (~20 MB)
+        overrun an 8 MiB reserve: a failed write, then a segfault at exit.
+        """
+        if not self.rows:
+            return 0
+        n0, n = self.n_records, len(self.rows)
+        rows = -(-(n0 + n) // _INDEX_CHUNK_ROWS) - -(-n0 // _INDEX_CHUNK_ROWS)
+        bits = -(-(self.n_bytes + self.nbytes) // _BITS_CHUNK) - -(-self.n_bytes // _BITS_CHUNK)
+        row_bytes = sum(np.dtype(t).itemsize * (max(self.rank, 1) if k in _WIDE else 1)
+                        for k, t in _DTYPES.items() if k != "bits")
+        return (rows * _INDEX_CHUNK_ROWS * row_bytes + bits * _BITS_CHUNK
+                + (rows + bits) * _CHUNK_META + 64 * n)
+
+
+_WIDE = ("shape", "noise_shape")  # datasets with one column per axis
+# File metadata measured per site group with its datasets (~5.4 KB) and per chunk allocated
+# (chunk index entries; ~3.3 KB for a site's first 8 chunks), rounded up.
+_SITE_META = 8 << 10
+_CHUNK_META = 1 << 10
 _DTYPES = {"step": np.int64, "call": np.int32, "training": np.uint8, "applied": np.uint8,
            "offset": np.int64, "shape": np.int64, "noise_shape": np.int64, "bits": np.uint8}
 
@@ -150,7 +184,8 @@ class RunWriter:
     the writer thread. Records that cannot be written are counted by cause in the file.
 
     Args:
-        path: Where to create the run file (overwritten).
+        path: Where to create the run file. An existing dropspy run there is replaced;
+            any other file is refused (RunFileError), never overwritten.
         meta: Root attributes from the adapter (framework, framework_version, backend,
             devices, ...) and the recorder (config).
         max_bytes: Budget of packed mask bytes; records past it are dropped and counted.
@@ -204,18 +239,40 @@ class RunWriter:
         self._sites: dict[str, SiteInfo] = {}
         self._pending_sites: list[SiteInfo] = []
         self._queue: queue.Queue[list[Record] | None] = queue.Queue(maxsize=queue_steps)
+        for key in meta or {}:
+            if key in _RESERVED:
+                raise ValueError(f"Root attribute {key!r} is set by the writer, not by an adapter")
+        _check_replaceable(self.path)
+        # Created complete under a hidden name, then renamed: a process killed right after
+        # entering record() left a 48-byte file that did not open (1 of 12 kills within 30 ms).
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = h5py.File(self.path, "w", libver="latest")
+            self._file = h5py.File(tmp, "w", libver="latest")
         except OSError as exc:
             raise RunFileError(f"{self.path}: cannot create run file: {exc}") from exc
+        try:
+            self._write_header(meta)
+            os.replace(tmp, self.path)
+        except BaseException as exc:
+            with contextlib.suppress(Exception):
+                self._file.close()
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            if isinstance(exc, OSError):
+                raise RunFileError(f"{self.path}: cannot create run file: {exc}") from exc
+            raise
+        self._thread = threading.Thread(target=self._run, name="dropspy-writer", daemon=True)
+        self._thread.start()
+        _OPEN_WRITERS.add(self)
+
+    def _write_header(self, meta: Mapping[str, Any] | None) -> None:
+        """Root attributes, ``/sites`` and ``/status``, flushed, then SWMR mode on."""
         root = self._file.attrs
         root["format"] = _attr_value(FORMAT_NAME)
         root["format_version"] = FORMAT_VERSION
         root["dropspy_version"] = _attr_value(__version__)
         for key, value in (meta or {}).items():
-            if key in _RESERVED:
-                raise ValueError(f"Root attribute {key!r} is set by the writer, not by an adapter")
             root[key] = _attr_value(value)
         for key, default in (("framework", "unknown"), ("framework_version", ""),
                              ("backend", ""), ("devices", "[]"), ("rank", 0),
@@ -230,12 +287,11 @@ class RunWriter:
         status.attrs["content"] = _attr_value(
             "JSON: closed_cleanly, records_written, records_dropped, stop_reason, notes")
         self._buffers: dict[str, _SiteBuffer] = {}
+        self._unmade: list[SiteInfo] = []
+        self._groups_made = 0
         self._write_status(closed=False)
         self._file.flush()
         self._file.swmr_mode = True
-        self._thread = threading.Thread(target=self._run, name="dropspy-writer", daemon=True)
-        self._thread.start()
-        _OPEN_WRITERS.add(self)
 
     # -- called from training threads -------------------------------------------------
 
@@ -372,10 +428,19 @@ class RunWriter:
             pass
 
     def _declare_pending(self) -> None:
+        # Buffers now, site groups at the next append once the room check passed: a group
+        # made before the check would be written at the next flush, full disk or not.
         with self._lock:
             pending, self._pending_sites = self._pending_sites, []
         for info in pending:
-            group = self._sites_group.create_group(f"{len(self._buffers):06d}")
+            self._buffers[info.name] = _SiteBuffer(None, len(info.axes))
+            self._unmade.append(info)
+
+    def _make_groups(self) -> None:
+        made, self._unmade = self._unmade, []
+        for info in made:
+            group = self._sites_group.create_group(f"{self._groups_made:06d}")
+            self._groups_made += 1
             for key, value in info.to_attrs().items():
                 group.attrs[key] = value
             rank = len(info.axes)
@@ -398,7 +463,7 @@ class RunWriter:
             d = group.create_dataset("bits", (0,), maxshape=(None,), dtype="u1",
                                      chunks=(_BITS_CHUNK,))
             d.dims[0].label = "byte"
-            self._buffers[info.name] = _SiteBuffer(group, rank)
+            self._buffers[info.name].attach(group)
 
     def _buffer(self, batch: list[Record]) -> int:
         if self._pending_sites:
@@ -441,15 +506,20 @@ class RunWriter:
     def _append_all(self) -> None:
         if self._pending_sites:
             self._declare_pending()
-        need = sum(b.nbytes + 64 * len(b.rows) for b in self._buffers.values())
+        need = (sum(b.growth() for b in self._buffers.values())
+                + _SITE_META * len(self._unmade))
         if need:
             room = self._room()
             if room - need < self.reserve_bytes:
+                if self._unmade and room - _SITE_META * len(self._unmade) >= self.reserve_bytes:
+                    self._make_groups()  # the sites are listed, if not their records
                 raise _DiskFull(
                     f"disk nearly full: {room} bytes left for {self.path}, {need} needed plus a "
                     f"{self.reserve_bytes}-byte reserve; recording stopped so that the run file "
                     f"stays readable"
                 )
+        if self._unmade:
+            self._make_groups()
         for buf in self._buffers.values():
             if not buf.rows:
                 continue
@@ -495,6 +565,40 @@ class RunWriter:
             status["notes"] = kept + [f"... {len(self._notes) - len(kept)} more notes not stored"]
             text = json.dumps(status, sort_keys=True).encode("utf-8")
         self._file["status"][0] = np.bytes_(text)
+
+
+def _check_replaceable(path: Path) -> None:
+    """Refuse to write over anything but a dropspy run file (or an empty file).
+
+    Replacing an existing run is the default (re-running a script re-records), so anything
+    else at the path (notes.txt, a checkpoint, a damaged file dropspy cannot tell is its own)
+    is refused, never destroyed.
+    """
+    from dropspy import _h5read
+
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise RunFileError(f"{path}: cannot create run file: {exc}") from exc
+    if stat.S_ISDIR(st.st_mode):
+        raise RunFileError(f"{path}: is a directory; give a file path for the run file, e.g. "
+                           f"{path / 'run.h5'}")
+    if stat.S_ISREG(st.st_mode) and st.st_size == 0:
+        return
+    what = "not a regular file"
+    if stat.S_ISREG(st.st_mode):
+        try:
+            with _h5read.open_file(path) as f:
+                if _h5read.attr(f, "format", path, "/", required=False) == FORMAT_NAME:
+                    return
+            what = "an HDF5 file that is not a dropspy run"
+        except RunFileError:
+            what = ("not a dropspy run file" if not h5py.is_hdf5(path)
+                    else "an HDF5 file dropspy cannot read as its own run")
+    raise RunFileError(f"{path}: exists and is {what}; dropspy replaces only its own run "
+                       f"files. Delete it or record to another path")
 
 
 _OPEN_WRITERS: weakref.WeakSet[RunWriter] = weakref.WeakSet()

@@ -107,3 +107,50 @@ def small_filesystem(tmp_path):
 def test_full_disk_stops_recording_before_hdf5_fails_and_training_goes_on(small_filesystem):
     path = small_filesystem / "full.h5"
     _check_stopped_cleanly(path, _fill_the_disk(path, limit_kib=0))
+
+
+def test_full_disk_with_hundreds_of_sites_counts_disk_full_and_leaves_a_readable_file(tmp_path):
+    # HDF5 allocates each site's first chunks whole (~100 KB a site): 300 sites' first flush
+    # needs ~30 MB. The writer must see that coming: disk_full, not a failed write.
+    path = tmp_path / "many.h5"
+    out = _run(
+        """
+        import json, resource, signal, sys, numpy as np
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (40 << 20, 40 << 20))
+        from dropspy.recorder import Session
+        from dropspy.records import Record, SiteInfo
+        from dropspy.writer import RunWriter
+        w = RunWriter(sys.argv[1], {"framework": "test"}, flush_seconds=0.01)
+        s = Session(w)
+        n = 300
+        for k in range(n):
+            s.declare_site(SiteInfo(f"s{k}", f"s{k}", "Dropout", "output",
+                                    ("batch", "time", "feature"), 0.5))
+        rng = np.random.default_rng(0)
+        for step in range(40):
+            # 2 KiB a record: the first 64 KiB bits chunks fit, the second ones do not
+            s.submit(step, [Record(f"s{k}", step, 0, True, (16, 8, 128),
+                                   packed=np.frombuffer(rng.bytes(2048), np.uint8),
+                                   noise_shape=(16, 8, 128)) for k in range(n)])
+        w.close()
+        print(json.dumps(w.stats))
+        """,
+        str(path),
+    )
+    assert out.returncode == 0, out.stderr[-2000:]  # no crash, at exit or before
+    stats = json.loads(out.stdout.strip().splitlines()[-1])
+    dropped = stats["records_dropped"]
+    assert dropped["write_error"] == 0 and dropped["disk_full"] > 0, stats
+    assert stats["records_written"] + dropped["disk_full"] == 300 * 40
+    run = load(path)
+    assert not run.complete and "disk nearly full" in run.attrs["stop_reason"]
+    assert len(run.sites) == 300 and run.damage == []
+    assert run.records_readable == stats["records_written"]
+    rng = np.random.default_rng(0)
+    want = [[np.unpackbits(np.frombuffer(rng.bytes(2048), np.uint8)).reshape(16, 8, 128) != 0
+             for _ in range(300)] for _ in range(40)]
+    for k in (0, 150, 299):
+        site = run[f"s{k}"]
+        for i in range(len(site)):
+            assert np.array_equal(site.noise(i), want[int(site.steps[i])][k])
