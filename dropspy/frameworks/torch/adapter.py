@@ -30,6 +30,7 @@ A step that ``GradScaler`` skips (inf/NaN gradients) calls no ``optimizer.step()
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import threading
@@ -118,6 +119,13 @@ class TorchAdapter:
         self._inflight: tuple[DeviceCopy, list[Record], list[Record], int] | None = None
         self._params: set[int] = {id(p) for p in model.parameters()}
 
+    @property
+    def _cap(self) -> Capture:
+        """The capture; hooks and the step clock run only while attached, when it is set."""
+        cap = self._capture
+        assert cap is not None, "TorchAdapter used before attach()"
+        return cap
+
     # -- the Adapter contract ----------------------------------------------------------------
 
     def meta(self) -> dict[str, Any]:
@@ -198,7 +206,7 @@ class TorchAdapter:
         Their mask's rank, hence its axes, is only known at a call, so they are declared at
         their first sampled call; a run that samples nothing must still say they exist.
         """
-        seen = {info.layer for info in self._capture.sites.infos.values()}
+        seen = {info.layer for info in self._cap.sites.infos.values()}
         unseen = [name for name, m in self.model.named_modules()
                   if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0
                   and name not in seen]
@@ -232,7 +240,7 @@ class TorchAdapter:
         fast_path = isinstance(self._module_at(path), FAST_PATH_MODULES)
 
         def hook(module: torch.nn.Module, args: Any) -> None:
-            cap = self._capture
+            cap = self._cap
             frame = Frame(path, module)
             if not cap.stack:
                 self._begin_forward(frame)
@@ -252,7 +260,7 @@ class TorchAdapter:
 
     def _post_hook(self, path: str) -> Callable:
         def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
-            cap = self._capture
+            cap = self._cap
             if not cap.stack or cap.stack[-1].module is not module:
                 return
             frame = cap.stack.pop()
@@ -291,7 +299,7 @@ class TorchAdapter:
                 f"dropspy records the thread that entered record() (thread "
                 f"{self._thread}); this forward runs on thread {threading.get_ident()}. "
                 f"Enter record() on the thread that trains.")
-        cap = self._capture
+        cap = self._cap
         if torch._C._current_graph_task_id() != -1:
             # Activation checkpointing re-runs forward during backward with the RNG state
             # restored: the same masks again, already recorded in the forward.
@@ -305,7 +313,7 @@ class TorchAdapter:
             frame.pushed = True
 
     def _end_forward(self, module: torch.nn.Module) -> None:
-        cap = self._capture
+        cap = self._cap
         if torch._C._current_graph_task_id() != -1:
             return  # a checkpoint re-run during backward, not a forward of the training loop
         if not (module.training or cap.applied_in_group or (
@@ -332,8 +340,8 @@ class TorchAdapter:
         for group in held:
             self._flush(self._step, group)
             self._step += 1
-        self._capture.step_done()
-        self._capture.capturing = self.session.want_step(self._step)
+        self._cap.step_done()
+        self._cap.capturing = self.session.want_step(self._step)
 
     # -- optimizer steps ---------------------------------------------------------------------
 
@@ -356,7 +364,7 @@ class TorchAdapter:
         self._end_optimizer_step()
 
     def _end_optimizer_step(self) -> None:
-        cap = self._capture
+        cap = self._cap
         entries = [e for group in self._held for e in group] + cap.entries
         self._held, self._held_bytes, cap.entries = [], 0, []
         cap.applied_in_group = False
@@ -370,7 +378,7 @@ class TorchAdapter:
         stepped, self._stepped = self._stepped, False
         if stepped or self._clock in ("manual", "forward") or self._detached:
             return
-        if not (self._capture.entries or self._held):
+        if not (self._cap.entries or self._held):
             return
         if not self._noted_skip:
             self._noted_skip = True
@@ -386,7 +394,7 @@ class TorchAdapter:
         self._collect_inflight()
         if not entries or not self.session.want_step(step):
             return
-        sites = self._capture.sites
+        sites = self._cap.sites
         records: list[Record] = []
         masked: list[tuple[Record, torch.Tensor]] = []
         calls: dict[str, int] = {}
@@ -401,7 +409,7 @@ class TorchAdapter:
             rec = Record(site=name, step=step, call=call, training=bool(e.training),
                          shape=tuple(int(s) for s in e.shape))
             records.append(rec)
-            if e.noise is not None:
+            if e.noise is not None and e.noise_shape is not None:
                 rec.noise_shape = tuple(int(s) for s in e.noise_shape)
                 masked.append((rec, e.noise))
         if filtered:
@@ -425,7 +433,7 @@ class TorchAdapter:
         self.session.submit(step, records)
 
     def _flush_all_at_exit(self) -> None:
-        cap = self._capture
+        cap = self._cap
         if self._clock == "auto" and self._held:
             self._clock = "forward"
             held, self._held = self._held, []
@@ -465,10 +473,9 @@ class TorchAdapter:
                     extra["never_applied"] = ("num_layers=1: torch applies RNN dropout only "
                                               "between stacked layers")
                 p = float(module.dropout)
-                registry.learn(key, lambda extra=extra, p=p, module=module, opaque=opaque:
-                               SiteFacts(layer_class=type(module).__name__, role="between_layers",
-                                         rate=p, scale=1.0 / (1.0 - p) if p < 1 else None,
-                                         opaque=opaque, extra=extra))
+                registry.learn(key, functools.partial(
+                    SiteFacts, layer_class=type(module).__name__, role="between_layers", rate=p,
+                    scale=1.0 / (1.0 - p) if p < 1 else None, opaque=opaque, extra=extra))
                 if opaque is not None:
                     # No call will ever produce a record here: declare it now. Observable
                     # sites are declared at first use, so their first layout (padded or
@@ -536,7 +543,7 @@ class _ScalerWatch:
                             a._on_scaler_update()
 
             update.__wrapped__ = original  # type: ignore[attr-defined]
-            scaler_cls.update = update
+            scaler_cls.update = update  # type: ignore[method-assign,assignment]
         ref = weakref.ref(adapter)
         cls.adapters.append(ref)
         return _ScalerHandle(ref)
@@ -546,7 +553,7 @@ class _ScalerWatch:
         if ref in cls.adapters:
             cls.adapters.remove(ref)
         if not cls.adapters and cls.original is not None:
-            torch.amp.GradScaler.update = cls.original
+            torch.amp.GradScaler.update = cls.original  # type: ignore[method-assign]
             cls.original = None
 
 

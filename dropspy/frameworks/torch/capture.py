@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -134,8 +134,9 @@ def _dropout_specs() -> dict[Callable, _DropoutSpec]:
 
 
 _DROPOUT_SPECS = _dropout_specs()
-_BERNOULLI = {_VF.bernoulli, torch.Tensor.bernoulli, torch.Tensor.bernoulli_}
-_RANDOM = {
+_BERNOULLI: set[Callable[..., Any]] = {_VF.bernoulli, torch.Tensor.bernoulli,
+                                      torch.Tensor.bernoulli_}
+_RANDOM: set[Callable[..., Any]] = {
     _VF.rand, _VF.rand_like, _VF.randn, _VF.randn_like, _VF.randint, _VF.randint_like,
     _VF.normal, _VF.multinomial, _VF.poisson, _VF.randperm,
     torch.Tensor.uniform_, torch.Tensor.normal_, torch.Tensor.random_,
@@ -146,7 +147,7 @@ _MUL = {torch.Tensor.mul, torch.Tensor.mul_, _VF.mul, torch.Tensor.multiply,
         torch.Tensor.multiply_, _VF.multiply, torch.Tensor.__mul__, torch.Tensor.__rmul__,
         torch.Tensor.__imul__, torch.Tensor.where, _VF.where, torch.Tensor.masked_fill,
         torch.Tensor.masked_fill_, _VF.masked_fill}
-_MODULE_KINDS = {
+_MODULE_KINDS: dict[type[torch.nn.Module], str] = {
     torch.nn.Dropout: "dropout", torch.nn.Dropout1d: "dropout1d", torch.nn.Dropout2d: "dropout2d",
     torch.nn.Dropout3d: "dropout3d", torch.nn.AlphaDropout: "alpha_dropout",
     torch.nn.FeatureAlphaDropout: "feature_alpha_dropout",
@@ -298,7 +299,7 @@ class Capture:
         own = isinstance(module, torch.nn.modules.dropout._DropoutNd)
         key = SiteKey(frame.path, spec.kind, None if own else caller())
         self.sites.learn(key, lambda: self._dropout_facts(spec.kind, module, p, own))
-        facts = self.sites.facts(key)
+        facts = self.sites.known(key)
         if facts.rate != p:
             # A site's description is fixed at first use; a scheduled rate is said, not hidden.
             self.note_once(f"rate:{key}", f"{frame.path or type(module).__name__}: dropout rate "
@@ -380,7 +381,7 @@ class Capture:
         frame.drew = True
         entry = self.add(key, module.training, tuple(mask.shape), mask)
         self.taint[id(out)] = (weakref.ref(out), entry)
-        if self.sites.facts(key).own:
+        if self.sites.known(key).own:
             self.handmade.setdefault(frame.path, {})[key] = entry
         return out
 
@@ -396,15 +397,16 @@ class Capture:
                     tainted, source = hit[1], a
                 else:
                     others.append(a)
-        if tainted is None:
-            return
+        if tainted is None or tainted.noise is None or source is None:
+            return  # a tainted tensor always has its hand-made mask and source
+        noise = tainted.noise
         if func in _MUL and any(o.numel() > 1 for o in others):
             # Multiplying by data (not by a scale held in a tensor) applies the mask.
             shape = torch.broadcast_shapes(tainted.shape, *(o.shape for o in others))
             shape = tuple(shape)
-            if len(shape) > tainted.noise.dim():
-                tainted.noise = tainted.noise.reshape(
-                    (1,) * (len(shape) - tainted.noise.dim()) + tuple(tainted.noise.shape))
+            if len(shape) > noise.dim():
+                tainted.noise = noise.reshape(
+                    (1,) * (len(shape) - noise.dim()) + tuple(noise.shape))
                 tainted.noise_shape = tuple(tainted.noise.shape)
             tainted.shape = shape
             if any(isinstance(o, torch.nn.Parameter) for o in others):
@@ -438,7 +440,8 @@ class Capture:
         if kind in ("dropout1d", "dropout3d") and len(shape) == (2 if kind == "dropout1d" else 4):
             shape = (1,) + shape
         key = SiteKey(frame.path, kind, None)
-        self.sites.learn(key, lambda: self._dropout_facts(kind, module, float(module.p), True))
+        p = float(cast("torch.nn.modules.dropout._DropoutNd", module).p)  # a _MODULE_KINDS class
+        self.sites.learn(key, lambda: self._dropout_facts(kind, module, p, True))
         self.add(key, module.training, shape, None)
 
     # -- random draws that are not masks -------------------------------------------------------
@@ -493,7 +496,8 @@ class FunctionMode(TorchFunctionMode):
         self.handlers = capture.handlers
         self.dead = False
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
+                           kwargs: dict[str, Any] | None = None) -> Any:
         if kwargs is None:
             kwargs = {}
         if self.dead:

@@ -24,7 +24,8 @@ if TYPE_CHECKING:
     from dropspy.frameworks.torch.capture import Capture, Frame
 
 _VF = torch._C._VariableFunctions
-RNN_FUNCS = {_VF.lstm: "LSTM", _VF.gru: "GRU", _VF.rnn_tanh: "RNN", _VF.rnn_relu: "RNN"}
+RNN_FUNCS: dict[Callable[..., Any], str] = {_VF.lstm: "LSTM", _VF.gru: "GRU",
+                                             _VF.rnn_tanh: "RNN", _VF.rnn_relu: "RNN"}
 _MHA_SIG = inspect.signature(F.multi_head_attention_forward)
 _SDPA_NAMES = ("query", "key", "value", "attn_mask", "dropout_p")
 
@@ -37,7 +38,7 @@ class CompositeHandlers:
 
     def mha_while_bypassed(self, frame: Frame, args: tuple) -> None:
         """Record an eval call of ``nn.MultiheadAttention`` taking its fast path."""
-        mha = frame.module
+        mha: Any = frame.module  # nn.MultiheadAttention, or a module calling its function
         if not mha.dropout or len(args) < 2:
             return
         q, k = args[0], args[1]
@@ -81,10 +82,15 @@ class CompositeHandlers:
             if num_layers == 1:
                 extra["never_applied"] = ("num_layers=1: torch applies RNN dropout only between "
                                           "stacked layers")
-            self.cap.sites.learn(key, lambda extra=extra: SiteFacts(
-                layer_class=type(module).__name__ if isinstance(module, torch.nn.RNNBase) else cls,
-                role="between_layers", rate=p, scale=dropout_scale("dropout", p), opaque=opaque,
-                extra=extra))
+
+            def facts(extra: dict[str, Any] = extra) -> SiteFacts:
+                return SiteFacts(
+                    layer_class=(type(module).__name__ if isinstance(module, torch.nn.RNNBase)
+                                 else cls),
+                    role="between_layers", rate=p, scale=dropout_scale("dropout", p),
+                    opaque=opaque, extra=extra)
+
+            self.cap.sites.learn(key, facts)
         if opaque is not None:
             for key in keys:
                 self.cap.sites.resolve(key, 3)  # declared, with the reason; never a record

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+from types import FrameType
 from typing import Any
 
 import torch
@@ -54,7 +55,8 @@ class Grabber(TorchDispatchMode):
         self.other_random: list[str] = []
         self.error: str | None = None
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
+                           kwargs: dict[str, Any] | None = None) -> Any:
         out = func(*args, **kwargs) if kwargs else func(*args)
         what = _WATCH.get(func)
         if what is None:
@@ -92,7 +94,7 @@ def caller() -> str:
 
     The column tells apart two calls on one line (``F.dropout(F.dropout(x))``).
     """
-    f = sys._getframe(2)
+    f: FrameType | None = sys._getframe(2)
     while f is not None:
         code = f.f_code
         name = code.co_filename

@@ -136,6 +136,10 @@ class SiteRegistry:
         """Facts recorded for ``key`` (None if never seen)."""
         return self._facts.get(key)
 
+    def known(self, key: SiteKey) -> SiteFacts:
+        """Facts of a key already learned (``KeyError`` otherwise)."""
+        return self._facts[key]
+
     def learn(self, key: SiteKey, facts: Callable[[], SiteFacts]) -> None:
         """Remember the facts of ``key`` the first time it is seen (``facts`` is called once)."""
         if key not in self._facts:
