@@ -50,6 +50,7 @@ from dropspy.frameworks.torch.capture import (
     Frame,
     FunctionMode,
 )
+from dropspy.frameworks.torch.compiled import CompiledRecording, compiled_target
 from dropspy.frameworks.torch.distributed import dist_meta, unwrap
 from dropspy.frameworks.torch.pack import DeviceCopy, pack_host
 from dropspy.frameworks.torch.sites import SiteFacts, SiteKey, SiteRegistry
@@ -99,8 +100,14 @@ class TorchAdapter:
         #: What the user handed to record() (a DDP wrapper, say); ``model`` is what runs.
         self.wrapper = model
         model, self.wrapped_by = unwrap(model)
+        #: The model's compile (torch.compile / module.compile()), None when eager.
+        self.compiled = compiled_target(model)
+        if self.compiled is not None:
+            model, inner_wrapper = unwrap(self.compiled.inner)
+            self.wrapped_by = self.wrapped_by or inner_wrapper or self.compiled.kind
         _refuse_wrappers(model)
         self.model = model
+        self._compiled_rec: CompiledRecording | None = None
         self.cudnn_rnn = cudnn_rnn
         self._capture: Capture | None = None
         self._mode: FunctionMode | None = None
@@ -165,7 +172,14 @@ class TorchAdapter:
         self._capture = capture = Capture(registry, self.session.note, self.cudnn_rnn,
                                           self.session.count_dropped)
         try:
+            if self.compiled is not None:
+                # No hook inside a compiled model: Dynamo would trace them into its graphs.
+                # The swapped-in compiled call runs the top-level hooks around it instead.
+                self._compiled_rec = CompiledRecording(self, self.compiled)
+                self._compiled_rec.attach()
             for name, module in model.named_modules():
+                if self.compiled is not None:
+                    break
                 if module is not model and not _may_draw(module):
                     continue
                 self._handles.append(module.register_forward_pre_hook(self._pre_hook(name)))
@@ -189,6 +203,8 @@ class TorchAdapter:
             return
         self._detached = True
         try:
+            if self._compiled_rec is not None:
+                self._compiled_rec.detach()
             self._remove_mode()
         finally:
             for handle in self._handles:
@@ -308,7 +324,7 @@ class TorchAdapter:
             return
         if self._clock == "forward":
             cap.capturing = self.session.want_step(self._step)
-        if cap.capturing and self._mode is not None:
+        if cap.capturing and self._mode is not None and self.compiled is None:
             self._mode.__enter__()
             frame.pushed = True
 
@@ -616,11 +632,11 @@ def _refuse_wrappers(model: torch.nn.Module) -> None:
                 f"dropspy.record(ddp_model, 'run.h5') (each rank writes its own file).")
         compiled = type(module).__name__ == "OptimizedModule" or getattr(
             module, "_compiled_call_impl", None) is not None
-        if compiled:
+        if compiled and name:
+            # The model's own compile is recorded (compiled.py); a compiled submodule of an
+            # eager model would take dropspy's eager hooks into its Dynamo graphs.
             raise UnsupportedModelError(
-                f"dropspy cannot record a torch.compile'd module{where}: Inductor draws its own "
-                f"random numbers (compiled masks differ from eager ones even without dropspy), "
-                f"and dropspy's capture would break the graph at every dropout site. Record "
-                f"the eager module (model._orig_mod) for the debugging run; to make compiled "
-                f"dropout use eager's random stream set "
-                f"torch._inductor.config.fallback_random = True.")
+                f"dropspy cannot record a model with a torch.compile'd submodule{where}: "
+                f"Dynamo would trace dropspy's hooks into its graph. Compile the whole model "
+                f"(torch.compile(model) or model.compile()) and record that, or record the "
+                f"eager model.")

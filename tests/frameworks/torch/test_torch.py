@@ -245,13 +245,6 @@ def test_a_one_process_ddp_wrapper_records_under_the_inner_names(tmp_path):
     assert run.attrs["world_size"] == 1 and run.attrs["wrapper"] == "DistributedDataParallel"
 
 
-def test_compiled_model_is_refused_with_the_way_forward(tmp_path):
-    model = _mlp()
-    model.compile()  # lazily compiled: nothing is traced until the first call
-    with pytest.raises(UnsupportedModelError, match="fallback_random"):
-        dropspy.record(model, tmp_path / "run.h5").__enter__()
-
-
 def test_torchscript_module_is_refused_by_name(tmp_path):
     scripted = torch.jit.script(_mlp())
     with pytest.raises(UnsupportedModelError, match="TorchScript"):
