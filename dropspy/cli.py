@@ -48,6 +48,14 @@ RunPath = Annotated[Path, typer.Argument(help="Run file written by dropspy.recor
                                          show_default=False)]
 SiteOpt = Annotated[Optional[list[str]], typer.Option(
     "--site", "-s", help="Only sites matching this glob (repeatable).")]
+RunSpecs = Annotated[list[str], typer.Argument(
+    help="Run file, or a run set: several files, a directory, a glob ('run.rank*.h5'), a "
+         "run's base name whose rank files exist, or summaries (*.json) from --summary.",
+    show_default=False)]
+JobsOpt = Annotated[Optional[int], typer.Option(
+    "--jobs", "-j", min=1, help="Processes analysing the files of a set (default: CPU count).")]
+ForceOpt = Annotated[bool, typer.Option(
+    "--force", help="Merge files that look like different runs (the report still says so).")]
 ThresholdOpt = Annotated[float, typer.Option(
     help="Largest chance of coincidence that still lets a structure be claimed.",
     min=1e-300, max=0.5)]
@@ -94,12 +102,8 @@ def _analyze(run: Any, sites: list[str] | None, threshold: float) -> RunAnalysis
     from dropspy.analysis import select_sites
 
     names = select_sites(list(run.sites), sites)
-    total = 0
-    for n in names:
-        site = run[n]
-        if len(site):
-            sizes = site.noise_shapes.prod(axis=1)
-            total += int(((sizes + 7) // 8)[site.applied].sum())
+    # The stored bytes, not the index: the bar must not cost a read of every record's row.
+    total = sum(int(getattr(run[n], "stored_bytes", 0)) for n in names)
     err = Console(stderr=True)
     if total < _PROGRESS_BYTES or not err.is_terminal:
         return analyze_run(run, sites=sites, threshold=threshold)
@@ -112,40 +116,97 @@ def _analyze(run: Any, sites: list[str] | None, threshold: float) -> RunAnalysis
                            progress=lambda nb: bar.advance(task, nb))
 
 
+def _report(specs: list[str], sites: list[str] | None, threshold: float,
+            jobs: int | None = None, force: bool = False) -> RunAnalysis:
+    """The report of what the arguments name: one run file, or a run set (files, a glob, a
+    directory, a base name with rank siblings, per-file summaries)."""
+    from dropspy.analysis import analyze_summaries
+    from dropspy.errors import ReportError
+    from dropspy.runset import read_summary, resolve_set, summarize_files
+
+    files: list[str] = []
+    summaries = []
+    unreadable: list[tuple[str, str]] = []
+    as_set = len(specs) > 1
+    for spec in specs:
+        if spec.endswith(".json"):
+            try:
+                summaries.append(read_summary(spec))
+            except (ReportError, OSError) as exc:
+                unreadable.append((spec, str(exc)))
+            continue
+        members = resolve_set(spec)
+        if members is None:
+            files.append(spec)
+        else:
+            files.extend(str(m) for m in members)
+            as_set = True
+    if not as_set and files:
+        with _load(Path(files[0])) as run:
+            return _analyze(run, sites, threshold)
+    if not as_set and summaries:
+        return analyze_summaries(summaries, sites=sites, threshold=threshold, as_set=False)
+    good, bad = summarize_files(files, jobs=jobs, sites=sites) if files else ([], [])
+    return analyze_summaries(summaries + good, sites=sites, threshold=threshold, as_set=True,
+                             unreadable=unreadable + bad, force=force)
+
+
+def _unreadable_members(result: RunAnalysis) -> bool:
+    return any(m.error for m in result.members)
+
+
 @app.command()
 def inspect(
-    path: RunPath,
+    paths: RunSpecs,
     site: SiteOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.",
                                           metavar="")] = False,
+    summary: Annotated[bool, typer.Option(
+        "--summary", metavar="",
+        help="Print one file's small mergeable summary as JSON instead of a report; "
+             "'inspect a.json b.json ...' combines summaries into the set's report.")] = False,
+    jobs: JobsOpt = None,
+    force: ForceOpt = False,
     threshold: ThresholdOpt = THRESHOLD,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", metavar="",
                                           help="Also list info findings.")] = False,
 ) -> None:
     """Every site: its axes (shared ones marked), rates, verdicts and the answer in words.
 
-    A table when the terminal is wide enough, otherwise one block per site.
+    A table when the terminal is wide enough, otherwise one block per site. A run set gets
+    one report, with each rank's records and rates; exit 1 when a file of the set could not
+    be read (the report names it), 2 when none could.
     """
+    if summary:
+        from dropspy.runset import summarize_file, summary_json
+
+        with _errors():
+            if len(paths) != 1 or paths[0].endswith(".json"):
+                raise _UserError(f"--summary takes one run file, got {len(paths)} argument(s): "
+                                 f"{' '.join(paths)}; run it where each file lies")
+            typer.echo(summary_json(summarize_file(paths[0], site or None)))
+        return
     with _errors():
-        with _load(path) as run:
-            result = _analyze(run, site or None, threshold)
+        result = _report(paths, site or None, threshold, jobs, force)
+    code = 1 if _unreadable_members(result) else 0
     if as_json:
         from dropspy.report import to_json
 
         typer.echo(to_json(result))
-        return
+        raise typer.Exit(code=code)
     from dropspy.render import render_inspect
 
     render_inspect(result, _out(), verbose=verbose)
+    raise typer.Exit(code=code)
 
 
 @app.command()
 def check(
-    path: RunPath,
+    paths: RunSpecs,
     expect: Annotated[Optional[list[str]], typer.Option(
         "--expect", "-e",
         help="'SITE: shared=time,batch rate=0.3 ...' (repeatable). Keys: shared, independent, "
-             "pattern, rate, tol, gates, over_time, fresh.")] = None,
+             "pattern, rate, tol, gates, over_time, fresh, ranks.")] = None,
     spec: Annotated[Optional[Path], typer.Option(
         help="Expectations file (TOML or JSON, schemas/expectations.schema.json).")] = None,
     fail_on_errors: Annotated[Optional[bool], typer.Option(
@@ -156,6 +217,8 @@ def check(
         "--allow-incomplete",
         help="Pass on incomplete evidence (a run not closed cleanly, records unreadable or "
              "left out of a damaged file): still listed, as notes.")] = False,
+    jobs: JobsOpt = None,
+    force: ForceOpt = False,
     threshold: ThresholdOpt = THRESHOLD,
 ) -> None:
     """Exit 0 when every expectation holds, 1 when any fails, 2 on usage or file errors.
@@ -172,19 +235,18 @@ def check(
             loaded = load_spec(spec)
             exps += loaded.expectations
             spec_fail = loaded.fail_on_errors
-        with _load(path) as run:
-            if not exps and fail_on_errors is not True:
-                # A CI gate whose expectations went missing must fail, not pass on nothing.
-                raise _UserError("nothing to check: give --expect 'SITE: ...', --spec FILE, "
-                                 "or --fail-on-errors to check the error findings alone")
-            names = list(run.sites)
-            for e in exps:
-                # A pattern naming no site is a mistake in the expectation (or a renamed
-                # layer): a usage error, not a verdict about the masks.
-                if not any(site_matches(e.site, n) for n in names):
-                    raise _UserError(f"expectation {e.text or e.site!r}: no site matches "
-                                     f"{e.site!r}; sites: {', '.join(names) or '(none)'}")
-            result = _analyze(run, None, threshold)
+        result = _report(paths, None, threshold, jobs, force)
+        if not exps and fail_on_errors is not True:
+            # A CI gate whose expectations went missing must fail, not pass on nothing.
+            raise _UserError("nothing to check: give --expect 'SITE: ...', --spec FILE, "
+                             "or --fail-on-errors to check the error findings alone")
+        names = list(result.site_names)
+        for e in exps:
+            # A pattern naming no site is a mistake in the expectation (or a renamed
+            # layer): a usage error, not a verdict about the masks.
+            if not any(site_matches(e.site, n) for n in names):
+                raise _UserError(f"expectation {e.text or e.site!r}: no site matches "
+                                 f"{e.site!r}; sites: {', '.join(names) or '(none)'}")
     fail_errors = spec_fail if fail_on_errors is None else fail_on_errors
     failures = check_analysis(result, exps)
     incomplete = [f for f in result.all_findings if f.code in _INCOMPLETE]
@@ -220,13 +282,15 @@ def check(
 
 # Findings that say the analysis saw less than the run recorded: `check` fails on them
 # unless --allow-incomplete (a CI gate must not pass on evidence it could not see).
-_INCOMPLETE = frozenset({"run-incomplete", "records-unreadable", "file-damaged"})
+_INCOMPLETE = frozenset({"run-incomplete", "records-unreadable", "file-damaged",
+                         "rank-unreadable", "rank-missing"})
 
 
 @app.command(name="diff")
 def diff_cmd(
-    a: Annotated[Path, typer.Argument(help="First run file.", show_default=False)],
-    b: Annotated[Path, typer.Argument(help="Second run file.", show_default=False)],
+    a: Annotated[str, typer.Argument(help="First run file or run set (a glob, a directory, "
+                                          "a base name with rank files).", show_default=False)],
+    b: Annotated[str, typer.Argument(help="Second run file or run set.", show_default=False)],
     site: SiteOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print differences as JSON.",
                                              metavar="")] = False,
@@ -234,14 +298,19 @@ def diff_cmd(
         "--facts/--no-facts",
         help="Also compare what the adapters stated about each site (noise shape, scale, "
              "masks drawn and applied per call...).")] = True,
+    jobs: JobsOpt = None,
+    force: ForceOpt = False,
     threshold: ThresholdOpt = THRESHOLD,
 ) -> None:
-    """Site by site, where two runs' mask structure (and site facts) differ. Exit 1 when they do."""
+    """Site by site, where two runs' mask structure (and site facts) differ. Exit 1 when they do.
+
+    Either side can be a run set: its verdicts are those over all its ranks.
+    """
     with _errors():
-        with _load(a) as run_a, _load(b) as run_b:
-            ra = _analyze(run_a, _present(site, run_a, run_b), threshold)
-            rb = _analyze(run_b, _present(site, run_b, run_a), threshold)
-    diffs = diff(ra, rb, facts=facts)
+        ra = _report([a], None, threshold, jobs, force)
+        rb = _report([b], None, threshold, jobs, force)
+        chosen = _present(site, ra, rb)
+    diffs = [d for d in diff(ra, rb, facts=facts) if chosen is None or d.site in chosen]
     header = f"A = {a} ({_framework(ra)})   B = {b} ({_framework(rb)})"
     if as_json:
         typer.echo(json.dumps([{"site": d.site, "aspect": d.aspect, "a": d.a, "b": d.b}
@@ -265,28 +334,31 @@ def _framework(analysis: RunAnalysis) -> str:
     return f"{analysis.framework} {analysis.framework_version or 'version unknown'}"
 
 
-def _present(patterns: list[str] | None, run: Any, other: Any) -> list[str] | None:
-    """The patterns of a diff that match in ``run``; each must match in one of the two runs."""
+def _present(patterns: list[str] | None, a: RunAnalysis, b: RunAnalysis) -> set[str] | None:
+    """The sites a diff's patterns select; each pattern must match in one of the two runs."""
     if not patterns:
         return None
-
-    def hits(r: Any, p: str) -> bool:
-        return any(site_matches(p, n) for n in r.sites)
-
+    names = list(a.site_names) + [n for n in b.site_names if n not in a]
+    chosen: set[str] = set()
     for p in patterns:
-        if not hits(run, p) and not hits(other, p):
+        hit = {n for n in names if site_matches(p, n)}
+        if not hit:
             raise _UserError(f"no site matches {p!r} in either run")
-    return [p for p in patterns if hits(run, p)]
+        chosen |= hit
+    return chosen
 
 
 @app.command()
 def plot(
-    path: RunPath,
+    path: Annotated[str, typer.Argument(help="Run file or run set.", show_default=False)],
     site: Annotated[str, typer.Option("--site", "-s", help="Site name (or a glob matching one).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="PNG file to write.")],
     step: Annotated[Optional[int], typer.Option(help="Step to show (default: the first).")] = None,
     call: Annotated[int, typer.Option(help="Call within the step.")] = 0,
     samples: Annotated[int, typer.Option(help="Samples (batch rows) to show.", min=1, max=16)] = 4,
+    rank: Annotated[Optional[int], typer.Option(
+        help="For a run set: the rank whose record to show (default: the lowest).")] = None,
+    force: ForceOpt = False,
 ) -> None:
     """Image of one record's applied mask (named axes) and keep rate along each axis."""
     with _errors():
@@ -294,9 +366,19 @@ def plot(
             from dropspy.plot import plot_site
         except ImportError as exc:
             raise _UserError(f"plot needs matplotlib (pip install 'dropspy[plot]'): {exc}") from exc
-        with _load(path) as run:
-            from dropspy.analysis import select_sites
+        from dropspy.store import load
 
+        with load(path, force=force) as loaded:
+            from dropspy.analysis import select_sites
+            from dropspy.runset import RunSet
+
+            if isinstance(loaded, RunSet):
+                run = loaded.rank(loaded.ranks[0] if rank is None else rank)
+            elif rank is not None and int(loaded.attrs.get("rank", 0)) != rank:
+                raise _UserError(f"--rank {rank}: {path} holds rank "
+                                 f"{loaded.attrs.get('rank', 0)} (give the run set)")
+            else:
+                run = loaded
             names = select_sites(list(run.sites), site)
             if len(names) != 1:
                 raise _UserError(f"--site {site!r} matches {len(names)} sites "

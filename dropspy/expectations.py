@@ -13,6 +13,8 @@ Semantics:
     - ``rate=0.3``: the *observed* drop rate is consistent with 0.3 (its confidence interval
       contains 0.3), or within ``tol`` of it when ``tol=`` is given.
     - ``gates=identical|distinct``, ``over_time=constant|resampled``, ``fresh=true|false``.
+    - ``ranks=identical|independent``: records of different ranks/replicas at the same step
+      and call (a run set, or replicas in one file).
 """
 
 from __future__ import annotations
@@ -40,8 +42,10 @@ __all__ = [
     "check_analysis",
 ]
 
-_KEYS = ("shared", "independent", "pattern", "rate", "tol", "gates", "over_time", "fresh")
-_CHOICES = {"gates": ("identical", "distinct"), "over_time": ("constant", "resampled")}
+_KEYS = ("shared", "independent", "pattern", "rate", "tol", "gates", "over_time", "fresh",
+         "ranks")
+_CHOICES = {"gates": ("identical", "distinct"), "over_time": ("constant", "resampled"),
+            "ranks": ("identical", "independent")}
 _TRUE = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
 
 
@@ -59,6 +63,7 @@ class Expectation:
         gates: ``identical`` or ``distinct``.
         over_time: ``constant`` or ``resampled``.
         fresh: True for a new mask every step, False for a stale one.
+        ranks: ``identical`` or ``independent`` masks across ranks/replicas.
         text: The expectation as the user wrote it.
     """
 
@@ -71,6 +76,7 @@ class Expectation:
     gates: str | None = None
     over_time: str | None = None
     fresh: bool | None = None
+    ranks: str | None = None
     text: str = ""
 
     def __post_init__(self) -> None:
@@ -167,7 +173,7 @@ def expectation_from_mapping(data: Mapping[str, Any], text: str = "") -> Expecta
                         f"{where}: expected {key} to be a number. Received: {key}={data[key]!r}"
                     ) from None
             kw[key] = value
-    for key in ("pattern", "gates", "over_time"):
+    for key in ("pattern", "gates", "over_time", "ranks"):
         if key in data:
             if not isinstance(data[key], str):
                 raise ExpectationError(
@@ -192,7 +198,7 @@ def parse_expectation(text: str) -> Expectation:
 
     The site is everything before the first colon followed by a space (patterns such as
     ``shared:height,width`` in values keep their colon). Keys: shared, independent, pattern,
-    rate, tol, gates, over_time (or over-time), fresh.
+    rate, tol, gates, over_time (or over-time), fresh, ranks.
 
     Example:
         >>> parse_expectation("lstm/input/*: shared=time rate=0.3").shared
@@ -328,6 +334,12 @@ def check_site(exp: Expectation, site: SiteAnalysis) -> list[str]:
             observed = "n/a (nothing to compare)" if got is None else got.verdict
             if got is None or got.verdict != want:
                 problems.append(f"{key}: expected {want}, observed {observed}")
+    if exp.ranks is not None:
+        got = site.across
+        if got is None or got.verdict != exp.ranks:
+            observed = ("n/a (one rank and replica)" if got is None
+                        else f"{got.verdict} ({got.identical} of {got.pairs} identical)")
+            problems.append(f"ranks: expected {exp.ranks}, observed {observed}")
     if exp.fresh is not None:
         fresh = "fresh" if exp.fresh else "stale"
         got = site.freshness

@@ -293,6 +293,36 @@ def _natural_width(console: Console, table: Table) -> int:
     return Measurement.get(console, console.options.update_width(1 << 16), table).maximum
 
 
+def _across_word(s: SiteAnalysis) -> Text:
+    c = s.across
+    if c is None:
+        return Text("-")
+    style = {"identical": "yellow", "partial": "yellow", "independent": "green"}.get(c.verdict,
+                                                                                   "")
+    return Text(f"{c.verdict} ({c.identical}/{c.pairs} same)", style=style)
+
+
+def _ranks_table(result: RunAnalysis) -> Table:
+    """Per site: the ranks and replicas present, records and drop rate per rank, and whether
+    ranks/replicas drew the same masks."""
+    files = ", ".join(f"rank {m.rank}" if m.error is None else f"{safe(m.path)} unreadable"
+                      for m in result.members)
+    table = Table(title=Text(f"Ranks: {files}" if files else "Replicas", style="bold"),
+                  title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False,
+                  padding=(0, 1), collapse_padding=True)
+    for col in ("site", "ranks", "replicas", "records per rank", "rate per rank",
+                "same masks across ranks/replicas"):
+        table.add_column(col, no_wrap=True)
+    for s in result.sites:
+        ranks = ",".join(str(r.rank) for r in s.ranks) or "-"
+        replicas = ",".join(str(r) for r in s.replicas) or "-"
+        records = " ".join(str(r.records) for r in s.ranks) or str(s.records)
+        rates = " ".join("-" if r.rate_observed is None else f"{r.rate_observed:.3f}"
+                         for r in s.ranks) or "-"
+        table.add_row(text(s.site), ranks, replicas, records, rates, _across_word(s))
+    return table
+
+
 def render_inspect(result: RunAnalysis, console: Console, *, verbose: bool = False) -> None:
     """Print the report of ``result`` for a person, laid out for ``console``'s width.
 
@@ -319,6 +349,9 @@ def render_inspect(result: RunAnalysis, console: Console, *, verbose: bool = Fal
             for s in result.sites:
                 console.print(_block(s, console.width))
             console.print(Text(LEGEND, style="dim"))
+    if result.members or any(site.across is not None for site in result.sites):
+        console.print()
+        console.print(_ranks_table(result))
     for f in result.all_findings:
         if f.severity == Severity.INFO and not (verbose or empty):
             continue

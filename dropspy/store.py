@@ -225,6 +225,14 @@ class Site:
                 shapes=c["shape"].astype(np.int64).reshape(b - a, len(self.axes)),
                 noise_shapes=c["noise_shape"].astype(np.int64).reshape(b - a, len(self.axes)))
 
+    @property
+    def stored_bytes(self) -> int:
+        """Packed mask bytes stored for the site (its ``bits`` length; no index is read)."""
+        try:
+            return int(self._g["bits"].shape[0])
+        except (KeyError, OSError, IndexError, TypeError):
+            return 0
+
     def read_bits(self, begin: int, end: int) -> np.ndarray:
         """Packed bytes ``begin:end`` of the site's ``bits`` (uint8)."""
         if end <= begin:
@@ -568,20 +576,28 @@ def _check_format(attrs: Mapping[str, Any], path: Path) -> None:
         )
 
 
-def load(path: str | os.PathLike[str]) -> Run:
-    """Open a run file for reading.
+def load(path: str | os.PathLike[str], *, force: bool = False) -> Any:
+    """Open a run file, or the files of a run set, for reading.
 
     Args:
-        path: Path of a run file written by :func:`dropspy.record`.
+        path: A run file written by :func:`dropspy.record`; or a run set: a directory, a
+            glob (``"run.rank*.h5"``), or a run's base name whose rank files exist
+            (``"run.h5"`` when ``run.rank0.h5``... are there).
+        force: For a set, merge files that look like different runs.
 
     Returns:
-        The :class:`Run`, a read-only mapping of site names to sites.
+        The :class:`Run`, a read-only mapping of site names to sites; for a set, a
+        :class:`dropspy.runset.RunSet` (sites merge the ranks; ``.rank(r)`` gives one).
 
     Raises:
         RunFileError: The path is missing, not a file, not HDF5, not a run, of a newer
-            format version, or damaged. The message names the path and the problem.
+            format version, or damaged; a glob matches nothing; no file of a set is
+            readable; the files are of different runs (without ``force``). The message
+            names the path and the problem.
     """
-    return Run(path)
+    from dropspy.runset import set_or_run
+
+    return set_or_run(path, force=force)
 
 
 @contextlib.contextmanager

@@ -76,3 +76,33 @@ def lstm_input_run(path: Path, extra: dict, meta: dict[str, str], *,
     site = info("lstm/input", rate=0.3, layer="lstm", layer_class="LSTM", role="input",
                 noise_shape=noise_shape, scale=scale, extra=extra)
     return write_run(path, [(site, records("lstm/input", (8, 5, 6), (8, 1, 6), 0.3))], meta=meta)
+
+
+def rank_files(tmp: Path, seeds: Sequence[int], *, world_size: int | None = None,
+               run_id: str | None = "run-1", steps: int = 6, stem: str = "run",
+               ranks: Sequence[int] | None = None, extra_site: int | None = None) -> list[Path]:
+    """One run file per rank, as the DDP recorder writes them (``run.rank{R}.h5``).
+
+    Rank ``k`` draws its masks from ``seeds[k]``: equal seeds plant identical masks across
+    those ranks, different seeds independent ones. Two sites: an elementwise ``drop`` and a
+    time-shared ``spatial``. ``extra_site``: that rank also has a site ``only_here``.
+    """
+    ranks = list(range(len(seeds))) if ranks is None else list(ranks)
+    world = len(seeds) if world_size is None else world_size
+    out = []
+    for r, seed in zip(ranks, seeds):
+        sites = [
+            (info("drop"), records("drop", (8, 6, 16), (8, 6, 16), 0.3, steps=steps, seed=seed)),
+            (info("spatial"), records("spatial", (8, 6, 16), (8, 1, 16), 0.3, steps=steps,
+                                      seed=seed + 1000)),
+        ]
+        if extra_site == r:
+            sites.append((info("only_here"), records("only_here", (4, 8), (4, 8), 0.3,
+                                                     steps=steps, seed=seed + 7)))
+        meta = {"rank": r, "world_size": world, "local_rank": r, "backend": "gloo"}
+        if run_id is not None:
+            meta["run_id"] = run_id
+        path = tmp / f"{stem}.rank{r}.h5"
+        write_run(path, sites, meta=meta)
+        out.append(path)
+    return out

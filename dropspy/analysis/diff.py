@@ -15,7 +15,8 @@ def diff(a: RunAnalysis, b: RunAnalysis, *, facts: bool = False) -> list[SiteDif
     """Where two runs' mask structure differs, site by site.
 
     Compares presence, axis names, each axis verdict, pattern, observed rate (intervals that
-    do not overlap), gates, over-time and freshness verdicts, and error findings.
+    do not overlap), gates, over-time and freshness verdicts, masks across ranks/replicas
+    (``across``), and error findings.
 
     Args:
         a: The first run's analysis.
@@ -49,7 +50,7 @@ def diff(a: RunAnalysis, b: RunAnalysis, *, facts: bool = False) -> list[SiteDif
         if (ra.low is not None and rb.low is not None and ra.high is not None
                 and rb.high is not None and (ra.high < rb.low or rb.high < ra.low)):
             out.append(SiteDifference(n, "rate", f"{ra.observed:.4g}", f"{rb.observed:.4g}"))
-        for aspect in ("gates", "over_time", "freshness"):
+        for aspect in ("gates", "over_time", "freshness", "across"):
             ca, cb = getattr(x, aspect), getattr(y, aspect)
             wa = ca.verdict if ca is not None else "n/a"
             wb = cb.verdict if cb is not None else "n/a"

@@ -354,7 +354,7 @@ class SiteDifference:
     Attributes:
         site: Site name.
         aspect: What differs: ``presence``, ``axes``, ``axis:<name>``, ``pattern``,
-            ``rate``, ``gates``, ``over_time``, ``freshness``, ``errors``, and with
+            ``rate``, ``gates``, ``over_time``, ``freshness``, ``across``, ``errors``, and with
             ``diff(..., facts=True)`` ``fact:noise_shape``, ``fact:scale``, ``fact:<key>``.
         a: The first run's value, in words.
         b: The second run's value, in words.

@@ -101,8 +101,11 @@ def _started(value: Any) -> float | None:
         return None
 
 
-def different_runs(members: Sequence[RunSummary]) -> list[str]:
-    """Why the files cannot be one run's ranks, in words (empty when nothing says so).
+def different_runs(members: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str]:
+    """Why files cannot be one run's ranks, in words (empty when nothing says so).
+
+    Args:
+        members: ``(path, root attributes)`` of each file.
 
     Two files with the same rank; a run id that differs; otherwise (no run id) a world size,
     framework or dropspy version, recording configuration or start time (over an hour apart)
@@ -110,26 +113,33 @@ def different_runs(members: Sequence[RunSummary]) -> list[str]:
     """
     out = []
     by_rank: dict[int, list[str]] = {}
-    for m in members:
-        by_rank.setdefault(m.rank, []).append(m.path)
+    for path, attrs in members:
+        by_rank.setdefault(_as_int(attrs.get("rank"), 0), []).append(path)
     for r, paths in sorted(by_rank.items()):
         if len(paths) > 1:
             out.append(f"rank {r} appears in {len(paths)} files ({', '.join(paths)})")
-    ids = {str(m.attrs["run_id"]) for m in members if m.attrs.get("run_id") not in (None, "")}
+    ids = {str(a["run_id"]) for _, a in members if a.get("run_id") not in (None, "")}
     if len(ids) > 1:
         out.append("run ids differ: " + ", ".join(sorted(ids)))
     for key in ("world_size", "framework", "framework_version", "dropspy_version"):
-        values = {str(m.attrs.get(key, "")) for m in members}
+        values = {str(a.get(key, "")) for _, a in members}
         if len(values) > 1:
             out.append(f"{key} differs: " + ", ".join(sorted(values)))
     if not ids:
-        configs = {str(m.attrs.get("config", "")) for m in members}
+        configs = {str(a.get("config", "")) for _, a in members}
         if len(configs) > 1:
             out.append("recording configurations differ")
-        starts = [t for t in (_started(m.attrs.get("started")) for m in members) if t is not None]
+        starts = [t for t in (_started(a.get("started")) for _, a in members) if t is not None]
         if len(starts) > 1 and max(starts) - min(starts) > _START_SPREAD_S:
             out.append(f"start times are {(max(starts) - min(starts)) / 3600:.1f} h apart")
     return out
+
+
+def _as_int(value: Any, default: int) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return default
 
 
 def analyze_summaries(
@@ -167,7 +177,7 @@ def analyze_summaries(
     members = sorted(summaries, key=lambda m: (m.rank, m.path))
     if as_set is None:
         as_set = len(members) > 1 or bool(unreadable)
-    reasons = different_runs(members) if as_set else []
+    reasons = different_runs([(m.path, m.attrs) for m in members]) if as_set else []
     if reasons and not force:
         raise RunSetError("the files are not one run's ranks: " + "; ".join(reasons)
                           + ". Give the files of one run, or --force to merge them anyway")
@@ -227,6 +237,13 @@ def analyze_summaries(
 
 
 def _describe(paths: Sequence[str]) -> str:
+    import os.path
+
+    dirs = {os.path.dirname(p) for p in paths}
+    if len(dirs) == 1:
+        where = dirs.pop() or "."
+        return (f"run set of {len(paths)} files in {where}: "
+                + ", ".join(os.path.basename(p) for p in paths))
     return f"run set of {len(paths)} files: " + ", ".join(paths)
 
 
