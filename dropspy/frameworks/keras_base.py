@@ -303,6 +303,7 @@ class KerasAdapterBase:
         self._undo: list[Callable[[], None]] = []
         self._attached = False
         self._sites = None
+        self._cap = None
         self._traces: dict[int, _TraceMeta] = {}
         self._step = 0
         self._calls_step = -1
@@ -418,68 +419,86 @@ class KerasAdapterBase:
         """A fresh ``cap.Trace`` for one ``kind`` (train, test, predict) step."""
         raise NotImplementedError
 
-    def _traced_step(self, original_step: Callable[[Any], Any], data: Any,
-                     kind: str = "train") -> Any:
-        """Run one step with a trace active; its masks become an extra output of the step."""
-        import tensorflow as tf
+    def _payload_ops(self) -> Any:
+        """The capture's tensor operations for the payload (Keras 3 captures carry their own;
+        the Keras 2 capture module uses TensorFlow's, :class:`_TFOps`)."""
+        ops = self._cap
+        return ops if hasattr(ops, "concat") else _TFOps()
 
+    def _traced_step(self, original_step: Callable[..., Any], data: Any,
+                     kind: str = "train", *, pair: bool = False) -> Any:
+        """Run one step with a trace active; its masks become an extra output of the step.
+
+        Args:
+            original_step: The model's own step (``data -> logs``, or with ``pair`` the JAX
+                form ``data -> (logs, state)``).
+            data: The batch.
+            kind: ``"train"``, ``"test"`` or ``"predict"``.
+            pair: The step returns ``(logs, state)`` (JAX); the masks go into the logs.
+        """
         cap = self._cap
-        eager = tf.executing_eagerly()
-        graph = None if eager else tf.compat.v1.get_default_graph()
-        trace = self._new_trace(kind, graph, eager)
+        ops = self._payload_ops()
+        eager = ops.eager()
+        trace = self._new_trace(kind, ops.scope(), eager)
         cap.push_trace(trace)
         try:
             out = original_step(data)
         finally:
             cap.pop_trace(trace)
+        logs, rest = (out[0], tuple(out[1:])) if pair else (out, ())
         if kind == "predict":   # outputs of any structure: carry them next to the masks
-            return {PREDICT_OUTPUTS_KEY: out, OUTPUT_KEY: self._payload(trace)}
-        if not isinstance(out, dict):
+            logs = {PREDICT_OUTPUTS_KEY: logs, OUTPUT_KEY: self._payload(trace)}
+        elif not isinstance(logs, dict):
             self._note_once(
                 "logs",
-                f"{kind}_step returned {type(out).__name__}, not a dict of logs: dropspy cannot "
+                f"{kind}_step returned {type(logs).__name__}, not a dict of logs: dropspy cannot "
                 f"attach the masks to it, and records nothing for this model.",
             )
-            return out
-        out = dict(out)
-        out[OUTPUT_KEY] = self._payload(trace)
-        return out
+        else:
+            logs = dict(logs)
+            logs[OUTPUT_KEY] = self._payload(trace)
+        return (logs, *rest) if pair else logs
 
     def _payload(self, trace: Any) -> dict[str, Any]:
         """The step's draws as two tensors; their metadata stays on the host by trace id."""
-        import tensorflow as tf
-
+        ops = self._payload_ops()
         tid = next(_trace_ids)
         metas, keeps, dims = [], [], []
         for d in trace.draws:
             metas.append(DrawMeta(site=d.spec.name, noise_rank=int(d.noise_shape.shape[0]),
                                   rank=int(d.applied_shape.shape[0]), training=d.training,
                                   applied=d.applied, expand_time=d.expand_time))
-            dims += [tf.cast(d.noise_shape, tf.int32), tf.cast(d.applied_shape, tf.int32)]
+            dims += [d.noise_shape, d.applied_shape]
             if d.applied:
-                keeps.append(tf.reshape(d.keep, [-1]))
+                keeps.append(ops.flatten(d.keep))
         self._traces[tid] = _TraceMeta(draws=metas, eager=trace.eager, lost=dict(trace.lost))
         # The trace id and every shape in one small int32 vector (read every step: it says
         # which trace ran); the keep-bits in one bool vector, copied to the host only for
         # sampled steps.
         return {
-            "bits": tf.concat(keeps, 0) if keeps else tf.zeros([0], tf.bool),
-            "dims": tf.concat([tf.constant([tid], tf.int32), *dims], 0),
+            "bits": ops.concat(keeps) if keeps else ops.empty_bits(),
+            "dims": ops.concat([ops.int_vector([tid]), *dims]),
         }
 
-    def _host_wrapper(self, inner: Callable[..., Any], kind: str = "train") -> Any:
-        """Wrap a compiled step function: take the masks out of its outputs, count steps."""
+    def _host_wrapper(self, inner: Callable[..., Any], kind: str = "train", *,
+                      pair: bool = False) -> Any:
+        """Wrap a compiled step function: take the masks out of its outputs, count steps.
+
+        ``pair``: the function returns ``(logs, state)`` (JAX).
+        """
         def function(*args: Any, **kwargs: Any) -> Any:
             out = inner(*args, **kwargs)
-            if isinstance(out, dict) and OUTPUT_KEY in out:
-                out = dict(out)
-                payload = out.pop(OUTPUT_KEY)
+            logs = out[0] if pair else out
+            if isinstance(logs, dict) and OUTPUT_KEY in logs:
+                logs = dict(logs)
+                payload = logs.pop(OUTPUT_KEY)
                 if kind == "predict":
-                    out = out[PREDICT_OUTPUTS_KEY]
+                    logs = logs[PREDICT_OUTPUTS_KEY]
                 step = self._step
                 if kind == "train":
                     self._step += 1
                 self._on_step(step, payload)
+                out = (logs, *out[1:]) if pair else logs
             return out
 
         function._dropspy_owner = self  # type: ignore[attr-defined]
@@ -487,7 +506,8 @@ class KerasAdapterBase:
         return function
 
     def _on_step(self, step: int, payload: dict[str, Any]) -> None:
-        dims = np.asarray(payload["dims"])
+        ops = self._payload_ops()
+        dims = np.asarray(ops.to_numpy(payload["dims"]))
         tid = int(dims[0])
         meta = self._traces.get(tid)
         if meta is None:
@@ -501,7 +521,7 @@ class KerasAdapterBase:
         if not self.session.want_step(step):
             self.session.count_dropped("sampling", len(meta.draws))
             return
-        records = decode_step(step, meta.draws, payload["bits"], dims[1:])
+        records = decode_step(step, meta.draws, ops.to_numpy(payload["bits"]), dims[1:])
         # Evaluate/predict batches share the step of the next train step: number their calls
         # on from what this step already holds, so (step, call) stays unique per site.
         if self._calls_step != step:
@@ -511,3 +531,40 @@ class KerasAdapterBase:
         for r in records:
             self._calls[r.site] = max(self._calls.get(r.site, 0), r.call + 1)
         self.session.submit(step, records)
+
+
+class _TFOps:
+    """TensorFlow's payload operations, for a capture module that brings none (Keras 2)."""
+
+    def eager(self) -> bool:
+        import tensorflow as tf
+
+        return bool(tf.executing_eagerly())
+
+    def scope(self) -> Any:
+        import tensorflow as tf
+
+        return None if tf.executing_eagerly() else tf.compat.v1.get_default_graph()
+
+    def flatten(self, x: Any) -> Any:
+        import tensorflow as tf
+
+        return tf.reshape(x, [-1])
+
+    def concat(self, parts: list[Any]) -> Any:
+        import tensorflow as tf
+
+        return tf.concat([tf.cast(p, tf.int32) if p.dtype != tf.bool else p for p in parts], 0)
+
+    def int_vector(self, values: list[int]) -> Any:
+        import tensorflow as tf
+
+        return tf.constant(list(values), tf.int32)
+
+    def empty_bits(self) -> Any:
+        import tensorflow as tf
+
+        return tf.zeros([0], tf.bool)
+
+    def to_numpy(self, x: Any) -> Any:
+        return np.asarray(x)

@@ -27,8 +27,21 @@ from dropspy.frameworks.keras_base import KerasAdapterBase
 __all__ = ["KerasAdapter"]
 
 
+# One capture module per backend; each is imported only when its backend is the active one.
+_CAPTURES = {"tensorflow": "capture_tf", "jax": "capture_jax", "torch": "capture_torch"}
+
+
 def _keras_module() -> Any:
     return sys.modules.get("keras")
+
+
+def _capture() -> Any:
+    """The active backend's capture (``capture_tf.CAPTURE``, ...)."""
+    import importlib
+
+    backend = _keras_module().backend.backend()
+    module = importlib.import_module(f"dropspy.frameworks.keras.{_CAPTURES[backend]}")
+    return module.CAPTURE
 
 
 def _is_tf_keras_model(model: Any) -> bool:
@@ -79,22 +92,35 @@ class KerasAdapter(DrawRouter, KerasAdapterBase):
     def meta(self) -> dict[str, Any]:
         """Framework, versions, backend and devices, for the run file's root attributes."""
         import keras
-        import tensorflow as tf
 
-        devices = [d.name for d in tf.config.list_logical_devices()]
-        return {
+        backend = keras.backend.backend()
+        meta: dict[str, Any] = {
             "framework": "keras",
             "framework_version": keras.__version__,
-            "backend": keras.backend.backend(),
-            "tensorflow_version": tf.__version__,
-            "devices": devices,
+            "backend": backend,
             "jit_compile": str(getattr(self.model, "jit_compile", None)),
         }
+        if backend == "tensorflow":
+            import tensorflow as tf
+
+            meta["tensorflow_version"] = tf.__version__
+            meta["devices"] = [d.name for d in tf.config.list_logical_devices()]
+        elif backend == "jax":
+            import jax
+
+            meta["jax_version"] = jax.__version__
+            meta["devices"] = [str(d) for d in jax.devices()]
+        elif backend == "torch":
+            import torch
+
+            meta["torch_version"] = torch.__version__
+            meta["devices"] = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+        return meta
 
     def _install(self) -> None:
-        from dropspy.frameworks.keras import capture as cap
         from dropspy.frameworks.keras.sites import find_sites
 
+        cap = _capture()
         self._cap = cap
         self._sites = find_sites(self.model)
         for spec in self._sites.all_specs():
@@ -187,9 +213,16 @@ class KerasAdapter(DrawRouter, KerasAdapterBase):
         original_step = getattr(model, f"{kind}_step")
         original_make = getattr(model, f"make_{kind}_function")
         attr = f"{kind}_function"
+        # JAX steps are pure: (state, data) -> (logs, state); the masks ride in the logs.
+        pair = self._cap.name == "jax"
 
-        def step_fn(data: Any) -> Any:
-            return self._traced_step(original_step, data, kind)
+        if pair:
+            def step_fn(state: Any, data: Any) -> Any:
+                return self._traced_step(lambda d: original_step(state, d), data, kind,
+                                         pair=True)
+        else:
+            def step_fn(data: Any) -> Any:  # type: ignore[misc]
+                return self._traced_step(original_step, data, kind)
 
         def make_function(force: bool = False) -> Any:
             self._check_compiled_options()
@@ -197,7 +230,7 @@ class KerasAdapter(DrawRouter, KerasAdapterBase):
             if fn is not None and not force:
                 return fn
             original_make(force=True)
-            setattr(model, attr, self._host_wrapper(getattr(model, attr), kind))
+            setattr(model, attr, self._host_wrapper(getattr(model, attr), kind, pair=pair))
             return getattr(model, attr)
 
         self._set_attr(model, f"{kind}_step", step_fn)
@@ -205,6 +238,29 @@ class KerasAdapter(DrawRouter, KerasAdapterBase):
         # A function built before recording has no mask outputs: set it aside (restored on
         # detach) so fit/evaluate/predict build one with the wrapped step.
         self._set_attr(model, attr, None)
+
+    def _check_compiled_options(self) -> None:
+        """The base refusals, plus what only some backends can compile."""
+        super()._check_compiled_options()
+        backend = self._cap.name if self._cap is not None else _capture().name
+        if backend == "torch" and getattr(self.model, "jit_compile", False) is True:
+            raise UnsupportedModelError(
+                "dropspy cannot record a Keras model compiled with jit_compile=True on the "
+                "torch backend yet: Keras wraps the step in torch.compile, whose graphs do not "
+                "run dropspy's mask copy. Expected jit_compile=False (the torch backend's "
+                "default) while recording."
+            )
+        if backend == "jax":
+            from keras import distribution
+
+            dist = distribution.distribution()
+            if dist is not None:
+                raise UnsupportedModelError(
+                    f"dropspy cannot record a Keras model under keras.distribution "
+                    f"({type(dist).__name__}) on the JAX backend yet: the masks of each "
+                    f"device shard are not taken apart. Expected no distribution while "
+                    f"recording (keras.distribution.set_distribution(None))."
+                )
 
     def _steps_per_execution(self) -> tuple[int, bool]:
         spe = getattr(self.model, "steps_per_execution", 1) or 1
@@ -226,15 +282,13 @@ class KerasAdapter(DrawRouter, KerasAdapterBase):
             trace = cap.current_trace()
             if trace is not None and trace.owner is self:
                 return original(*args, **kwargs)   # inside fit's train step: nothing to add
-            if not _static_bool(kwargs.get("training")):
+            if not _static_bool(kwargs.get("training"), cap):
                 return original(*args, **kwargs)
-            import tensorflow as tf
-
-            if not tf.executing_eagerly():
+            if not cap.eager():
                 self._note_once(
                     "untraced",
-                    f"{self.model.name} was called with training=True inside a tf.function "
-                    f"outside model.fit/train_on_batch (a compiled custom training loop): its "
+                    f"{self.model.name} was called with training=True inside a compiled function "
+                    f"(tf.function, jax.jit) outside model.fit/train_on_batch: its "
                     f"masks cannot leave that function and are not recorded. Run the loop "
                     f"eagerly, or use fit/train_on_batch, to record them.",
                 )
@@ -284,10 +338,10 @@ def _check_supported(model: Any) -> None:
         )
     keras = _keras_module()
     backend = keras.backend.backend() if keras is not None else "?"
-    if backend != "tensorflow":
+    if backend not in _CAPTURES:
         raise UnsupportedModelError(
-            f"dropspy records Keras 3 models on the TensorFlow backend only. Expected "
-            f"KERAS_BACKEND=tensorflow. Received: backend={backend!r}."
+            f"dropspy records Keras 3 models on the TensorFlow, JAX and torch backends. "
+            f"Expected KERAS_BACKEND=tensorflow, jax or torch. Received: backend={backend!r}."
         )
     if not isinstance(model, keras.Model):
         raise UnsupportedModelError(

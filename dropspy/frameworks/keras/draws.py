@@ -27,15 +27,15 @@ __all__ = ["DrawRouter"]
 _ATTENTION_CLASSES = ("Attention", "AdditiveAttention", "GroupedQueryAttention",
                       "MultiHeadAttention")
 
-def _static_bool(value: Any) -> bool:
+def _static_bool(value: Any, cap: Any = None) -> bool:
+    """A training flag as a Python bool; symbolic flags through the backend's capture."""
     if value is None:
         return False
     if isinstance(value, (bool, int, np.bool_)):
         return bool(value)
-    import tensorflow as tf  # only reached with the TF backend
-
-    static = tf.get_static_value(value)
-    return bool(static) if static is not None else True
+    if cap is not None:
+        return bool(cap.static_bool(value))
+    return True
 
 
 class DrawRouter:
@@ -56,8 +56,6 @@ class DrawRouter:
 
     def on_dropout(self, trace: Any, inputs: Any, rate: Any, noise_shape: Any, seed: Any) -> Any:
         """Called (at trace time) for each ``backend.random.dropout`` in a recorded step."""
-        import tensorflow as tf
-
         cap = self._cap
         sm = self._sites
         top = trace.stack[-1] if trace.stack else None
@@ -71,14 +69,16 @@ class DrawRouter:
                               if f.kind == "rnn" and f.layer is cs.rnn), None)
             if k < len(specs) and rnn_frame is not None:
                 out, keep, ns = cap.exact_dropout(inputs, rate, noise_shape, seed)
-                training = _static_bool(rnn_frame.training)
+                if keep is None:
+                    return self._missed(trace, specs[k], out)
+                training = _static_bool(rnn_frame.training, cap)
                 # The cells apply the cached masks only under `training and 0 < rate < 1`;
                 # RNN.call draws them in every mode (also predict/evaluate).
                 applied = training and isinstance(rate, numbers.Real) and 0.0 < rate < 1.0
-                t = tf.shape(rnn_frame.sequence, out_type=tf.int32)[1:2]
-                applied_shape = tf.concat([ns[:1], t, ns[1:]], 0)
+                t = cap.shape_vector(rnn_frame.sequence)[1:2]
+                applied_shape = cap.concat([ns[:1], t, ns[1:]])
                 self._add_draw(trace, specs[k], keep, ns, applied_shape, training, applied,
-                               expand_time=True, rank=int(keep.shape.rank) + 1)
+                               expand_time=True, rank=int(cap.rank(keep)) + 1)
                 return out
 
         layer = self._drawing_layer()
@@ -94,10 +94,9 @@ class DrawRouter:
             # to learn the output spec (result discarded) and then inside a tf.while_loop.
             # Neither draw can be reported as the mask that was applied.
             spec = sm.dropout.get(id(layer)) or self._custom_spec(
-                layer, 0, rate, noise_shape,
-                int(inputs.shape.rank) if inputs.shape.rank is not None else None)
+                layer, 0, rate, noise_shape, cap.rank(inputs))
             out, keep, _ = cap.exact_dropout(inputs, rate, noise_shape, seed)
-            in_loop = not trace.eager and keep.graph is not trace.graph
+            in_loop = keep is not None and cap.in_inner_scope(trace, keep)
             steps = rnn_frame.sequence.shape[1] if rnn_frame.sequence is not None else None
             self._unobservable(spec, "the mask is drawn inside a TensorFlow loop (an RNN "
                                      "cell's own dropout, redrawn at every timestep) and cannot "
@@ -117,11 +116,15 @@ class DrawRouter:
                         and td_frame.sequence.shape[1] is None:
                     self._unobservable(spec, "TimeDistributed with an unknown time length runs "
                                              "its layer inside vectorized_map", trace)
-                    return cap._ORIGINAL_DROPOUT(inputs, rate, noise_shape=noise_shape, seed=seed)
+                    return cap.original_dropout(inputs, rate, noise_shape=noise_shape, seed=seed)
             out, keep, ns = cap.exact_dropout(inputs, rate, noise_shape, seed)
-            training = True if own is None or own.training is None else _static_bool(own.training)
-            rank = int(inputs.shape.rank) + (1 if td_frame is not None else 0)
-            draw = self._add_draw(trace, spec, keep, ns, tf.shape(inputs, out_type=tf.int32),
+            if keep is None:
+                return self._missed(trace, spec, out)
+            training = True if own is None or own.training is None \
+                else _static_bool(own.training, cap)
+            in_rank = cap.rank(inputs)
+            rank = None if in_rank is None else in_rank + (1 if td_frame is not None else 0)
+            draw = self._add_draw(trace, spec, keep, ns, cap.shape_vector(inputs),
                                   training, True, rank=rank, declare=td_frame is None)
             if draw is not None:
                 draw.td_frame = td_frame
@@ -132,12 +135,22 @@ class DrawRouter:
         if own is not None:
             ordinal = own.count
             own.count += 1
-        rank = int(inputs.shape.rank) if inputs.shape.rank is not None else None
+        rank = cap.rank(inputs)
         spec = self._custom_spec(layer, ordinal, rate, noise_shape, rank)
         out, keep, ns = cap.exact_dropout(inputs, rate, noise_shape, seed)
-        training = True if own is None or own.training is None else _static_bool(own.training)
-        self._add_draw(trace, spec, keep, ns, tf.shape(inputs, out_type=tf.int32),
-                       training, True, rank=rank)
+        if keep is None:
+            return self._missed(trace, spec, out)
+        training = True if own is None or own.training is None \
+            else _static_bool(own.training, cap)
+        self._add_draw(trace, spec, keep, ns, cap.shape_vector(inputs), training, True, rank=rank)
+        return out
+
+    def _missed(self, trace: Any, spec: Any, out: Any) -> Any:
+        """A draw whose mask could not be copied: count it (capture_error), say so once."""
+        trace.lost["capture_error"] = trace.lost.get("capture_error", 0) + 1
+        why = getattr(self._cap, "miss", "the mask could not be copied")
+        self._note_once(f"miss:{spec.name}", f"site {spec.name}: a mask was not recorded ({why}); "
+                        f"counted as dropped (capture_error)")
         return out
 
     def on_untraced_dropout(self) -> None:
@@ -249,7 +262,7 @@ class DrawRouter:
         if rank is None:
             self._unobservable(spec, "the rank of its input is unknown while tracing", trace)
             return None
-        if not trace.eager and keep.graph is not trace.graph:
+        if self._cap.in_inner_scope(trace, keep):
             self._unobservable(spec, "the mask is drawn inside a TensorFlow loop or branch "
                                      "(tf.while_loop / tf.cond) and cannot leave the compiled "
                                      "step", trace)
@@ -272,20 +285,19 @@ class DrawRouter:
 
     def _merge_time_distributed(self, trace: Any, frame: Any) -> None:
         """Stack the per-timestep draws of a TimeDistributed call into one (batch, time, ...)."""
-        import tensorflow as tf
-
+        cap = self._cap
         slices = [d for d in trace.draws[frame.start:] if d.td_frame is frame]
         if not slices:
             return
         trace.draws[:] = [d for d in trace.draws if d.td_frame is not frame]
         spec = slices[0].spec
-        rank = int(slices[0].keep.shape.rank) + 1
+        rank = int(cap.rank(slices[0].keep)) + 1
         if not (spec.declared and spec.rank == rank) and not self._declare(spec, rank):
             return
-        t = tf.constant([len(slices)], tf.int32)
-        keep = tf.stack([d.keep for d in slices], axis=1)
+        t = cap.int_vector([len(slices)])
+        keep = cap.stack([d.keep for d in slices], 1)
         ns, ap = slices[0].noise_shape, slices[0].applied_shape
-        trace.draws.append(self._cap.Draw(
-            spec=spec, keep=keep, noise_shape=tf.concat([ns[:1], t, ns[1:]], 0),
-            applied_shape=tf.concat([ap[:1], t, ap[1:]], 0), training=slices[0].training,
+        trace.draws.append(cap.Draw(
+            spec=spec, keep=keep, noise_shape=cap.concat([ns[:1], t, ns[1:]]),
+            applied_shape=cap.concat([ap[:1], t, ap[1:]]), training=slices[0].training,
             applied=True))

@@ -1,0 +1,138 @@
+"""Trace-time capture of the keep-masks Keras 3 draws on the TensorFlow backend.
+
+Every Keras dropout goes through ``keras.src.backend.tensorflow.random.dropout``. While a
+recorded step runs (or is traced), that function is replaced by one that builds the very same
+TensorFlow ops (``_dropout`` in TF's ``nn_ops`` with the stateless uniform sampler Keras uses,
+the seed drawn once from the same generator) and also hands back the boolean keep-mask that the
+final ``SelectV2`` uses. Nothing random is added and the output is computed by TF's own code, so
+training is unchanged bit for bit. The shared parts (trace, frames, the patch) are in
+:mod:`dropspy.frameworks.keras.tracing`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import tensorflow as tf
+from keras.src.backend.tensorflow import random as _tf_random
+from keras.src.random.seed_generator import draw_seed
+
+from dropspy.frameworks.keras.tracing import BackendCapture, Draw, Frame, Trace
+
+__all__ = ["Frame", "Draw", "Trace", "TFCapture", "CAPTURE", "current_trace", "push_trace",
+           "pop_trace", "install", "uninstall", "installed", "exact_dropout"]
+
+
+class TFCapture(BackendCapture):
+    """The TensorFlow backend's capture (graph, XLA and eager steps)."""
+
+    name = "tensorflow"
+
+    def exact_dropout(self, inputs: Any, rate: Any, noise_shape: Any = None,
+                      seed: Any = None) -> tuple[Any, Any, Any]:
+        return exact_dropout(inputs, rate, noise_shape, seed)
+
+    def eager(self) -> bool:
+        return bool(tf.executing_eagerly())
+
+    def scope(self) -> Any:
+        return None if tf.executing_eagerly() else tf.compat.v1.get_default_graph()
+
+    def in_inner_scope(self, trace: Trace, keep: Any) -> bool:
+        return not trace.eager and keep.graph is not trace.graph
+
+    def rank(self, x: Any) -> int | None:
+        r = x.shape.rank
+        return None if r is None else int(r)
+
+    def static_bool(self, value: Any) -> bool:
+        if value is None:
+            return False
+        if isinstance(value, bool):
+            return value
+        static = tf.get_static_value(value)
+        return bool(static) if static is not None else True
+
+    def shape_vector(self, x: Any) -> Any:
+        return tf.shape(x, out_type=tf.int32)
+
+    def int_vector(self, values: list[int]) -> Any:
+        return tf.constant(list(values), tf.int32)
+
+    def concat(self, parts: list[Any]) -> Any:
+        return tf.concat(parts, 0)
+
+    def stack(self, parts: list[Any], axis: int) -> Any:
+        return tf.stack(parts, axis=axis)
+
+    def flatten(self, x: Any) -> Any:
+        return tf.reshape(x, [-1])
+
+    def empty_bits(self) -> Any:
+        return tf.zeros([0], tf.bool)
+
+    def to_numpy(self, x: Any) -> Any:
+        import numpy as np
+
+        return np.asarray(x)
+
+
+def exact_dropout(inputs: Any, rate: Any, noise_shape: Any = None,
+                  seed: Any = None) -> tuple[Any, Any, Any]:
+    """Keras' TF-backend dropout, op for op, returning the keep-mask too.
+
+    Args:
+        inputs: The tensor to drop from.
+        rate: Drop rate (float or scalar tensor).
+        noise_shape: Keras noise shape (None entries follow ``inputs``), or None.
+        seed: Seed or ``SeedGenerator``, as Keras takes it (drawn from exactly once).
+
+    Returns:
+        ``(outputs, keep, noise_shape)``: the dropout output (the same bits Keras computes), the
+        boolean keep-mask at the noise shape, and the noise shape as an int32 tensor.
+    """
+    # The same tests, in the same order, as keras' backend dropout (numpy scalars included).
+    if rate == 1.0:
+        out = tf.zeros_like(inputs)
+        shape = _noise_shape_tensor(inputs, noise_shape)
+        return out, tf.zeros(shape, tf.bool), shape
+    if rate == 0.0:
+        shape = _noise_shape_tensor(inputs, noise_shape)
+        return inputs, tf.ones(shape, tf.bool), shape
+    seed = _tf_random._cast_seed(draw_seed(seed))
+    concrete = _tf_random._get_concrete_noise_shape(inputs, noise_shape)
+    held: list[Any] = []
+
+    def sampler(shape: Any, dtype: Any) -> Any:
+        # The sampler tf.nn.experimental.stateless_dropout builds (alg=None: auto-select).
+        r = tf.random.stateless_uniform(shape=shape, seed=seed, dtype=dtype, alg=None)
+        held.append(r)
+        return r
+
+    out = tf.nn.experimental.general_dropout(inputs, rate=rate, uniform_sampler=sampler,
+                                             noise_shape=concrete)
+    keep = None
+    if not tf.executing_eagerly() and getattr(out, "op", None) is not None \
+            and out.op.type == "SelectV2":
+        # The very tensor TF selected with: no recomputation.
+        keep = out.op.inputs[0]
+    if keep is None:
+        r = held[0]
+        thresh = rate if not tf.is_tensor(rate) else tf.cast(rate, r.dtype)
+        keep = r >= thresh   # the comparison TF's _dropout makes, on the same samples
+    return out, keep, tf.shape(keep, out_type=tf.int32)
+
+
+def _noise_shape_tensor(inputs: Any, noise_shape: Any) -> Any:
+    concrete = _tf_random._get_concrete_noise_shape(inputs, noise_shape)
+    return tf.cast(tf.stack(concrete) if isinstance(concrete, list) else concrete, tf.int32)
+
+
+CAPTURE = TFCapture(_tf_random)
+_ORIGINAL_DROPOUT = CAPTURE.original_dropout
+current_trace = CAPTURE.current_trace
+push_trace = CAPTURE.push_trace
+pop_trace = CAPTURE.pop_trace
+install = CAPTURE.install
+uninstall = CAPTURE.uninstall
+installed = CAPTURE.installed

@@ -1,0 +1,86 @@
+"""Keras 3 on the JAX and torch backends: exact masks and bit-identical training.
+
+KERAS_BACKEND is fixed per process once keras is imported (here: TensorFlow), so each backend
+runs ``backend_driver.py`` once in a subprocess (module-scoped fixture) and the tests assert
+on the JSON it prints.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# Each backend's subprocess imports keras and trains twice: about a minute on 2 busy cores.
+pytestmark = pytest.mark.slow
+
+DRIVER = Path(__file__).with_name("backend_driver.py")
+REPO = Path(__file__).resolve().parents[3]
+BACKENDS = [
+    pytest.param("jax", marks=pytest.mark.skipif(importlib.util.find_spec("jax") is None,
+                                                 reason="needs jax")),
+    pytest.param("torch", marks=pytest.mark.skipif(importlib.util.find_spec("torch") is None,
+                                                   reason="needs torch")),
+]
+
+
+def run_driver(backend: str, scenarios: str, workdir: Path, **env: str) -> dict:
+    environ = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3", **env)
+    environ["PYTHONPATH"] = os.pathsep.join([str(REPO), environ.get("PYTHONPATH", "")])
+    out = subprocess.run([sys.executable, str(DRIVER), scenarios, str(workdir)], env=environ,
+                         capture_output=True, text=True, timeout=400)
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("DRIVER-RESULT ")]
+    assert out.returncode == 0 and lines, (out.stdout[-2000:], out.stderr[-4000:])
+    return json.loads(lines[-1][len("DRIVER-RESULT "):])
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def backend_result(request, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp(f"keras_{request.param}")
+    return request.param, run_driver(request.param, "fit,exact", workdir)
+
+
+def test_fit_weights_seed_states_and_global_rng_bit_identical_with_and_without_record(
+        backend_result):
+    backend, result = backend_result
+    fit = result["fit"]
+    assert fit["backend"] == backend
+    assert fit["n_weights"] == 5 and fit["weights_equal"]
+    assert fit["n_seed_states"] == 3 and fit["seed_states_equal"]
+    assert fit["global_rng_equal"]
+
+
+def test_fit_and_train_on_batch_record_every_step_of_every_site(backend_result):
+    _, result = backend_result
+    fit = result["fit"]
+    expected_sites = {"sd", "out"} | {f"lstm/{role}/{g}" for role in ("input", "recurrent")
+                                      for g in "ifco"}
+    assert set(fit["records"]) == expected_sites
+    # 4 fit batches (the last one partial) + 2 train_on_batch calls
+    assert all(steps == list(range(6)) for steps in fit["steps"].values()), fit["steps"]
+    assert not fit["opaque"] and not fit["dropped"] and fit["complete"]
+
+
+def test_jax_train_on_batch_reuses_the_traced_step(backend_result):
+    backend, result = backend_result
+    if backend != "jax":
+        pytest.skip("torch steps are eager: nothing is traced")
+    # fit traces once per batch shape (full, partial); train_on_batch once more (Keras feeds
+    # it another data structure, x, y, None) and then never again: its 2 calls share 1 trace.
+    assert result["fit"]["traces"] == 3
+
+
+@pytest.mark.parametrize("site", ["plain", "spatial", "seeded"])
+def test_masks_match_the_backends_own_dropout_arithmetic_with_planted_zeros(backend_result,
+                                                                             site):
+    _, result = backend_result
+    check = result["exact"]["checks"][site]
+    assert check["exact"] == [True, True, True]
+    assert check["kept_zeros"]   # a mask guessed from output == 0 would fail here
+    assert check["noise_shape"] == ([8, 1, 4] if site == "spatial" else [8, 6, 4])
+    assert 0.3 < check["keep_fraction"] < 0.95
