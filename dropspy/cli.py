@@ -354,7 +354,9 @@ def plot(
     site: Annotated[str, typer.Option("--site", "-s", help="Site name (or a glob matching one).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="PNG file to write.")],
     step: Annotated[Optional[int], typer.Option(help="Step to show (default: the first).")] = None,
-    call: Annotated[int, typer.Option(help="Call within the step.")] = 0,
+    call: Annotated[Optional[int], typer.Option(
+        help="Call within the step (default 0); without --step, the first record of that "
+             "call.")] = None,
     samples: Annotated[int, typer.Option(help="Samples (batch rows) to show.", min=1, max=16)] = 4,
     rank: Annotated[Optional[int], typer.Option(
         help="For a run set: the rank whose record to show (default: the lowest).")] = None,
@@ -363,9 +365,13 @@ def plot(
     """Image of one record's applied mask (named axes) and keep rate along each axis."""
     with _errors():
         try:
-            from dropspy.plot import plot_site
+            from dropspy.plot import plot_site, png_path
         except ImportError as exc:
             raise _UserError(f"plot needs matplotlib (pip install 'dropspy[plot]'): {exc}") from exc
+        try:
+            png_path(output)  # refused before the file is read
+        except ValueError as exc:
+            raise _UserError(str(exc)) from None
         from dropspy.store import load
 
         with load(path, force=force) as loaded:
@@ -384,7 +390,7 @@ def plot(
                 raise _UserError(f"--site {site!r} matches {len(names)} sites "
                                  f"({', '.join(names)}); give one")
             written = plot_site(run, names[0], output, step=step, call=call, samples=samples)
-    typer.echo(f"wrote {written}")
+    typer.echo(safe(f"wrote {written}"))
 
 
 @app.command()

@@ -14,13 +14,15 @@ import numpy as np
 
 from dropspy.errors import RecordNotFoundError
 
-__all__ = ["plot_site", "site_figure", "mask_image", "find_record", "CAPTION"]
+__all__ = ["plot_site", "site_figure", "mask_image", "find_record", "png_path", "CAPTION"]
 
 _MAX_CELLS = 512  # longest axis drawn in a panel; longer axes are cut (and the title says so)
 
 
-def find_record(site: Any, step: int | None = None, call: int = 0) -> int:
+def find_record(site: Any, step: int | None = None, call: int | None = None) -> int:
     """Index of the record to show: at ``step``/``call``, or the first applied training one.
+
+    ``call`` defaults to 0 with a ``step``; without one it picks the first record of that call.
 
     Raises:
         ValueError: No record with a mask at that step and call.
@@ -29,13 +31,17 @@ def find_record(site: Any, step: int | None = None, call: int = 0) -> int:
     steps = np.asarray(site.steps)
     calls = np.asarray(site.calls)
     if step is None:
+        if call is not None:
+            applied = applied & (calls == call)
         pick = np.flatnonzero(applied & np.asarray(site.training, dtype=bool))
         if not len(pick):
             pick = np.flatnonzero(applied)
         if not len(pick):
+            which = "" if call is None else f" at call {call}"
             raise RecordNotFoundError(
-                f"site {site.name!r} has no record with a mask ({len(site)} records)")
+                f"site {site.name!r} has no record with a mask{which} ({len(site)} records)")
         return int(pick[0])
+    call = 0 if call is None else call
     pick = np.flatnonzero(applied & (steps == step) & (calls == call))
     if not len(pick):
         have = np.unique(steps[applied])
@@ -84,10 +90,30 @@ def mask_image(mask: np.ndarray, axes: tuple[str, ...],
     return img, down, across, note
 
 
+def _applied(site: Any, i: int) -> np.ndarray:
+    """Record ``i``'s applied mask as a read-only broadcast view of its noise (no copy).
+
+    A file may declare an applied shape of 2^20 x 2^20 over a (1, 1) noise: a copy asked
+    for a terabyte; the picture only ever looks at 512 x 512 cells of it.
+    """
+    noise = site.noise(i)
+    shape = tuple(int(x) for x in np.asarray(site.shapes)[i])
+    return np.broadcast_to(noise, shape)
+
+
+def _keep_along(noise: np.ndarray, length: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(x, kept fraction) along axis ``k`` of the applied mask, computed on the noise."""
+    others = tuple(j for j in range(noise.ndim) if j != k)
+    keep = noise.mean(axis=others) if noise.size else np.zeros(noise.shape[k])
+    if keep.size == 1 and length != 1:  # a broadcast axis: one value along all of it
+        return np.array([0, length - 1]), np.repeat(keep, 2)
+    return np.arange(keep.size), keep
+
+
 def _siblings(run: Any, main: Any, site: str, step: int, call: int) -> list[tuple[Any, np.ndarray]]:
     """(gate, mask) of the site and of its sibling gates (same layer and role), in gate order."""
     i = find_record(main, step, call)
-    columns = [(main.gate, main.mask(i))]
+    columns = [(main.gate, _applied(main, i))]
     if main.gate:
         for name in run.sites:
             other = run[name]
@@ -97,13 +123,13 @@ def _siblings(run: Any, main: Any, site: str, step: int, call: int) -> list[tupl
                     j = find_record(other, step, call)
                 except ValueError:
                     continue
-                columns.append((other.gate, other.mask(j)))
+                columns.append((other.gate, _applied(other, j)))
         order = "ifcozrh"
         columns.sort(key=lambda c: order.index(c[0]) if c[0] in order else len(order))
     return columns
 
 
-def site_figure(run: Any, site: str, *, step: int | None = None, call: int = 0,
+def site_figure(run: Any, site: str, *, step: int | None = None, call: int | None = None,
                 samples: int = 4) -> Any:
     """The matplotlib ``Figure`` that :func:`plot_site` saves (Agg canvas, no pyplot)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -145,8 +171,8 @@ def site_figure(run: Any, site: str, *, step: int | None = None, call: int = 0,
     gate_note = f" (gate {main.gate})" if ncols > 1 else ""
     for k, name in enumerate(axes):
         ax = fig.add_subplot(grid[grid_rows - 1, k])
-        keep = mask0.mean(axis=tuple(j for j in range(mask0.ndim) if j != k))
-        ax.plot(np.arange(keep.size), keep, marker="." if keep.size <= 64 else None, lw=1)
+        x, keep = _keep_along(main.noise(i), mask0.shape[k], k)
+        ax.plot(x, keep, marker="." if keep.size <= 64 else None, lw=1)
         reference = ""
         if rate is not None:
             # Said in the title, not a legend box, which hid data points near the bottom.
@@ -171,7 +197,7 @@ def site_figure(run: Any, site: str, *, step: int | None = None, call: int = 0,
 
 
 def plot_site(run: Any, site: str, output: str | os.PathLike[str], *, step: int | None = None,
-              call: int = 0, samples: int = 4) -> Path:
+              call: int | None = None, samples: int = 4) -> Path:
     """Draw one record's applied mask and the keep rate along each axis into a PNG.
 
     Top: the applied mask (white = kept, black = dropped) for the first ``samples`` samples,
@@ -182,9 +208,9 @@ def plot_site(run: Any, site: str, output: str | os.PathLike[str], *, step: int 
     Args:
         run: A :class:`dropspy.store.Run` (or :class:`dropspy.analysis.MemoryRun`).
         site: Site name.
-        output: PNG path to write.
+        output: PNG path to write (``.png``; a path without a suffix gets it).
         step: Step to show (default: the first record with a mask).
-        call: Call within the step.
+        call: Call within the step (default 0; without ``step``, the first record of it).
         samples: How many samples (batch indices) to draw.
 
     Returns:
@@ -194,8 +220,24 @@ def plot_site(run: Any, site: str, output: str | os.PathLike[str], *, step: int 
         KeyError: No such site.
         ValueError: No record with a mask at that step and call.
     """
+    out = png_path(output)
     fig = site_figure(run, site, step=step, call=call, samples=samples)
-    out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
+    fig.savefig(out, dpi=100, format="png")
+    return out
+
+
+def png_path(output: str | os.PathLike[str]) -> Path:
+    """The PNG path a plot is written to: ``output``, with ``.png`` added when it has no suffix.
+
+    Raises:
+        ValueError: ``output`` is a directory or names another format.
+    """
+    out = Path(output)
+    if out.is_dir():
+        raise ValueError(f"-o {out}: is a directory; give a file name, e.g. {out / 'mask.png'}")
+    if not out.suffix:
+        out = out.with_name(out.name + ".png")
+    elif out.suffix.lower() != ".png":
+        raise ValueError(f"-o {out}: expected a .png file name, received a {out.suffix} one")
     return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from _synth import info, records, write_run
 from typer.testing import CliRunner
@@ -74,3 +75,51 @@ def test_check_passes_a_complete_run_without_incomplete_notes(tmp_path):
     result = runner.invoke(app, ["check", str(path), "-e", "d: shared=time"])
     assert result.exit_code == 0, result.output
     assert "incomplete" not in result.output
+
+
+@pytest.fixture(scope="module")
+def two_call_path(tmp_path_factory):
+    from dropspy.records import Record
+
+    d = tmp_path_factory.mktemp("calls")
+    recs = []
+    for s in range(3):
+        for c in range(2):
+            noise = np.zeros((4, 6), bool)
+            noise[:, c] = True  # call c keeps feature c only: tells the calls apart
+            recs.append(Record("d", s, c, True, (4, 6), noise=noise))
+    return write_run(d / "calls.h5", [(info("d", axes=("batch", "feature")), recs)])
+
+
+def test_plot_to_a_directory_is_one_line_exit_2(tmp_path, two_call_path):
+    result = runner.invoke(app, ["plot", str(two_call_path), "-s", "d", "-o", str(tmp_path)])
+    assert result.exit_code == 2 and "is a directory" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_plot_without_suffix_writes_png_and_says_the_real_name(tmp_path, two_call_path):
+    result = runner.invoke(app, ["plot", str(two_call_path), "-s", "d", "-o",
+                                 str(tmp_path / "noext")])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == f"wrote {tmp_path / 'noext.png'}"
+    assert (tmp_path / "noext.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bad = runner.invoke(app, ["plot", str(two_call_path), "-s", "d", "-o",
+                              str(tmp_path / "m.jpg")])
+    assert bad.exit_code == 2 and "expected a .png file name" in bad.stderr
+
+
+def test_plot_call_without_step_picks_that_call(tmp_path, two_call_path):
+    from dropspy.plot import find_record
+    from dropspy.store import load
+
+    with load(two_call_path) as run:
+        site = run["d"]
+        i = find_record(site, None, 1)
+        assert (int(site.steps[i]), int(site.calls[i])) == (0, 1)
+        assert site.mask(i)[:, 1].all() and not site.mask(i)[:, 0].any()
+    result = runner.invoke(app, ["plot", str(two_call_path), "-s", "d", "--call", "1", "-o",
+                                 str(tmp_path / "c.png")])
+    assert result.exit_code == 0, result.output
+    missing = runner.invoke(app, ["plot", str(two_call_path), "-s", "d", "--call", "7", "-o",
+                                  str(tmp_path / "c.png")])
+    assert missing.exit_code == 2 and "at call 7" in missing.stderr
