@@ -46,6 +46,12 @@ def _train(torch: Any, scenario: str, rank: int, path: str | None, seen: list | 
         fully_shard(net.fc1)
         fully_shard(net)
         model = net
+    elif scenario == "fsdp1":
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        cpu = torch.device("cpu")
+        net.fc1 = FSDP(net.fc1, device_id=cpu)  # a nested unit: "_fsdp_wrapped_module" names
+        model = FSDP(net, device_id=cpu)
     else:
         kwargs = {"static_graph": scenario == "static_graph",
                   "find_unused_parameters": scenario == "unused"}
@@ -76,8 +82,9 @@ def _train(torch: Any, scenario: str, rank: int, path: str | None, seen: list | 
     finally:
         if rec is not None:
             rec.__exit__(None, None, None)
+    full = model.state_dict() if scenario == "fsdp1" else net.state_dict()
     state = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
-             for k, v in net.state_dict().items()}
+             for k, v in full.items()}
     return {"params": state, "rng": torch.get_rng_state().clone()}
 
 

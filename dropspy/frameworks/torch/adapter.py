@@ -51,7 +51,7 @@ from dropspy.frameworks.torch.capture import (
     FunctionMode,
 )
 from dropspy.frameworks.torch.compiled import CompiledRecording, compiled_target
-from dropspy.frameworks.torch.distributed import dist_meta, unwrap
+from dropspy.frameworks.torch.distributed import dist_meta, named_modules, unwrap
 from dropspy.frameworks.torch.pack import DeviceCopy, pack_host
 from dropspy.frameworks.torch.sites import SiteFacts, SiteKey, SiteRegistry
 from dropspy.records import Record
@@ -124,7 +124,9 @@ class TorchAdapter:
         self._held_bytes = 0
         # A GPU step's masks on their way to the host: (copy, records, masked records, step).
         self._inflight: tuple[DeviceCopy, list[Record], list[Record], int] | None = None
-        self._params: set[int] = {id(p) for p in model.parameters()}
+        # The wrapper's too: legacy FSDP steps flat parameters the inner module does not list.
+        self._params: set[int] = {id(p) for p in itertools.chain(model.parameters(),
+                                                                 self.wrapper.parameters())}
 
     @property
     def _cap(self) -> Capture:
@@ -166,7 +168,7 @@ class TorchAdapter:
         self.session = session
         model = self.model
         paths = {}
-        for name, module in model.named_modules():
+        for name, module in named_modules(model):
             paths[id(module)] = name
         registry = SiteRegistry(self.session.declare_site, paths.values(), _layout3(model))
         self._capture = capture = Capture(registry, self.session.note, self.cudnn_rnn,
@@ -177,12 +179,13 @@ class TorchAdapter:
                 # The swapped-in compiled call runs the top-level hooks around it instead.
                 self._compiled_rec = CompiledRecording(self, self.compiled)
                 self._compiled_rec.attach()
-            for name, module in model.named_modules():
+            for name, module in named_modules(model):
                 if self.compiled is not None:
                     break
                 if module is not model and not _may_draw(module):
                     continue
-                self._handles.append(module.register_forward_pre_hook(self._pre_hook(name)))
+                self._handles.append(module.register_forward_pre_hook(
+                    self._pre_hook(name, module)))
                 self._handles.append(module.register_forward_hook(self._post_hook(name),
                                                                   always_call=True))
             self._declare_static_sites(model, registry)
@@ -223,7 +226,7 @@ class TorchAdapter:
         their first sampled call; a run that samples nothing must still say they exist.
         """
         seen = {info.layer for info in self._cap.sites.infos.values()}
-        unseen = [name for name, m in self.model.named_modules()
+        unseen = [name for name, m in named_modules(self.model)
                   if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0
                   and name not in seen]
         if unseen:
@@ -252,8 +255,9 @@ class TorchAdapter:
 
     # -- module hooks ------------------------------------------------------------------------
 
-    def _pre_hook(self, path: str) -> Callable:
-        fast_path = isinstance(self._module_at(path), FAST_PATH_MODULES)
+    def _pre_hook(self, path: str, module: torch.nn.Module | None = None) -> Callable:
+        fast_path = isinstance(module if module is not None else self._module_at(path),
+                               FAST_PATH_MODULES)
 
         def hook(module: torch.nn.Module, args: Any) -> None:
             cap = self._cap
@@ -465,7 +469,7 @@ class TorchAdapter:
 
     def _declare_static_sites(self, model: torch.nn.Module, registry: SiteRegistry) -> None:
         """Declare what is known before any forward: RNN between-layer sites, cuDNN opacity."""
-        for name, module in model.named_modules():
+        for name, module in named_modules(model):
             if not isinstance(module, torch.nn.RNNBase) or not module.dropout:
                 continue
             on_cuda = any(p.is_cuda for p in module.parameters())

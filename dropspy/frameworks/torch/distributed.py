@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 from dropspy.errors import UnsupportedModelError
 
-__all__ = ["unwrap", "dist_meta"]
+__all__ = ["unwrap", "dist_meta", "named_modules"]
 
 
 def unwrap(model: torch.nn.Module) -> tuple[torch.nn.Module, str | None]:
@@ -29,7 +30,7 @@ def unwrap(model: torch.nn.Module) -> tuple[torch.nn.Module, str | None]:
 
     Raises:
         UnsupportedModelError: A ``DataParallel`` over several devices (replicas run on other
-            threads), or the legacy ``FullyShardedDataParallel`` wrapper.
+            threads).
     """
     from torch.nn.parallel import DataParallel, DistributedDataParallel
 
@@ -46,11 +47,9 @@ def unwrap(model: torch.nn.Module) -> tuple[torch.nn.Module, str | None]:
         # On CPU or one device DataParallel calls self.module(...) directly: nothing to split.
         return model.module, "DataParallel"
     if _is_fsdp1(model):
-        raise UnsupportedModelError(
-            "dropspy does not record the legacy FullyShardedDataParallel wrapper: it flattens "
-            "parameters and renames every module (_fsdp_wrapped_module.), and torch is "
-            "retiring it. Use torch.distributed.fsdp.fully_shard (FSDP2), which dropspy "
-            "records per rank like DDP.")
+        # Its forward unshards, then calls the wrapped module: recorded like DDP. Nested
+        # units' ``_fsdp_wrapped_module.`` is left out of names (see named_modules).
+        return model.module, "FullyShardedDataParallel"
     return model, None
 
 
@@ -59,7 +58,23 @@ def _is_fsdp1(model: torch.nn.Module) -> bool:
         from torch.distributed.fsdp import FullyShardedDataParallel
     except ImportError:  # torch built without distributed
         return False
-    return any(isinstance(m, FullyShardedDataParallel) for m in model.modules())
+    return isinstance(model, FullyShardedDataParallel)
+
+
+# Module names wrappers insert into a model's paths (legacy FSDP units, activation
+# checkpointing): site names leave them out, so they match the unwrapped model's.
+_WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+
+
+def named_modules(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module]]:
+    """``model.named_modules()`` with wrapper path parts left out of the names."""
+    for name, module in model.named_modules():
+        for part in _WRAPPER_PARTS:
+            name = name.replace(part, "")
+        for part in _WRAPPER_PARTS:
+            if name.endswith(part[:-1]):
+                name = name[:-len(part)].rstrip(".")
+        yield name, module
 
 
 def dist_meta() -> dict[str, Any]:
