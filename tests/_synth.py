@@ -97,8 +97,9 @@ def rank_files(tmp: Path, seeds: Sequence[int], *, world_size: int | None = None
                                       seed=seed + 1000)),
         ]
         if extra_site == r:
-            sites.append((info("only_here"), records("only_here", (4, 8), (4, 8), 0.3,
-                                                     steps=steps, seed=seed + 7)))
+            sites.append((info("only_here", ("batch", "feature")),
+                          records("only_here", (4, 8), (4, 8), 0.3, steps=steps,
+                                  seed=seed + 7)))
         meta = {"rank": r, "world_size": world, "local_rank": r, "backend": "gloo"}
         if run_id is not None:
             meta["run_id"] = run_id
