@@ -150,9 +150,13 @@ def _check_site_data(g: h5py.Group, where: str, spec: dict[str, Any], path: Path
                      complete: bool) -> list[str]:
     problems: list[str] = []
     lengths = {}
+    version = g.file.attrs.get("format_version", 1)
     for name, rule in spec.items():
         d = _h5.member(g, name, path, f"{where}/{name}", kind=h5py.Dataset, required=False)
         if d is None:
+            # A dataset added by a later format version is not missing from an older file.
+            if isinstance(version, (int, np.integer)) and version < rule.get("since_version", 1):
+                continue
             problems.append(f"{where}/{name}: missing dataset")
             continue
         want = rule["const"]

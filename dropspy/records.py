@@ -36,7 +36,8 @@ __all__ = [
 ]
 
 FORMAT_NAME = "dropspy.run"
-FORMAT_VERSION = 1
+# 2: per-record ``replica`` (int32) in every site group; version 1 files read as replica 0.
+FORMAT_VERSION = 2
 
 #: Per-record index datasets of every site group, besides ``shape``, ``noise_shape``, ``bits``.
 INDEX_FIELDS = ("step", "call", "training", "applied", "offset")
@@ -168,6 +169,7 @@ class Record:
     noise: np.ndarray | None = None
     packed: np.ndarray | None = None
     noise_shape: tuple[int, ...] | None = None
+    replica: int = 0
 
 
 def _attr_value(value: Any) -> Any:

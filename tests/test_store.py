@@ -215,7 +215,7 @@ def _write_small_run(path):
         (lambda p: p.write_bytes(os.urandom(4096)), "not an HDF5 file"),
         (lambda p: h5py.File(p, "w").close(), "not a dropspy run file"),
         (lambda p: (_write_small_run(p), _set_attr(p, "format_version", FORMAT_VERSION + 1)),
-         "format version 2 is not supported"),
+         f"format version {FORMAT_VERSION + 1} is not supported"),
         (lambda p: (_write_small_run(p), _truncate(p, 0.5)), str),
     ],
     ids=["missing", "directory", "empty", "random-bytes", "plain-hdf5", "newer-version",
@@ -288,3 +288,26 @@ def test_run_report_analyses_the_planted_structure(tmp_path):
     assert site.pattern == "time-shared"
     assert site.shared_axes == ("time",) or list(site.shared_axes) == ["time"]
     assert set(site.independent_axes) == {"batch", "feature"}
+
+
+def test_replica_of_each_record_round_trips_and_version_1_files_read_as_replica_0(tmp_path):
+    from dropspy.store import validate_file
+
+    path = tmp_path / "run.h5"
+    with RunWriter(path, {"framework": "test"}) as w:
+        w.declare_site(_site(axes=("batch",)))
+        w.submit([Record("drop", 0, 0, True, (4,), noise=np.ones(4, bool), replica=r)
+                  for r in (0, 1)])
+        w.submit([Record("drop", 1, 0, True, (4,), noise=np.zeros(4, bool), replica=1)])
+    with load(path) as run:
+        assert run["drop"].replicas.tolist() == [0, 1, 1]
+    assert validate_file(path) == []
+    # The same file as version 1 wrote it: no replica dataset, format_version 1.
+    with h5py.File(path, "a") as f:
+        f.attrs["format_version"] = 1
+        for g in f["sites"].values():
+            del g["replica"]
+    with load(path) as run:
+        assert run["drop"].replicas.tolist() == [0, 0, 0]
+        assert run["drop"].steps.tolist() == [0, 0, 1]
+    assert validate_file(path) == []
