@@ -161,11 +161,13 @@ def site_figure(run: Any, site: str, *, step: int | None = None, call: int | Non
             ax = fig.add_subplot(grid[0, r] if ncols == 1 else grid[r, c])
             ax.imshow(cut, cmap="gray", vmin=0, vmax=1, interpolation="nearest", aspect="auto")
             title = f"gate {gate}, " if ncols > 1 else ""
-            title += f"sample {r}" if batched else "mask"
+            title += f"sample {r}" if batched else (
+                "all samples" if across == "batch" else "mask")
             if cut.shape != img.shape:
                 title += f" (first {cut.shape[0]}x{cut.shape[1]})"
             ax.set_title(title + note, fontsize=9)
-            ax.set_xlabel(f"{across} \u2192" if across else "")
+            ax.set_xlabel({"batch": "sample \u2192"}.get(across, f"{across} \u2192")
+                          if across else "")
             ax.set_ylabel(f"{down} \u2193" if down else "")
     rate = main.rate
     gate_note = f" (gate {main.gate})" if ncols > 1 else ""
@@ -189,7 +191,8 @@ def site_figure(run: Any, site: str, *, step: int | None = None, call: int | Non
     else:
         name = site
     rate_words = "?" if rate is None else f"{rate:g}"
-    layout = f"; {down} down, {across} across" if down and across else ""
+    shown = "samples" if across == "batch" else across
+    layout = f"; {down} down, {shown} across" if down and across else ""
     fig.suptitle(f"{name} ({main.layer_class}), step {rec_step} call {rec_call}, configured "
                  f"rate {rate_words}, applied shape {tuple(mask0.shape)}\n{CAPTION}{layout}",
                  fontsize=10)

@@ -199,7 +199,7 @@ class Recording:
         return self.writer.stats if self.writer is not None else {}
 
     def __exit__(self, *exc: object) -> None:
-        self.stop()
+        self._finish()
 
     def stop(self) -> None:
         """Stop recording (what ``with`` does on exit): restore the model, close the file.
@@ -215,6 +215,11 @@ class Recording:
                 f"stop() on a recording that was never started (into {self.path}); call "
                 f"start() first, or use `with dropspy.record(model, path):`."
             )
+        self._finish()
+
+    def _finish(self) -> None:
+        # Called straight from stop() and from __exit__, so that stacklevel=4 of the warnings
+        # names the user's own line (the stop() call or the `with` statement) either way.
         if self._stopped:
             return
         self._stop(print_summary=True)
@@ -246,7 +251,7 @@ class Recording:
                 f"sites={', '.join(repr(p) for p in unmatched)} matched no site of {model}; "
                 f"its sites: {', '.join(session.declared)}. Nothing was recorded from them.",
                 DropspyWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
         if not session.declared:
             framework = self.adapter.framework if self.adapter is not None else ""
@@ -256,7 +261,7 @@ class Recording:
                 f"looks for {kinds}. If the model has dropout, train it inside the `with` "
                 f"block (torch: in train() mode).",
                 DropspyWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
 
     def _stop(self, *, print_summary: bool) -> None:
@@ -303,7 +308,7 @@ def _size(nbytes: int) -> str:
 def _summary_line(path: str, stats: dict[str, Any]) -> str:
     counts = {k: v for k, v in stats["records_dropped"].items() if v}
     # What the sampling policy left out on purpose is not a loss: say it apart.
-    skipped = sum(counts.pop(k, 0) for k in sorted(POLICY_CAUSES))
+    skipped = {k: counts.pop(k, 0) for k in sorted(POLICY_CAUSES)}
     lost = sum(counts.values())
     why = f" ({', '.join(f'{k}: {v}' for k, v in sorted(counts.items()))})" if lost else ""
     line = (
@@ -311,8 +316,11 @@ def _summary_line(path: str, stats: dict[str, Any]) -> str:
         f"{_count(stats['records_written'], 'record')}, {_size(stats['bytes'])} of masks, "
         f"{_count(lost, 'record')} dropped{why}"
     )
-    if skipped:
-        line += f", {skipped} left out by the sampling policy"
+    # Named by the option that left them out, so a sites= typo does not read as sampling.
+    by = {"sampling": "every=/steps=", "site_filter": "sites="}
+    for cause, n in skipped.items():
+        if n:
+            line += f", {n} left out by {by.get(cause, cause)}"
     if stats["error"]:
         line += f"; writing stopped: {stats['error']}"
     return line

@@ -275,7 +275,12 @@ def _block(s: SiteAnalysis, width: int) -> RenderableType:
 
 def _empty_sentence(result: RunAnalysis) -> Text:
     dropped = {k: v for k, v in result.records_dropped.items() if v}
-    if not result.sites:
+    filtered = dropped.get("site_filter", 0) or any(
+        f.code == "note" and "left out by sites=" in f.message for f in result.findings)
+    if not result.sites and filtered:
+        line = ("This run holds no dropout site: the record(sites=...) patterns left every "
+                "site of the model out (the sites it has are named below).")
+    elif not result.sites:
         line = ("This run holds no dropout site: dropspy found no dropout in the model while "
                 "it recorded (no dropout layer or call, or training did not run inside "
                 "record()).")

@@ -192,7 +192,10 @@ def over_time_verdict(claim: str, text: str, run: str, analysis: RunAnalysis, la
         verdict = UNSURE
     else:
         verdict = FAILS
-    evidence = f"{', '.join(words)} over time" + (f": {reason}" if reason else "")
+    said = {"constant": "the same mask at every time step",
+            "resampled": "a new mask at each time step"}
+    evidence = "; ".join(said.get(w, f"{w} over time") for w in words) + (
+        f": {reason}" if reason else "")
     return Verdict(claim, text, run, tuple(s.site for s in found), verdict, evidence)
 
 
@@ -207,11 +210,14 @@ def _wrap(text: str, width: int) -> list[str]:
     return lines + [line] if line else lines or [""]
 
 
-def print_table(verdicts: Iterable[Verdict], width: int = 108, claim_width: int = 42) -> str:
-    """Print (and return) the verdicts as a plain-text table: claim, verdict, evidence."""
+def print_table(verdicts: Iterable[Verdict], width: int = 80, claim_width: int = 28) -> str:
+    """Print (and return) the verdicts as a plain-text table: claim, verdict, evidence.
+
+    80 columns, the width of a default terminal; cells wrap at spaces, never inside a word.
+    """
     rows = list(verdicts)
     c = claim_width
-    out = [f"{'#':<4} {'claim':<{c}} {'verdict':<14} what the recorded masks show (run file: site)"]
+    out = [f"{'#':<4} {'claim':<{c}} {'verdict':<14} what the masks show (file: site)"]
     out.append("-" * width)
     for v in rows:
         left = _wrap(v.text, c)

@@ -14,7 +14,7 @@ import importlib.metadata
 import importlib.util
 import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 if importlib.util.find_spec("torch") is not None:
     import torch  # noqa: F401  (import order matters, see above)

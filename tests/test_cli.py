@@ -292,7 +292,8 @@ def test_inspect_on_a_run_filtered_to_nothing_shows_the_drop_causes_without_v(tm
                      notes=["2 site(s) left out by sites=['dropuot*']: enc.dropout, dec.dropout"])
     result = runner.invoke(app, ["inspect", str(path)])
     assert result.exit_code == 0, result.output
-    assert "This run holds no dropout site" in result.stdout
+    assert "This run holds no dropout site: the record(sites=...) patterns left every site" \
+        in " ".join(result.stdout.split())
     assert "site_filter: 6" in result.stdout
     assert "left out by sites=['dropuot*']: enc.dropout, dec.dropout" in result.stdout
 

@@ -40,7 +40,7 @@ def _printed_verdicts(stdout: str) -> list[tuple[str, str, str]]:
     """(claim, run file, verdict) for each row of the printed table."""
     lines = stdout.splitlines()
     head = next(i for i, line in enumerate(lines) if line.startswith("#") and "verdict" in line)
-    v_at, e_at = lines[head].index("verdict"), lines[head].index("what the recorded masks show")
+    v_at, e_at = lines[head].index("verdict"), lines[head].index("what the masks show")
     rows = []
     for line in lines[head + 2:]:
         if not line.strip() or line.startswith("```"):

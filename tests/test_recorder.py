@@ -74,7 +74,7 @@ def test_summary_line_tells_policy_skips_from_losses(tmp_path, capsys):
     with dropspy.record(model, tmp_path / "p.h5", sites="enc.*"):
         model.train_step()
     err = capsys.readouterr().err
-    assert "0 records dropped, 1 left out by the sampling policy" in err
+    assert "0 records dropped, 1 left out by sites=" in err
 
 
 def test_summary_line_on_exit(tmp_path, capsys):
@@ -182,9 +182,15 @@ def test_a_started_recording_does_not_warn_when_collected(tmp_path, recwarn):
 
 
 def test_a_model_without_dropout_warns_naming_the_model_and_what_dropspy_looks_for(tmp_path):
-    with pytest.warns(dropspy.DropspyWarning, match="found no dropout in FakeModel.*looks for"):
+    with pytest.warns(dropspy.DropspyWarning,
+                      match="found no dropout in FakeModel.*looks for") as caught:
         with dropspy.record(FakeModel(sites=()), tmp_path / "none.h5") as rec:
             rec.model.train_step()
+    assert caught[0].filename == __file__  # points at the user's `with`, not into dropspy
+    rec = dropspy.record(FakeModel(sites=()), tmp_path / "none2.h5").start()
+    with pytest.warns(dropspy.DropspyWarning, match="found no dropout") as caught:
+        rec.stop()
+    assert caught[0].filename == __file__
 
 
 def test_a_sites_pattern_matching_nothing_lists_the_sites_that_exist(tmp_path):
