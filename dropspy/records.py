@@ -158,7 +158,9 @@ class Record:
 
     Give either ``noise`` (bool or 0/1 array, same rank as ``shape``, size-1 dimensions
     broadcast) or ``packed`` (``np.packbits(noise.ravel(), bitorder="big")``) with
-    ``noise_shape``; give neither for a call that applied no mask.
+    ``noise_shape``; give neither for a call that applied no mask. ``rate`` is the drop
+    rate this call was made with (None: the site's configured rate), so one site whose rate
+    changes (a schedule, one module used at several rates) is judged call by call.
     """
 
     site: str
@@ -170,6 +172,7 @@ class Record:
     packed: np.ndarray | None = None
     noise_shape: tuple[int, ...] | None = None
     replica: int = 0
+    rate: float | None = None
 
 
 def _attr_value(value: Any) -> Any:

@@ -43,12 +43,13 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from dropspy.errors import RecordingError, UnsupportedModelError
 from dropspy.frameworks.base import Session
+from dropspy.frameworks.torch import kernels
 from dropspy.frameworks.torch.capture import (
-    FAST_PATH_MODULES,
     Capture,
     Entry,
     Frame,
     FunctionMode,
+    looks_like_dropout,
 )
 from dropspy.frameworks.torch.compiled import CompiledRecording, compiled_target
 from dropspy.frameworks.torch.distributed import dist_meta, named_modules, unwrap
@@ -111,6 +112,7 @@ class TorchAdapter:
         self.cudnn_rnn = cudnn_rnn
         self._capture: Capture | None = None
         self._mode: FunctionMode | None = None
+        self._installed = False
         self._handles: list[Any] = []
         self._attached = False
         self._detached = False
@@ -161,47 +163,57 @@ class TorchAdapter:
         return meta
 
     def attach(self, session: Session) -> None:
-        """Find sites, install the module hooks, the function mode and the step hook."""
+        """Find sites, install the kernels, the few module hooks and the step hook."""
         if self._attached:
             raise RecordingError("This TorchAdapter is already attached; create a new one.")
         self._attached = True
         self.session = session
         model = self.model
-        paths = {}
-        for name, module in named_modules(model):
-            paths[id(module)] = name
-        registry = SiteRegistry(self.session.declare_site, paths.values(), _layout3(model))
-        self._capture = capture = Capture(registry, self.session.note, self.cudnn_rnn,
+        named = list(named_modules(model))
+        registry = SiteRegistry(self.session.declare_site, [n for n, _ in named],
+                                _layout3(model))
+        self._capture = capture = Capture(registry, self.session.note, model, self.cudnn_rnn,
                                           self.session.count_dropped)
+        capture.thread = self._thread
+        self._mode = capture.mode = FunctionMode(capture)
         try:
             if self.compiled is not None:
-                # No hook inside a compiled model: Dynamo would trace them into its graphs.
-                # The swapped-in compiled call runs the top-level hooks around it instead.
+                # No hook inside a compiled model and no eager kernel (Dynamo would trace
+                # them into its graphs): the swapped-in compiled call runs the model's
+                # forward hooks around it instead, and the compiled pass taps the masks.
                 self._compiled_rec = CompiledRecording(self, self.compiled)
                 self._compiled_rec.attach()
-            for name, module in named_modules(model):
+            else:
+                _say_fast_path(model, self.session.note)
+                # The model itself: a step clock (forward begin and end), never a fast path's
+                # business unless the model is one TransformerEncoderLayer (said above). Its
+                # pre-hook runs first and its post-hook last (hooks run in registration order).
+                self._handles.append(model.register_forward_pre_hook(self._root_pre_hook))
+            for name, module in named:
                 if self.compiled is not None:
                     break
-                if module is not model and not _may_draw(module):
+                if not _hooked(module, self.cudnn_rnn):
                     continue
                 self._handles.append(module.register_forward_pre_hook(
                     self._pre_hook(name, module)))
                 self._handles.append(module.register_forward_hook(self._post_hook(name),
                                                                   always_call=True))
+            if self.compiled is None:
+                self._handles.append(model.register_forward_hook(self._root_post_hook,
+                                                                 always_call=True))
             self._declare_static_sites(model, registry)
             self._handles.append(register_optimizer_step_post_hook(
                 self._on_optimizer_step))
             self._handles.append(_ScalerWatch.add(self))
-            # The mode goes on the stack only while a top-level forward of the model runs
-            # (pre-hook to post-hook): the optimizer, the loss and data loading never pay
-            # for it, and an unsampled step does not push it at all.
-            self._mode = FunctionMode(capture)
+            if self.compiled is None:
+                kernels.install(capture)
+                self._installed = True
         except BaseException:
             self.detach()
             raise
 
     def detach(self) -> None:
-        """Remove every hook and the mode, and hand over what is left. Idempotent."""
+        """Remove every hook, kernel and the mode, and hand over what is left. Idempotent."""
         if self._detached:
             return
         self._detached = True
@@ -209,6 +221,8 @@ class TorchAdapter:
             if self._compiled_rec is not None:
                 self._compiled_rec.detach()
             self._remove_mode()
+            if self._installed and self._capture is not None:
+                kernels.uninstall(self._capture)
         finally:
             for handle in self._handles:
                 handle.remove()
@@ -225,10 +239,14 @@ class TorchAdapter:
         Their mask's rank, hence its axes, is only known at a call, so they are declared at
         their first sampled call; a run that samples nothing must still say they exist.
         """
-        seen = {info.layer for info in self._cap.sites.infos.values()}
+        infos = self._cap.sites.infos.values()
+        seen = {info.layer for info in infos}
+        # A dropout module of an attention layer whose probabilities' dropout ran elsewhere
+        # (transformers' eager and sdpa paths pass its p on) is not unseen.
+        attention = {info.layer for info in infos if info.role == "attention"}
         unseen = [name for name, m in named_modules(self.model)
                   if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0
-                  and name not in seen]
+                  and name not in seen and name.rpartition(".")[0] not in attention]
         if unseen:
             self.session.note(
                 f"{len(unseen)} dropout module(s) applied no recorded mask while recording "
@@ -255,27 +273,41 @@ class TorchAdapter:
 
     # -- module hooks ------------------------------------------------------------------------
 
+    def _root_pre_hook(self, module: torch.nn.Module, args: Any) -> None:
+        cap = self._cap
+        cap.depth += 1
+        if cap.depth == 1:
+            self._begin_forward()
+
+    def _root_post_hook(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        cap = self._cap
+        if cap.depth <= 0:
+            return
+        cap.depth -= 1
+        if cap.depth == 0:
+            try:
+                self._pop_mode()
+                cap.forward_done()
+                self._end_forward(module)
+            except Exception as exc:  # never into the user's forward
+                cap.failed("ending a forward", exc)
+
     def _pre_hook(self, path: str, module: torch.nn.Module | None = None) -> Callable:
-        fast_path = isinstance(module if module is not None else self._module_at(path),
-                               FAST_PATH_MODULES)
+        cudnn_off = self.cudnn_rnn == "exact"
 
         def hook(module: torch.nn.Module, args: Any) -> None:
             cap = self._cap
-            frame = Frame(path, module)
-            if not cap.stack:
-                self._begin_forward(frame)
-            cap.stack.append(frame)
-            if cap.bypassed:
-                if not module.training and cap.capturing:
-                    if isinstance(module, torch.nn.MultiheadAttention):
-                        cap.composites.mha_while_bypassed(frame, args)
-                    else:
-                        cap.module_while_bypassed(frame, args)
-            elif fast_path and not module.training and self._step_aside():
-                frame.bypass = True
-                cap.bypassed += 1
-                if cap.capturing and isinstance(module, torch.nn.MultiheadAttention):
-                    cap.composites.mha_while_bypassed(frame, args)
+            try:
+                frame = Frame(path, module)
+                cap.stack.append(frame)
+                if cudnn_off and isinstance(module, torch.nn.RNNBase):
+                    frame.cudnn = torch.backends.cudnn.flags(enabled=False)
+                    frame.cudnn.__enter__()
+                if looks_like_dropout(module) and cap.active() and not cap.mode_pushed:
+                    cap.push_mode()  # sees its random draws; popped when the call ends
+                    frame.pushed = True
+            except Exception as exc:
+                cap.failed(f"the pre-hook of {path}", exc, path)
         return hook
 
     def _post_hook(self, path: str) -> Callable:
@@ -284,37 +316,22 @@ class TorchAdapter:
             if not cap.stack or cap.stack[-1].module is not module:
                 return
             frame = cap.stack.pop()
-            if frame.bypass:
-                cap.bypassed -= 1
-                self._step_back()
-            cap.end_module(frame)
-            if not cap.stack:
-                if frame.pushed:
+            try:
+                if frame.cudnn is not None:
+                    frame.cudnn.__exit__(None, None, None)
+                if isinstance(module, torch.nn.RNNBase):
+                    cap.rnn_done(frame, output)
+                else:
+                    cap.end_module(frame)
+                if frame.pushed and not cap.taint:
                     self._pop_mode()
-                self._end_forward(module)
+            except Exception as exc:
+                cap.failed(f"the post-hook of {path}", exc, path)
         return hook
 
-    def _module_at(self, path: str) -> torch.nn.Module:
-        return self.model.get_submodule(path) if path else self.model
-
-    def _step_aside(self) -> bool:
-        """Take the function mode off the stack (it must be on top) for a fast-path call."""
-        from torch.overrides import _get_current_function_mode_stack, _pop_mode
-
-        stack = _get_current_function_mode_stack()
-        if not stack or stack[-1] is not self._mode:
-            return False
-        _pop_mode()
-        return True
-
-    def _step_back(self) -> None:
-        from torch.overrides import _push_mode
-
-        if self._mode is not None:
-            _push_mode(self._mode)
-
-    def _begin_forward(self, frame: Frame) -> None:
+    def _begin_forward(self) -> None:
         if threading.get_ident() != self._thread:
+            self._cap.depth -= 1
             raise RecordingError(
                 f"dropspy records the thread that entered record() (thread "
                 f"{self._thread}); this forward runs on thread {threading.get_ident()}. "
@@ -328,9 +345,6 @@ class TorchAdapter:
             return
         if self._clock == "forward":
             cap.capturing = self.session.want_step(self._step)
-        if cap.capturing and self._mode is not None and self.compiled is None:
-            self._mode.__enter__()
-            frame.pushed = True
 
     def _end_forward(self, module: torch.nn.Module) -> None:
         cap = self._cap
@@ -427,7 +441,7 @@ class TorchAdapter:
             call = calls.get(name, 0)
             calls[name] = call + 1
             rec = Record(site=name, step=step, call=call, training=bool(e.training),
-                         shape=tuple(int(s) for s in e.shape))
+                         shape=tuple(int(s) for s in e.shape), rate=e.rate)
             records.append(rec)
             if e.noise is not None and e.noise_shape is not None:
                 rec.noise_shape = tuple(int(s) for s in e.noise_shape)
@@ -521,8 +535,10 @@ class TorchAdapter:
             _push_mode,
         )
 
+        if self._capture is not None:
+            self._capture.mode_pushed = False
         stack = _get_current_function_mode_stack()
-        if mode not in stack:
+        if not any(m is mode for m in stack):
             return
         # Pop down to our mode and put back any mode pushed after it (a forward that left a
         # mode behind, e.g. it raised inside someone's mode context).
@@ -587,22 +603,30 @@ class _ScalerHandle:
         _ScalerWatch.remove(self._ref)
 
 
-# torch.nn's own modules whose forward may apply dropout (or hide it behind a fast path).
-_MAY_DRAW = (torch.nn.modules.dropout._DropoutNd, torch.nn.RNNBase, *FAST_PATH_MODULES,
-             torch.nn.TransformerDecoderLayer, torch.nn.TransformerDecoder, torch.nn.Transformer)
+def _hooked(module: torch.nn.Module, cudnn_rnn: str) -> bool:
+    """Whether a module of the model gets hooks (the model itself always does).
 
-
-def _may_draw(module: torch.nn.Module) -> bool:
-    """Whether a module needs hooks: attribution is by the innermost hooked module.
-
-    torch.nn's built-in modules that never apply dropout (Linear, Conv, norms, activations,
-    containers) are left unhooked: a hook costs a few microseconds per call and they are most
-    of a model's module calls. Every other class (the user's, torchvision's, timm's) may call
-    dropout functionally or draw its own mask, so it is hooked.
+    Masks are attributed from the Python stack at the dropout call, so no module needs a hook
+    for that. Hooks remain where a call that draws nothing must still be recorded: a user's
+    dropout-looking module (its eval calls, its random draws) and a stacked RNN with dropout
+    (its eval calls), and where ``cudnn_rnn="exact"`` turns cuDNN off around an RNN. Modules
+    inside a ``TransformerEncoderLayer`` are never among them: the layer's fast path checks
+    every submodule for hooks.
     """
-    if isinstance(module, _MAY_DRAW):
-        return True
-    return not type(module).__module__.startswith("torch.nn.")
+    if isinstance(module, torch.nn.RNNBase):
+        return bool(module.dropout)
+    if type(module).__module__.startswith("torch.nn."):
+        return False
+    return looks_like_dropout(module)
+
+
+def _say_fast_path(model: torch.nn.Module, note: Callable[[str], None]) -> None:
+    """The model's own hooks turn off a TransformerEncoderLayer's fast path: say so first."""
+    if isinstance(model, torch.nn.TransformerEncoderLayer):
+        note("the recorded model is one nn.TransformerEncoderLayer: its inference fast path "
+             "checks for forward hooks, and dropspy's step clock hooks the model, so eval "
+             "calls take the slow path while recording (same outputs up to rounding). Record "
+             "a module that contains the layer to keep the fast path.")
 
 
 def _layout3(model: torch.nn.Module) -> tuple[str, ...] | None:

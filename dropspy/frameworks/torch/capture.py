@@ -1,34 +1,38 @@
-"""Exact mask capture for torch: a function mode at the dropout entry points, and a short-lived
-dispatch mode inside them that copies the mask ATen itself draws.
+"""Exact mask capture for torch: what a dropout call was, where in the model, which use.
 
-Why this shape:
+The kernels (``kernels.py``) hand every mask torch draws to :class:`Capture`; the capture finds
+where the call was made by reading the Python stack once per dropout call (never per module
+call: module hooks cost a few microseconds per call and turn off ``TransformerEncoderLayer``'s
+fast path), and holds an :class:`Entry` per call until the step ends.
 
-- Forward hooks see module boundaries only, and a mask guessed from ``output == 0`` is wrong
-  wherever the input was 0. So the mask is taken from the Bernoulli draw itself.
-- ATen draws the mask as ``noise.bernoulli_(1 - p)`` and then scales ``noise`` in place; the
-  draw is copied (as bool) the moment ``bernoulli_`` returns. On CUDA ``native_dropout``
-  returns the mask. Nothing is recomputed and no random number is drawn by dropspy, so the
-  random stream and every output stay bit-identical.
-- A ``TorchDispatchMode`` left on all the time would send every ATen op through Python; it is
-  entered only inside a dropout entry point or a composite that draws dropout inside
-  (``nn.LSTM``'s layer stack, ``F.multi_head_attention_forward``,
-  ``F.scaled_dot_product_attention``).
-  The function mode is disabled inside its own handler, so those composites must be watched
-  at dispatch level.
+Where a call was made: the innermost frame on the stack that runs the ``forward`` of a module of
+the recorded model is the module; the first frame outside torch and dropspy below it is the
+call (``where``, for a functional call in a user's ``forward``), and the first such frame
+above it is the line that called the module (its **use**: one module called from several lines
+is several sites, AWD-LSTM's one ``LockedDropout`` at four places).
+
+Hand-made masks (``bernoulli_`` in a user's code) are followed to the multiplication that
+applies them, which gives the applied shape (a locked mask ``(1, B, H)`` applied to
+``(T, B, H)``). Real code derives the applied mask in ways no function call shows
+(``Variable(m)``, ``m.data``, ``torch.Tensor(m)``), so the mask is followed by its memory
+(``data_ptr``), held alive until the forward ends so the address cannot be reused, through a
+function mode that is on the stack only from the draw to the end of that forward.
 """
 
 from __future__ import annotations
 
-import weakref
-from collections.abc import Callable
-from typing import Any, cast
+import os
+import sys
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from dropspy.frameworks.torch.composite import RNN_FUNCS, CompositeHandlers
-from dropspy.frameworks.torch.grab import Draw, Grabber, caller
+from dropspy.errors import DropspyWarning
+from dropspy.frameworks.torch import kernels
+from dropspy.frameworks.torch.grab import Draw, Grabber, where_of
 from dropspy.frameworks.torch.pack import pack_early
 from dropspy.frameworks.torch.sites import (
     ALPHA,
@@ -38,105 +42,19 @@ from dropspy.frameworks.torch.sites import (
     SiteRegistry,
     alpha_coefficients,
     dropout_scale,
+    rate_of_keep,
 )
 
 _VF = torch._C._VariableFunctions
-
-
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+_DROPSPY_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_DROPSPY_DIR += os.sep
 # Past this many bytes of bool masks held in one step, the held masks are bit-packed at once
 # (8x smaller) instead of at the step's end: a long step (big attention masks, gradient
 # accumulation) must not double the activation memory dropout already keeps.
 PACK_EARLY_BYTES = 256 << 20
-_UNSET = object()
 
-
-class Entry:
-    """One call at one site, held until its step ends (the mask stays a torch bool tensor).
-
-    A step that holds too many mask bytes packs them early: ``noise`` becomes a uint8 tensor
-    of packed bits and ``noise_shape`` keeps the shape.
-    """
-
-    __slots__ = ("key", "training", "shape", "noise", "noise_shape")
-
-    def __init__(self, key: SiteKey, training: bool, shape: tuple[int, ...],
-                 noise: torch.Tensor | None) -> None:
-        self.key = key
-        self.training = training
-        self.shape = shape
-        self.noise = noise
-        self.noise_shape = None if noise is None else tuple(noise.shape)
-
-    def pack_early(self) -> int:
-        """Pack the mask in place; returns the bool bytes freed."""
-        noise = self.noise
-        if noise is None or noise.dtype != torch.bool:
-            return 0
-        self.noise = pack_early(noise)
-        return noise.numel()
-
-
-class Frame:
-    """A module of the recorded model whose ``forward`` is running."""
-
-    __slots__ = ("path", "module", "drew", "bypass", "pushed")
-
-    def __init__(self, path: str, module: torch.nn.Module) -> None:
-        self.path = path
-        self.module = module
-        self.drew = False  # drew a mask during this call
-        self.bypass = False  # the function mode stepped aside for this call (eval fast path)
-        self.pushed = False  # this top-level call put the function mode on the stack
-
-
-def _looks_like_dropout(module: torch.nn.Module) -> bool:
-    return isinstance(module, torch.nn.modules.dropout._DropoutNd) or (
-        "drop" in type(module).__name__.lower())
-
-
-class _DropoutSpec:
-    """How to read one dropout entry point's arguments."""
-
-    __slots__ = ("kind", "train_default", "unbatched_rank")
-
-    def __init__(self, kind: str, train_default: bool | None, unbatched_rank: int | None = None):
-        self.kind = kind
-        self.train_default = train_default  # None: positional and required (torch.dropout)
-        self.unbatched_rank = unbatched_rank  # F.dropout1d/3d add a batch dim of 1 to this rank
-
-    def parse(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, float, bool]:
-        x = args[0] if args else kwargs["input"]
-        p = args[1] if len(args) > 1 else kwargs.get("p", 0.5)
-        if len(args) > 2:
-            train = args[2]
-        else:
-            train = kwargs.get("training", kwargs.get("train", self.train_default))
-        return x, float(p), bool(train)
-
-
-def _dropout_specs() -> dict[Callable, _DropoutSpec]:
-    specs = {
-        F.dropout: _DropoutSpec("dropout", True),
-        F.alpha_dropout: _DropoutSpec("alpha_dropout", False),
-        F.dropout1d: _DropoutSpec("dropout1d", True, unbatched_rank=2),
-        F.dropout2d: _DropoutSpec("dropout2d", True),
-        F.dropout3d: _DropoutSpec("dropout3d", True, unbatched_rank=4),
-        F.feature_alpha_dropout: _DropoutSpec("feature_alpha_dropout", False),
-    }
-    for name, kind in (("dropout", "dropout"), ("alpha_dropout", "alpha_dropout"),
-                       ("feature_dropout", "feature_dropout"),
-                       ("feature_alpha_dropout", "feature_alpha_dropout")):
-        for suffix in ("", "_"):
-            fn = getattr(_VF, name + suffix, None)
-            if fn is not None:
-                specs[fn] = _DropoutSpec(kind, None)
-    return specs
-
-
-_DROPOUT_SPECS = _dropout_specs()
-_BERNOULLI: set[Callable[..., Any]] = {_VF.bernoulli, torch.Tensor.bernoulli,
-                                      torch.Tensor.bernoulli_}
-_RANDOM: set[Callable[..., Any]] = {
+_RANDOM = {
     _VF.rand, _VF.rand_like, _VF.randn, _VF.randn_like, _VF.randint, _VF.randint_like,
     _VF.normal, _VF.multinomial, _VF.poisson, _VF.randperm,
     torch.Tensor.uniform_, torch.Tensor.normal_, torch.Tensor.random_,
@@ -147,77 +65,197 @@ _MUL = {torch.Tensor.mul, torch.Tensor.mul_, _VF.mul, torch.Tensor.multiply,
         torch.Tensor.multiply_, _VF.multiply, torch.Tensor.__mul__, torch.Tensor.__rmul__,
         torch.Tensor.__imul__, torch.Tensor.where, _VF.where, torch.Tensor.masked_fill,
         torch.Tensor.masked_fill_, _VF.masked_fill}
-_MODULE_KINDS: dict[type[torch.nn.Module], str] = {
+_EXPAND = {torch.Tensor.expand, torch.Tensor.expand_as, _VF.broadcast_to,
+           torch.Tensor.broadcast_to}
+_MODULE_KINDS: dict[type, str] = {
     torch.nn.Dropout: "dropout", torch.nn.Dropout1d: "dropout1d", torch.nn.Dropout2d: "dropout2d",
     torch.nn.Dropout3d: "dropout3d", torch.nn.AlphaDropout: "alpha_dropout",
     torch.nn.FeatureAlphaDropout: "feature_alpha_dropout",
 }
-# Modules with an inference fast path that a function mode disables (has_torch_function):
-# in eval the mode steps aside during their forward, so outputs stay bit-identical.
-FAST_PATH_MODULES = (torch.nn.MultiheadAttention, torch.nn.TransformerEncoderLayer,
-                     torch.nn.TransformerEncoder)
-_EXPAND = {torch.Tensor.expand, torch.Tensor.expand_as, _VF.broadcast_to, torch.Tensor.broadcast_to}
+_ATTENTION_WORDS = ("attn", "attention")
+
+
+class Entry:
+    """One call at one site, held until its step ends (the mask stays a torch bool tensor).
+
+    A step that holds too many mask bytes packs them early: ``noise`` becomes a uint8 tensor
+    of packed bits and ``noise_shape`` keeps the shape.
+    """
+
+    __slots__ = ("key", "training", "shape", "noise", "noise_shape", "rate")
+
+    def __init__(self, key: SiteKey, training: bool, shape: tuple[int, ...],
+                 noise: torch.Tensor | None, rate: float | None = None) -> None:
+        self.key = key
+        self.training = training
+        self.shape = shape
+        self.noise = noise
+        self.noise_shape = None if noise is None else tuple(noise.shape)
+        self.rate = rate
+
+    def pack_early(self) -> int:
+        """Pack the mask in place; returns the bool bytes freed."""
+        noise = self.noise
+        if noise is None or noise.dtype != torch.bool:
+            return 0
+        self.noise = pack_early(noise)
+        return noise.numel()
+
+
+class Loc:
+    """Where a call was made: the innermost module of the model, the call, the module's use."""
+
+    __slots__ = ("path", "module", "where", "use", "function")
+
+    def __init__(self, path: str, module: torch.nn.Module, where: str | None, use: str | None,
+                 function: str | None) -> None:
+        self.path = path
+        self.module = module
+        self.where = where  # the call's line, when made in user code inside the module
+        self.use = use  # the line that called the module
+        self.function = function  # the user function that made the call (where's function)
+
+
+class Frame:
+    """A hooked module's running call (dropout-looking user modules and stacked RNNs)."""
+
+    __slots__ = ("path", "module", "drew", "pushed", "cudnn")
+
+    def __init__(self, path: str, module: torch.nn.Module) -> None:
+        self.path = path
+        self.module = module
+        self.drew = False
+        self.pushed = False
+        self.cudnn: Any = None  # cudnn.flags(enabled=False) held for this call
+
+
+def looks_like_dropout(module: torch.nn.Module) -> bool:
+    """A dropout module of torch's, or a user's class whose name says dropout."""
+    return isinstance(module, torch.nn.modules.dropout._DropoutNd) or (
+        "drop" in type(module).__name__.lower())
+
+
+def forward_codes(named: Iterable[tuple[str, torch.nn.Module]]
+                  ) -> tuple[dict[Any, tuple[str, torch.nn.Module] | None],
+                             dict[int, tuple[str, torch.nn.Module]]]:
+    """Code objects of the model's ``forward`` methods, and (path, module) by ``id``.
+
+    A code maps to None when the module is found from the frame's ``self``; an instance's own
+    ``forward`` (a lambda, a function set on the instance) maps to its module.
+    """
+    codes: dict[Any, tuple[str, torch.nn.Module] | None] = {}
+    paths: dict[int, tuple[str, torch.nn.Module]] = {}
+    for name, module in named:
+        paths[id(module)] = (name, module)
+        own = module.__dict__.get("forward")
+        fns = [own] if own is not None else [type(module).forward]
+        while fns:
+            fn = fns.pop()
+            fn = getattr(fn, "__func__", fn)
+            code = getattr(fn, "__code__", None)
+            if code is not None:
+                codes.setdefault(code, (name, module) if own is not None else None)
+            inner = getattr(fn, "__wrapped__", None)
+            if inner is not None:
+                fns.append(inner)
+    return codes, paths
 
 
 class Capture:
-    """The capture state one adapter owns: module stack, site registry, entries of a step.
+    """The capture state one adapter owns: site registry, entries of a step, taint.
 
     Args:
         sites: Names and declares sites.
         note: ``Session.note``.
+        model: The recorded module (its ``forward`` codes and module paths are read once).
         count_dropped: ``Session.count_dropped``: calls dropspy failed to record are counted
             (cause ``capture_error``), never silently lost.
-        cudnn_rnn: ``"opaque"`` (default: cuDNN RNN dropout reported as opaque, training
-            untouched) or ``"exact"`` (run those RNN calls without cuDNN so the masks can be
-            recorded; this changes the random stream and is announced as a perturbation).
+        cudnn_rnn: ``"opaque"`` or ``"exact"`` (see the adapter).
     """
 
     def __init__(self, sites: SiteRegistry, note: Callable[[str], None],
-                 cudnn_rnn: str = "opaque",
+                 model: torch.nn.Module | None = None, cudnn_rnn: str = "opaque",
                  count_dropped: Callable[[str, int], None] | None = None) -> None:
         self.sites = sites
         self.note = note
         self.count_dropped = count_dropped or (lambda cause, n: None)
         self.cudnn_rnn = cudnn_rnn
-        self.stack: list[Frame] = []
+        if model is not None:
+            from dropspy.frameworks.torch.distributed import named_modules
+
+            self.codes, self.paths = forward_codes(named_modules(model))
+        else:
+            self.codes, self.paths = {}, {}
+        self.root: torch.nn.Module | None = model
+        self.thread: int | None = None
+        self.depth = 0  # top-level forwards of the model running (re-entrant calls count)
         self.capturing = True
         self.entries: list[Entry] = []
         self.applied_in_group = False
+        self.draws_seen = 0
         self.draw_log: list[Draw] | None = None  # the RNG audit's view, off by default
-        self.taint: dict[int, tuple[weakref.ref, Entry]] = {}
+        self.taint: dict[tuple[int, str], tuple[torch.Tensor, Entry]] = {}
+        self.mode: FunctionMode | None = None
+        self.mode_pushed = False
         # Dropout-like modules that make their own masks: path -> {key: last entry}, so a
         # call that draws nothing (eval) is recorded as not applied.
         self.handmade: dict[str, dict[SiteKey, Entry]] = {}
-        self.bypassed = 0
+        self.stack: list[Frame] = []  # running hooked modules (not every module)
         self.bool_bytes = 0  # bytes of bool masks held, unpacked
         self._unpacked: list[Entry] = []
         self._noted: set[str] = set()
-        self._called = False
-        self._out: Any = _UNSET
-        self.handlers: dict[Callable, Callable] = {}
-        for fn, spec in _DROPOUT_SPECS.items():
-            self.handlers[fn] = self._dropout_handler(spec)
-        self.handlers[_VF.native_dropout] = self._on_native_dropout
-        for fn in _BERNOULLI:
-            self.handlers[fn] = self._on_bernoulli
-        self.composites = composites = CompositeHandlers(self)
-        for fn in RNN_FUNCS:
-            self.handlers[fn] = composites.on_rnn
-        self.handlers[F.multi_head_attention_forward] = composites.on_mha
-        self.handlers[F.scaled_dot_product_attention] = composites.on_sdpa
-        for fn in _RANDOM:
-            self.handlers[fn] = self._on_random
-        self.handlers = {fn: self.safe(h) for fn, h in self.handlers.items()}
+        self._rnn_gap: tuple[Any, int] = (None, 0)  # (an RNN module's frame, gaps drawn)
 
     # -- helpers -----------------------------------------------------------------------------
 
-    def frame(self) -> Frame | None:
-        """The innermost running module of the recorded model, if recording applies now."""
-        if not self.capturing or not self.stack:
-            return None
-        if torch._C._current_graph_task_id() != -1:
-            return None  # a forward re-run during backward (activation checkpointing)
-        return self.stack[-1]
+    def active(self) -> bool:
+        """Whether a call made now belongs to a recorded forward of the model."""
+        if not self.capturing or self.depth <= 0:
+            return False
+        if self.thread is not None and _thread_id() != self.thread:
+            return False
+        return torch._C._current_graph_task_id() == -1  # not a checkpoint re-run in backward
+
+    def locate(self) -> Loc | None:
+        """The innermost module of the model whose ``forward`` runs now, the call and the use."""
+        f: Any = sys._getframe(2)
+        where = None
+        codes, paths = self.codes, self.paths
+        while f is not None:
+            code = f.f_code
+            if where is None:
+                name = code.co_filename
+                if not name.startswith(_TORCH_DIR) and not name.startswith(_DROPSPY_DIR):
+                    where = (code, f.f_lasti, code.co_name)
+            if code in codes:
+                found = codes[code]
+                if found is None:
+                    found = paths.get(id(f.f_locals.get("self")))
+                if found is not None:
+                    return Loc(found[0], found[1], where and where_of(*where),
+                               self._use(f.f_back), where[2] if where else None)
+            f = f.f_back
+        if self.depth > 0 and self.root is not None:
+            # Inside the model's forward, in code that is no module's forward.
+            return Loc("", self.root, where and where_of(*where), None,
+                       where[2] if where else None)
+        return None
+
+    def _use(self, f: Any) -> str | None:
+        """The line of model code that called a module (None: called by the training loop).
+
+        Only a call made in a ``forward`` of the model counts: the training loop calling the
+        model (or a torch container) from two lines is still one use.
+        """
+        while f is not None:
+            code = f.f_code
+            name = code.co_filename
+            if not name.startswith(_TORCH_DIR) and not name.startswith(_DROPSPY_DIR):
+                if code in self.codes:
+                    return where_of(code, f.f_lasti, code.co_name)
+                return None
+            f = f.f_back
+        return None
 
     def note_once(self, tag: str, message: str) -> None:
         """Tell the user ``message`` once per recording."""
@@ -225,14 +263,27 @@ class Capture:
             self._noted.add(tag)
             self.note(message)
 
+    def failed(self, what: str, exc: BaseException, site: str | None = None) -> None:
+        """Count a call dropspy failed to record and say so once per cause."""
+        self.count_dropped("capture_error", 1)
+        cause = f"{type(exc).__name__}: {exc}"
+        tag = f"error:{site}:{type(exc).__name__}"
+        if tag in self._noted:
+            return
+        where = f" at {site}" if site else ""
+        message = (f"internal error in {what}{where} ({cause}); the call ran as without "
+                   f"dropspy and is not recorded (counted as dropped: capture_error)")
+        self.note_once(tag, message)
+        warnings.warn(f"dropspy: {message}", DropspyWarning, stacklevel=3)
+
     def add(self, key: SiteKey, training: bool, shape: tuple[int, ...],
-            noise: torch.Tensor | None) -> Entry:
-        entry = Entry(key, training, shape, noise)
+            noise: torch.Tensor | None, rate: float | None = None) -> Entry:
+        entry = Entry(key, training, shape, noise, rate)
         self.entries.append(entry)
         if noise is not None:
             self.applied_in_group = True
             self.bool_bytes += noise.numel()
-            if key.kind != "bernoulli":  # a hand-made mask may still be reshaped (taint)
+            if key.kind != "bernoulli" and key.kind != "hand":  # may still be reshaped
                 self._unpacked.append(entry)
             if self.bool_bytes > PACK_EARLY_BYTES:
                 for e in self._unpacked:
@@ -245,111 +296,182 @@ class Capture:
         self.bool_bytes = 0
         self._unpacked.clear()
 
-    def call(self, func: Callable, args: tuple, kwargs: dict) -> Any:
-        """Run the framework's own call; marks that it ran and keeps its output."""
-        self._called = True
-        out = func(*args, **kwargs)
-        self._out = out
-        return out
+    def forward_done(self) -> None:
+        """A top-level forward ended: forget taint and the RNN gap counter."""
+        if self.taint:
+            self.taint.clear()
+        self._rnn_gap = (None, 0)
 
-    def safe(self, handler: Callable) -> Callable:
-        """Wrap a handler so that a dropspy bug never breaks or repeats the user's call.
-
-        If the handler fails before the framework call ran, the call runs untouched; after
-        it ran, its output is returned. Either way the user is told, once per handler. An
-        exception raised by the framework call itself propagates unchanged.
-        """
-        def run(func: Callable, args: tuple, kwargs: dict) -> Any:
-            self._called, self._out = False, _UNSET
-            try:
-                return handler(func, args, kwargs)
-            except Exception as exc:
-                called, out = self._called, self._out
-                if called and out is _UNSET:
-                    raise  # the framework's own error: not ours to hide
-                name = getattr(func, "__name__", str(func))
-                self.count_dropped("capture_error", 1)
-                self.note_once(f"error:{name}", f"internal error while recording {name} "
-                               f"({type(exc).__name__}: {exc}); such calls are not recorded "
-                               f"(counted as dropped: capture_error)")
-                return out if called else func(*args, **kwargs)
-        return run
-
-    def log(self, draws: list[Draw]) -> None:
+    def log(self, draws: Iterable[Draw]) -> None:
         if self.draw_log is not None:
             self.draw_log.extend(draws)
 
-    # -- the dropout family ------------------------------------------------------------------
+    # -- dropout calls (from the kernels) ------------------------------------------------------
 
-    def _dropout_handler(self, spec: _DropoutSpec) -> Callable:
-        def handler(func: Callable, args: tuple, kwargs: dict) -> Any:
-            frame = self.frame()
-            if frame is None:
-                return self.call(func, args, kwargs)
-            return self._on_dropout(spec, frame, func, args, kwargs)
-        return handler
-
-    def _on_dropout(self, spec: _DropoutSpec, frame: Frame, func: Callable, args: tuple,
-                    kwargs: dict) -> Any:
-        x, p, train = spec.parse(args, kwargs)
+    def on_dropout(self, kind: str, x: torch.Tensor, p: float, train: bool, mask: Any,
+                   in_sdpa: bool) -> None:
+        """One dropout call: ``mask`` is the noise drawn, None, ALL_DROPPED or a Grabber."""
+        if not self.active():
+            return
+        loc = self.locate()
+        if loc is None:
+            return
+        self.draws_seen += 1
+        module = loc.module
         shape = tuple(x.shape)
-        if spec.unbatched_rank is not None and len(shape) == spec.unbatched_rank:
-            shape = (1,) + shape  # F.dropout1d/3d unsqueeze unbatched input; ATen sees this
-        module = frame.module
         own = isinstance(module, torch.nn.modules.dropout._DropoutNd)
-        key = SiteKey(frame.path, spec.kind, None if own else caller())
-        self.sites.learn(key, lambda: self._dropout_facts(spec.kind, module, p, own))
-        facts = self.sites.known(key)
-        if facts.rate != p:
-            # A site's description is fixed at first use; a scheduled rate is said, not hidden.
-            self.note_once(f"rate:{key}", f"{frame.path or type(module).__name__}: dropout rate "
-                           f"changed from {facts.rate} to {p} while recording; the site's "
-                           f"configured rate is the first one, the masks are the real ones")
+        heads = None
+        if own:
+            kind = _MODULE_KINDS.get(type(module), kind)
+            key = SiteKey(loc.path, kind, None, loc.use)
+            facts = lambda: self._dropout_facts(kind, module, p, True)
+        elif isinstance(module, torch.nn.RNNBase) and kind == "dropout":
+            self._on_rnn_gap(loc, module, shape, p, train, mask)
+            return
+        elif kind == "dropout" and (in_sdpa or isinstance(module, torch.nn.MultiheadAttention)
+                                    or (len(shape) == 4 and _attention_like(loc))):
+            if isinstance(module, torch.nn.MultiheadAttention):
+                heads = int(module.num_heads)
+            where = None if heads else loc.where
+            key = SiteKey(loc.path, "attention", where, loc.use)
+            cls = type(module).__name__
+            facts = lambda: SiteFacts(
+                layer_class=cls, role="attention", rate=p, scale=dropout_scale("dropout", p),
+                extra={"layout": "(batch, head, query, key)"})
+        else:
+            key = SiteKey(loc.path, kind, loc.where, loc.use)
+            facts = lambda: self._dropout_facts(kind, module, p, False)
+        self.sites.learn(key, facts)
+        known = self.sites.facts(key)
+        if known is not None and known.rate is not None and known.rate != p:
+            self.note_once(f"rate:{key}", f"{loc.path or type(module).__name__}: dropout rate "
+                           f"changed from {known.rate} to {p} while recording; each record "
+                           f"keeps the rate it was drawn with")
         if isinstance(x, torch.nn.Parameter):
             _mark_parameter(self.sites.facts(key), x.dim())
-        if not train:
-            out = self.call(func, args, kwargs)
-            self.add(key, module.training, shape, None)
-            return out
-        if 0.0 < p < 1.0 and x.numel() > 0:
-            with Grabber() as g:
-                out = self.call(func, args, kwargs)
-            self.log(g.draws)
-            if len(g.draws) != 1:
-                self.unexpected(key, f"{len(g.draws)} masks drawn, expected 1", g)
-                return out
-            noise = g.draws[0].mask
-        else:
-            # p == 0 keeps everything and p == 1 drops everything without any draw.
-            out = self.call(func, args, kwargs)
-            nshape = shape if spec.kind not in FEATURE else shape[:2] + (1,) * (len(shape) - 2)
-            noise = torch.full(nshape, p < 1.0, dtype=torch.bool, device=x.device)
-        if noise.dim() < len(shape):
-            noise = noise.reshape((1,) * (len(shape) - noise.dim()) + tuple(noise.shape))
-        frame.drew = True
-        self.add(key, module.training, shape, noise)
-        return out
+        if isinstance(mask, Grabber):
+            self.log(mask.draws)
+            self.unexpected(key, f"{len(mask.draws)} masks drawn, expected 1", mask)
+            return
+        noise = self._noise(mask, kind, shape, p, x)
+        if noise is not None:
+            self.log([Draw(kind, noise, 1 - p, x.dtype)])
+            if heads and noise.dim() == 3 and noise.shape[0] % heads == 0:
+                # The need_weights path drops on (batch * heads, query, key): same elements,
+                # same order, recorded with heads split out so every call has one layout.
+                noise = noise.reshape(noise.shape[0] // heads, heads, *noise.shape[1:])
+                shape = tuple(noise.shape)
+            if noise.dim() < len(shape):
+                noise = noise.reshape((1,) * (len(shape) - noise.dim()) + tuple(noise.shape))
+        elif heads and len(shape) == 3 and shape[0] % heads == 0:
+            shape = (shape[0] // heads, heads) + shape[1:]
+        self.add(key, module.training, shape, noise, p)
 
-    def _dropout_facts(self, kind: str, module: torch.nn.Module, p: float, own: bool) -> SiteFacts:
+    def maybe_rerun(self) -> None:
+        """A dropout call during backward in this model: an activation checkpoint re-run."""
+        if (self.depth == 0 and self.capturing and "checkpoint" not in self._noted
+                and torch._C._current_graph_task_id() != -1 and self.locate_any()):
+            # The RNG state is restored for the re-run: the same masks again, already
+            # recorded in the forward.
+            self.note_once("checkpoint", "activation checkpointing re-runs forward during "
+                           "backward with the same masks; the re-runs are not recorded again")
+
+    def locate_any(self) -> bool:
+        """Whether a ``forward`` of the model runs on this thread now (any depth)."""
+        f: Any = sys._getframe(1)
+        while f is not None:
+            code = f.f_code
+            if code in self.codes:
+                if self.codes[code] is not None or id(f.f_locals.get("self")) in self.paths:
+                    return True
+            f = f.f_back
+        return False
+
+    def _noise(self, mask: Any, kind: str, shape: tuple[int, ...], p: float,
+               x: torch.Tensor) -> torch.Tensor | None:
+        if mask is None:
+            return None
+        if mask is kernels.ALL_DROPPED or mask is kernels.ALL_KEPT:
+            nshape = shape if kind not in FEATURE else shape[:2] + (1,) * (len(shape) - 2)
+            return torch.full(nshape, mask is kernels.ALL_KEPT, dtype=torch.bool,
+                              device=x.device)
+        return mask if mask.dtype == torch.bool else mask != 0
+
+    def _on_rnn_gap(self, loc: Loc, module: torch.nn.RNNBase, shape: tuple[int, ...], p: float,
+                    train: bool, mask: Any) -> None:
+        """A between-layer dropout inside an RNN layer stack: gap g is its g-th call."""
+        frame = _module_frame(module)
+        last, count = self._rnn_gap
+        g = count if last is frame else 0
+        self._rnn_gap = (frame, g + 1)
+        gaps = max(module.num_layers - 1, 1)
+        key = _gap_key(loc.path, g, gaps, loc.use)
+        self.sites.learn(key, lambda: _gap_facts(module, p, g))
+        noise = self._noise(mask, "dropout", shape, p, torch.empty(0))
+        if noise is not None:
+            self.log([Draw("dropout", noise, 1 - p, torch.float32)])
+            for f in self.stack:
+                if f.module is module:
+                    f.drew = True
+        self.add(key, module.training, shape, noise, p)
+
+    def rnn_done(self, frame: Frame, output: Any) -> None:
+        """An RNN call that drew no gap mask (eval, or p == 1): its gaps, not applied."""
+        module: Any = frame.module
+        if frame.drew or not module.dropout or not self.active():
+            return
+        gaps = max(module.num_layers - 1, 1)
+        shape = _layer_output_shape(output, module)
+        if shape is None:
+            return
+        use = self._use(sys._getframe(3))
+        rate = float(module.dropout)
+        for g in range(gaps):
+            key = _gap_key(frame.path, g, gaps, use)
+            self.sites.learn(key, _GapFacts(module, rate, g))
+            self.add(key, module.training, shape, None, float(module.dropout))
+
+    def on_attention_without_draw(self, q: torch.Tensor, k: torch.Tensor, p: float) -> None:
+        """An SDPA call with no dropout kernel run: eval (p == 0, known site) or a fused one."""
+        if not self.active():
+            return
+        loc = self.locate()
+        if loc is None:
+            return
+        key = SiteKey(loc.path, "attention", None if isinstance(
+            loc.module, torch.nn.MultiheadAttention) else loc.where, loc.use)
+        try:
+            batch = tuple(torch.broadcast_shapes(q.shape[:-2], k.shape[:-2]))
+        except RuntimeError:  # grouped-query attention: fewer key heads than query heads
+            batch = tuple(q.shape[:-2])
+        shape = batch + (q.shape[-2], k.shape[-2])
+        if p == 0.0:
+            module = loc.module
+            if isinstance(module, torch.nn.MultiheadAttention) and module.dropout:
+                rate = float(module.dropout)  # its eval call passes dropout_p=0 on
+                self.sites.learn(key, lambda: SiteFacts(
+                    layer_class=type(module).__name__, role="attention", rate=rate,
+                    scale=dropout_scale("dropout", rate),
+                    extra={"layout": "(batch, head, query, key)"}))
+            facts = self.sites.facts(key)
+            if facts is not None:
+                self.add(key, module.training, shape, None, facts.rate)
+            return
+        okey = SiteKey(key.path, "attention_fused", key.where, key.use)
+        reason = ("a fused attention kernel applies dropout inside the kernel; the mask cannot "
+                  "be observed")
+        cls = type(loc.module).__name__
+        self.sites.learn(okey, lambda: SiteFacts(layer_class=cls, role="attention", rate=p,
+                                                 opaque=reason))
+        self.sites.resolve(okey, 4)
+
+    def _dropout_facts(self, kind: str, module: torch.nn.Module, p: float,
+                       own: bool) -> SiteFacts:
         extra: dict[str, Any] = {}
         if kind in ALPHA:
             extra["alpha_dropout"] = alpha_coefficients(p)
         return SiteFacts(layer_class=type(module).__name__, role="output", rate=p, own=own,
                          scale=dropout_scale(kind, p), extra=extra)
-
-    def _on_native_dropout(self, func: Callable, args: tuple, kwargs: dict) -> Any:
-        frame = self.frame()
-        out = self.call(func, args, kwargs)
-        if frame is None:
-            return out
-        x = args[0] if args else kwargs["input"]
-        p = float(args[1] if len(args) > 1 else kwargs["p"])
-        train = args[2] if len(args) > 2 else kwargs.get("train")
-        key = SiteKey(frame.path, "native_dropout", caller())
-        self.sites.learn(key, lambda: self._dropout_facts("dropout", frame.module, p, False))
-        noise = out[1].clone() if train is not False else None
-        self.add(key, frame.module.training, tuple(x.shape), noise)
-        return out
 
     def unexpected(self, key: SiteKey, what: str, grabber: Grabber | None = None) -> None:
         if grabber is not None and grabber.error:
@@ -360,53 +482,78 @@ class Capture:
 
     # -- hand-made masks -----------------------------------------------------------------------
 
-    def _on_bernoulli(self, func: Callable, args: tuple, kwargs: dict) -> Any:
-        frame = self.frame()
-        out = self.call(func, args, kwargs)
-        if frame is None:
-            return out
+    def on_bernoulli(self, op: str, out: torch.Tensor, p: Any) -> None:
+        """A Bernoulli draw in the user's code: a mask, followed to where it is applied."""
+        if not self.active():
+            return
+        loc = self.locate()
+        if loc is None:
+            return
+        self.draws_seen += 1
+        module = loc.module
         mask = out != 0
-        if func is torch.Tensor.bernoulli_:
-            p = args[1] if len(args) > 1 else kwargs.get("p", 0.5)
+        dropout_like = looks_like_dropout(module)
+        if not dropout_like and loc.function not in (None, "forward", "<lambda>"):
+            # A mask drawn by a helper function (AWD-LSTM's embedded_dropout), not by a
+            # module's own forward: the site is named after the function.
+            kind = loc.function
         else:
-            p = args[1] if len(args) > 1 else kwargs.get("p", args[0] if args else kwargs["input"])
-        module = frame.module
-        key = SiteKey(frame.path, "bernoulli", caller())
+            kind = "bernoulli"
+        key = SiteKey(loc.path, kind, loc.where, loc.use)
+        rate = rate_of_keep(p)
         self.sites.learn(key, lambda: SiteFacts(
-            layer_class=type(module).__name__, role="custom", rate=_rate_of(p),
-            own=_looks_like_dropout(module),
-            extra={"mask_source": "bernoulli draw, 1 = kept; applied shape from the first "
-                   "multiplication by the mask"}))
-        self.log([Draw(func.__name__, mask, p, out.dtype)])
-        frame.drew = True
-        entry = self.add(key, module.training, tuple(mask.shape), mask)
-        self.taint[id(out)] = (weakref.ref(out), entry)
-        if self.sites.known(key).own:
-            self.handmade.setdefault(frame.path, {})[key] = entry
-        return out
+            layer_class=type(module).__name__, role="custom", rate=rate,
+            own=dropout_like,
+            extra={"mask_source": f"bernoulli draw in {loc.function or 'forward'}, 1 = kept; "
+                   "applied shape from the first multiplication by the mask"}))
+        self.log([Draw(op, mask, p, out.dtype)])
+        for f in self.stack:
+            if f.module is module:
+                f.drew = True
+        entry = self.add(key, module.training, tuple(mask.shape), mask, rate)
+        self.taint_tensor(out, entry)
+        if dropout_like:
+            self.handmade.setdefault(loc.path, {})[key] = entry
+        self.push_mode()
+
+    def taint_tensor(self, t: torch.Tensor, entry: Entry) -> None:
+        if t.numel() > 0:
+            self.taint[(t.data_ptr(), t.device.type)] = (t, entry)
+
+    def _tainted(self, t: torch.Tensor) -> tuple[torch.Tensor, Entry] | None:
+        if t.numel() == 0:
+            return None
+        try:
+            return self.taint.get((t.data_ptr(), t.device.type))
+        except RuntimeError:  # tensors without storage (sparse, nested, functional)
+            return None
 
     def propagate(self, func: Callable, args: tuple, kwargs: dict, out: Any) -> None:
-        """Follow a hand-made mask to the multiplication that applies it (its applied shape)."""
+        """Follow a hand-made mask to the multiplication that applies it (its applied shape).
+
+        Tensors that share the mask's memory (``Variable(m)``, ``m.data``, ``m.detach()``,
+        ``torch.Tensor(m)``, views and ``expand``) are the mask by address; results of
+        elementwise calls on it (``m / (1 - p)``, ``m.clone()``, ``m.to(dtype)``) inherit it.
+        """
         tainted: Entry | None = None
         source: torch.Tensor | None = None
         others: list[torch.Tensor] = []
         for a in args:
             if isinstance(a, torch.Tensor):
-                hit = self.taint.get(id(a))
-                if hit is not None and hit[0]() is a:
+                hit = self._tainted(a)
+                if hit is not None:
                     tainted, source = hit[1], a
                 else:
                     others.append(a)
-        if tainted is None or tainted.noise is None or source is None:
-            return  # a tainted tensor always has its hand-made mask and source
-        noise = tainted.noise
+        if tainted is None or source is None:
+            return
         if func in _MUL and any(o.numel() > 1 for o in others):
             # Multiplying by data (not by a scale held in a tensor) applies the mask.
-            shape = torch.broadcast_shapes(tainted.shape, *(o.shape for o in others))
-            shape = tuple(shape)
-            if len(shape) > noise.dim():
-                tainted.noise = noise.reshape(
-                    (1,) * (len(shape) - noise.dim()) + tuple(noise.shape))
+            shape = tuple(torch.broadcast_shapes(source.shape, *(o.shape for o in others)))
+            noise = tainted.noise
+            if noise is not None and noise.dtype == torch.bool and len(shape) > noise.dim():
+                tainted.noise = noise.reshape((1,) * (len(shape) - noise.dim())
+                                              + tuple(noise.shape))
                 tainted.noise_shape = tuple(tainted.noise.shape)
             tainted.shape = shape
             if any(isinstance(o, torch.nn.Parameter) for o in others):
@@ -414,53 +561,101 @@ class Capture:
             for k in [k for k, (_, e) in self.taint.items() if e is tainted]:
                 del self.taint[k]
             return
-        if isinstance(out, torch.Tensor):
-            # Elementwise ops, views and expand keep the mask's values; anything else that
-            # changes the element count (indexing, reductions) is not the mask any more.
-            if out.numel() == source.numel() or func in _EXPAND:
-                self.taint[id(out)] = (weakref.ref(out), tainted)
+        if isinstance(out, torch.Tensor) and (out.numel() == source.numel() or func in _EXPAND):
+            # Elementwise ops, copies, dtype casts and expand keep the mask's values;
+            # anything else that changes the element count (indexing, reductions) does not.
+            self.taint_tensor(out, tainted)
+
+    def push_mode(self) -> None:
+        """Put the function mode on the stack until the forward ends (follows taint)."""
+        if self.mode is not None and not self.mode_pushed:
+            from torch.overrides import _push_mode
+
+            _push_mode(self.mode)
+            self.mode_pushed = True
 
     def end_module(self, frame: Frame) -> None:
-        """Close one module call: eval calls of hand-made dropout, taint of finished forwards."""
-        if self.handmade and not frame.drew and self.capturing:
+        """Close a hooked module call: eval calls of hand-made dropout are not applied."""
+        if self.handmade and not frame.drew and self.active():
             known = self.handmade.get(frame.path)
             if known:
                 for key, last in known.items():
-                    self.add(key, frame.module.training, last.shape, None)
-        if self.taint and not self.stack:
-            self.taint.clear()
-
-    def module_while_bypassed(self, frame: Frame, args: tuple) -> None:
-        """Record an eval call of a dropout module that the mode cannot see (fast path)."""
-        module = frame.module
-        kind = _MODULE_KINDS.get(type(module))
-        if kind is None or not args or not isinstance(args[0], torch.Tensor):
-            return
-        shape = tuple(args[0].shape)
-        if kind in ("dropout1d", "dropout3d") and len(shape) == (2 if kind == "dropout1d" else 4):
-            shape = (1,) + shape
-        key = SiteKey(frame.path, kind, None)
-        p = float(cast("torch.nn.modules.dropout._DropoutNd", module).p)  # a _MODULE_KINDS class
-        self.sites.learn(key, lambda: self._dropout_facts(kind, module, p, True))
-        self.add(key, module.training, shape, None)
+                    self.add(key, frame.module.training, last.shape, None, last.rate)
 
     # -- random draws that are not masks -------------------------------------------------------
 
-    def _on_random(self, func: Callable, args: tuple, kwargs: dict) -> Any:
-        frame = self.frame()
-        if frame is not None and _looks_like_dropout(frame.module):
-            module = frame.module
-            name = getattr(func, "__name__", str(func))
-            key = SiteKey(frame.path, "untracked", caller())
-            if self.sites.facts(key) is None:
-                reason = (f"{type(module).__name__} draws random numbers with {name}, which "
-                          "dropspy cannot turn into a mask (only Bernoulli draws and torch's "
-                          "dropout calls are recorded)")
-                self.sites.learn(key, lambda: SiteFacts(
-                    layer_class=type(module).__name__, role="custom", rate=None, opaque=reason))
-                name_ = self.sites.resolve(key, 1)
-                self.note(f"untracked random draw at {name_ or frame.path}: {reason}")
-        return self.call(func, args, kwargs)
+    def on_random(self, func: Callable) -> None:
+        """A random draw that is no Bernoulli mask, inside a dropout-looking module."""
+        if not self.active() or not self.stack:
+            return
+        frame = self.stack[-1]
+        module = frame.module
+        if not looks_like_dropout(module):
+            return
+        name = getattr(func, "__name__", str(func))
+        loc = self.locate()
+        key = SiteKey(frame.path, "untracked", loc.where if loc else None)
+        if self.sites.facts(key) is None:
+            reason = (f"{type(module).__name__} draws random numbers with {name}, which "
+                      "dropspy cannot turn into a mask (only Bernoulli draws and torch's "
+                      "dropout calls are recorded)")
+            self.sites.learn(key, lambda: SiteFacts(
+                layer_class=type(module).__name__, role="custom", rate=None, opaque=reason))
+            name_ = self.sites.resolve(key, 1)
+            self.note(f"untracked random draw at {name_ or frame.path}: {reason}")
+
+
+def _attention_like(loc: Loc) -> bool:
+    """A rank-4 functional dropout on attention probabilities (transformers' eager path)."""
+    names = (loc.function or "", type(loc.module).__name__, loc.path.rsplit(".", 1)[-1])
+    return any(w in n.lower() for n in names for w in _ATTENTION_WORDS)
+
+
+def _module_frame(module: torch.nn.Module) -> Any:
+    f: Any = sys._getframe(2)
+    while f is not None:
+        if f.f_code is type(module).forward.__code__:
+            return f
+        f = f.f_back
+    return None
+
+
+def _gap_key(path: str, g: int, gaps: int, use: str | None) -> SiteKey:
+    return SiteKey(path, "between_layers" if gaps == 1 else f"between_layers/{g}", None, use)
+
+
+def _gap_facts(module: torch.nn.RNNBase, p: float, g: int) -> SiteFacts:
+    extra: dict[str, Any] = {"after_layer": g, "num_layers": module.num_layers}
+    if module.num_layers == 1:
+        extra["never_applied"] = "num_layers=1: torch applies RNN dropout only between " \
+                                 "stacked layers"
+    return SiteFacts(layer_class=type(module).__name__, role="between_layers", rate=p,
+                     scale=dropout_scale("dropout", p), extra=extra)
+
+
+class _GapFacts:
+    """The facts of one RNN gap, made when first needed."""
+
+    def __init__(self, module: torch.nn.RNNBase, p: float, g: int) -> None:
+        self.args = (module, p, g)
+
+    def __call__(self) -> SiteFacts:
+        return _gap_facts(*self.args)
+
+
+def _layer_output_shape(output: Any, module: torch.nn.RNNBase) -> tuple[int, ...] | None:
+    """Shape of an RNN layer's output as the layer stack sees it (time-major or packed)."""
+    out = output[0] if isinstance(output, tuple) else output
+    data = getattr(out, "data", None)
+    if isinstance(out, tuple) and isinstance(data, torch.Tensor):  # PackedSequence
+        return tuple(data.shape)
+    if not isinstance(out, torch.Tensor):
+        return None
+    if out.dim() == 3 and module.batch_first:
+        return (out.shape[1], out.shape[0], out.shape[2])
+    if out.dim() == 2:  # unbatched input: ATen adds a batch dim of 1
+        return (out.shape[0], 1, out.shape[1])
+    return tuple(out.shape)
 
 
 def _mark_parameter(facts: SiteFacts | None, rank: int) -> None:
@@ -476,36 +671,38 @@ def _mark_parameter(facts: SiteFacts | None, rank: int) -> None:
     facts.extra["applied_to"] = "parameter"
 
 
-def _rate_of(p: Any) -> float | None:
-    """Drop rate from a Bernoulli keep-probability (a float, or a constant tensor)."""
-    if isinstance(p, (int, float)):
-        return 1.0 - float(p)
-    if isinstance(p, torch.Tensor) and p.numel() > 0:
-        flat = p.reshape(-1)
-        if bool((flat == flat[0]).all()):
-            return 1.0 - float(flat[0])
-    return None
+def _thread_id() -> int:
+    import threading
+
+    return threading.get_ident()
 
 
 class FunctionMode(TorchFunctionMode):
-    """Routes the dropout entry points to :class:`Capture`; every other call passes through."""
+    """Follows hand-made masks and sees random draws; on the stack only where needed.
+
+    It is pushed by a Bernoulli draw in a recorded forward (until that forward ends) and by
+    the pre-hook of a dropout-looking user module (for its call), never for the whole model:
+    every torch call under a function mode pays a Python round trip, and fast paths that
+    check ``has_torch_function`` would turn off.
+    """
 
     def __init__(self, capture: Capture) -> None:
         super().__init__()
         self.capture = capture
-        self.handlers = capture.handlers
         self.dead = False
 
-    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
-                           kwargs: dict[str, Any] | None = None) -> Any:
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         if kwargs is None:
             kwargs = {}
-        if self.dead:
-            return func(*args, **kwargs)
-        handler = self.handlers.get(func)
-        if handler is not None:
-            return handler(func, args, kwargs)
         out = func(*args, **kwargs)
-        if self.capture.taint:
-            self.capture.propagate(func, args, kwargs, out)
+        if self.dead:
+            return out
+        cap = self.capture
+        try:
+            if cap.taint:
+                cap.propagate(func, args, kwargs, out)
+            if func in _RANDOM:
+                cap.on_random(func)
+        except Exception as exc:  # never into the user's call
+            cap.failed("following a hand-made mask", exc)
         return out

@@ -323,7 +323,7 @@ class CompiledRecording:
             self.adapter.session.note(msg)
             warnings.warn(msg, DropspyWarning, stacklevel=4)
             return
-        pre, post = self.adapter._pre_hook(""), self.adapter._post_hook("")
+        pre, post = self.adapter._root_pre_hook, self.adapter._root_post_hook
 
         def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
             def call(*args: Any, **kwargs: Any) -> Any:
@@ -396,8 +396,7 @@ class CompiledRecording:
 
             if cap is None or threading.get_ident() != adapter._thread:
                 return
-            frame = cap.frame()
-            if frame is None:
+            if not cap.active():
                 return
             spec = self._specs.get(site)
             if spec is None:
@@ -416,7 +415,6 @@ class CompiledRecording:
             else:
                 cap.sites.learn(key, spec["facts"])
             cap.add(key, spec["training"](), tuple(int(s) for s in shape), noise)
-            frame.drew = True
         except Exception as exc:  # a tap must never break the compiled step
             if cap is not None:
                 cap.count_dropped("capture_error", 1)

@@ -8,8 +8,6 @@ it returns, because ATen scales it in place right after; ``native_dropout``'s ma
 from __future__ import annotations
 
 import os
-import sys
-from types import FrameType
 from typing import Any
 
 import torch
@@ -55,8 +53,7 @@ class Grabber(TorchDispatchMode):
         self.other_random: list[str] = []
         self.error: str | None = None
 
-    def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
-                           kwargs: dict[str, Any] | None = None) -> Any:
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         out = func(*args, **kwargs) if kwargs else func(*args)
         what = _WATCH.get(func)
         if what is None:
@@ -86,32 +83,26 @@ class Grabber(TorchDispatchMode):
             self.draws.append(Draw(what, out != 0, p, out.dtype))
 
 
-_CALLERS: dict[tuple[Any, int], str] = {}
+_WHERE: dict[tuple[Any, int], str] = {}
 
 
-def caller() -> str:
-    """``"file.py:line:col"`` of the user's call (innermost frame outside torch and dropspy).
+def where_of(code: Any, lasti: int, function: str | None = None) -> str:
+    """``"file.py:line:col"`` of the instruction ``lasti`` in ``code`` (cached).
 
     The column tells apart two calls on one line (``F.dropout(F.dropout(x))``).
     """
-    f: FrameType | None = sys._getframe(2)
-    while f is not None:
-        code = f.f_code
-        name = code.co_filename
-        if not name.startswith(_TORCH_DIR) and not name.startswith(_DROPSPY_DIR):
-            key = (code, f.f_lasti)
-            where = _CALLERS.get(key)
-            if where is None:
-                col = None
-                if hasattr(code, "co_positions"):
-                    positions = list(code.co_positions())
-                    index = f.f_lasti // 2
-                    if index < len(positions):
-                        col = positions[index][2]
-                where = f"{os.path.basename(name)}:{f.f_lineno}"
-                if col is not None:
-                    where += f":{col}"
-                _CALLERS[key] = where
-            return where
-        f = f.f_back
-    return "?"
+    key = (code, lasti)
+    where = _WHERE.get(key)
+    if where is None:
+        line, col = code.co_firstlineno, None
+        if hasattr(code, "co_positions"):
+            positions = list(code.co_positions())
+            index = lasti // 2
+            if index < len(positions):
+                line = positions[index][0] or line
+                col = positions[index][2]
+        where = f"{os.path.basename(code.co_filename)}:{line}"
+        if col is not None:
+            where += f":{col}"
+        _WHERE[key] = where
+    return where

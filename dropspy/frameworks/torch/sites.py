@@ -32,12 +32,14 @@ class SiteKey:
     ``where`` is None for a call a module makes on its own behalf (an ``nn.Dropout`` calling
     ``F.dropout``, an ``nn.LSTM``'s gap ``g``); for a functional call or a hand-made mask in
     a user's ``forward`` it is ``"file.py:line"``, so two ``F.dropout`` calls in one
-    ``forward`` are two sites.
+    ``forward`` are two sites. ``use`` is the line that called the module: one module called
+    from several lines (AWD-LSTM's one ``LockedDropout`` at four places) is several sites.
     """
 
     path: str
     kind: str
     where: str | None = None
+    use: str | None = None  # the line that called the module: one use of it
 
 
 @dataclass
@@ -71,6 +73,30 @@ def alpha_coefficients(p: float) -> dict[str, float]:
             "b_dropped": ALPHA_CONSTANT * a * (p - 1)}
 
 
+def rate_of_keep(p: Any) -> float | None:
+    """Drop rate from a Bernoulli keep-probability (a float, or a constant tensor).
+
+    ``1 - 0.9`` is ``0.09999999999999998`` in binary floating point; the configured rate is
+    what the user wrote, so the rate is rounded to 12 significant digits.
+    """
+    value: float | None = None
+    if isinstance(p, (int, float)):
+        value = float(p)
+    else:
+        import torch
+
+        if isinstance(p, torch.Tensor) and p.numel() > 0:
+            flat = p.reshape(-1)
+            if bool((flat == flat[0]).all()):
+                value = float(flat[0])
+    return None if value is None else clean_rate(1.0 - value)
+
+
+def clean_rate(rate: float) -> float:
+    """``rate`` without the binary noise of ``1 - keep`` (12 significant digits)."""
+    return float(f"{rate:.12g}")
+
+
 def axes_for(kind: str, rank: int, layout3: tuple[str, ...] | None) -> tuple[tuple[str, ...], str]:
     """Axis names for a mask of ``rank`` applied by a call of ``kind``, and where they come from.
 
@@ -87,8 +113,8 @@ def axes_for(kind: str, rank: int, layout3: tuple[str, ...] | None) -> tuple[tup
         return generic, "unknown layout"
     if kind == "attention":
         if rank == 4:
-            return (("batch", "axis1", "axis2", "axis3"),
-                    "attention weights (batch, head, target, source)")
+            return (("batch", "head", "query", "key"),
+                    "attention probabilities (batch, head, query, key)")
         return generic, "attention weights"
     if kind in FEATURE:
         named = {2: ("batch", "channel"), 3: ("batch", "channel", "time"),
@@ -130,6 +156,8 @@ class SiteRegistry:
         self._facts: dict[SiteKey, SiteFacts] = {}
         self._resolved: dict[tuple[SiteKey, int], str | None] = {}
         self._modules_named: set[str] = set()
+        self._uses: dict[SiteKey, list[str | None]] = {}
+        self._first: dict[SiteKey, str] = {}
         self.infos: dict[str, SiteInfo] = {}
 
     def facts(self, key: SiteKey) -> SiteFacts | None:
@@ -173,6 +201,9 @@ class SiteRegistry:
         extra["axes_from"] = axes_from
         if key.where is not None:
             extra["source"] = key.where
+        if key.use is not None:
+            extra["called_from"] = key.use
+            extra["use"] = self._uses[self._unused(key)].index(key.use)
         noise_shape = None
         if facts.opaque is None and key.kind in FEATURE and rank >= 2:
             noise_shape = (None, None) + (1,) * (rank - 2)
@@ -187,7 +218,26 @@ class SiteRegistry:
         self._resolved[(key, rank)] = name if selected else None
         return name if selected else None
 
+    @staticmethod
+    def _unused(key: SiteKey) -> SiteKey:
+        return SiteKey(key.path, key.kind, key.where, None)
+
     def _name(self, key: SiteKey) -> str:
+        """The first use of a call gets the plain name, later uses ``<name>/use<k>``."""
+        base = self._unused(key)
+        uses = self._uses.setdefault(base, [])
+        if key.use not in uses:
+            uses.append(key.use)
+        k = uses.index(key.use)
+        if k == 0:
+            name = self._first[base] = self._plain_name(key)
+            return name
+        first = self._first.get(base)
+        if first is None:
+            first = self._first[base] = self._plain_name(key)
+        return self._unique(f"{first}/use{k}")
+
+    def _plain_name(self, key: SiteKey) -> str:
         facts = self._facts[key]
         path = key.path
         if facts.own and path not in self._modules_named:

@@ -51,7 +51,7 @@ def test_meta_names_framework_backend_and_devices(tmp_path):
     assert run.framework == "torch" and run.attrs["backend"] == "cpu"
 
 
-def test_mode_is_on_the_stack_only_during_a_forward(tmp_path):
+def test_no_function_mode_is_on_the_stack_unless_a_hand_made_mask_is_followed(tmp_path):
     seen = []
 
     class Probe(nn.Module):
@@ -59,13 +59,36 @@ def test_mode_is_on_the_stack_only_during_a_forward(tmp_path):
             seen.append(_function_modes())
             return x
 
-    model = nn.Sequential(nn.Dropout(0.5), Probe())
+    class Hand(nn.Module):
+        def forward(self, x):
+            m = x.new_empty(x.shape).bernoulli_(0.5)
+            seen.append(_function_modes())
+            return x * m
+
+    model = nn.Sequential(nn.Dropout(0.5), Probe(), Hand(), Probe())
     modes = _function_modes()
     with dropspy.record(model, tmp_path / "run.h5"):
         assert _function_modes() == modes
         model(torch.randn(3, 4))
         assert _function_modes() == modes
-    assert seen == [modes + 1]
+    # nn.Dropout needs no mode; a hand-made draw puts it on until the forward ends.
+    assert seen == [modes, modes + 1, modes + 1]
+
+
+def test_kernels_are_in_place_only_while_recording(tmp_path):
+    from dropspy.frameworks.torch import kernels
+
+    original = (torch.Tensor.bernoulli_, F.scaled_dot_product_attention, torch.bernoulli)
+    with dropspy.record(_mlp(), tmp_path / "run.h5"):
+        assert kernels.installed() and torch.Tensor.bernoulli_ is not original[0]
+    assert not kernels.installed()
+    assert (torch.Tensor.bernoulli_, F.scaled_dot_product_attention, torch.bernoulli) == original
+    x = torch.randn(4, 4)
+    torch.manual_seed(0)
+    a = F.dropout(x, 0.5)
+    torch.manual_seed(0)
+    b = torch._VF.dropout(x, 0.5, True)
+    assert torch.equal(a, b)
 
 
 def test_detach_removes_every_hook_and_mode(tmp_path):
@@ -78,7 +101,7 @@ def test_detach_removes_every_hook_and_mode(tmp_path):
     assert _hook_counts(model) == 0 and _global_optimizer_hooks() == opt_hooks
 
 
-def test_only_modules_that_may_apply_dropout_are_hooked(tmp_path):
+def test_only_modules_whose_calls_must_be_seen_without_a_draw_are_hooked(tmp_path):
     class Block(nn.Module):
         def __init__(self):
             super().__init__()
@@ -87,12 +110,18 @@ def test_only_modules_that_may_apply_dropout_are_hooked(tmp_path):
         def forward(self, x):
             return F.dropout(self.lin(x), 0.5, self.training)
 
-    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Sequential(Block(), nn.Dropout(0.5)))
+    class MyDropout(nn.Module):
+        def forward(self, x):
+            return x * x.new_empty(x.shape).bernoulli_(0.5) if self.training else x
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Sequential(Block(), nn.Dropout(0.5)),
+                          MyDropout(), nn.LSTM(4, 4, 2, dropout=0.5))
     with dropspy.record(model, tmp_path / "run.h5"):
         hooked = {name for name, m in model.named_modules() if m._forward_pre_hooks}
         model(torch.randn(2, 4))
-    assert hooked == {"", "2.0", "2.1"}
-    assert dropspy.load(tmp_path / "run.h5").sites == ("2.0/dropout", "2.1")
+    # The model (step clock), a user's dropout (eval calls), a stacked RNN (eval calls).
+    assert hooked == {"", "3", "4"}
+    assert dropspy.load(tmp_path / "run.h5").sites[:3] == ("2.0/dropout", "2.1", "3")
 
 
 def test_detach_cleans_up_when_training_raises_and_keeps_earlier_records(tmp_path):
@@ -302,14 +331,28 @@ def test_eval_transformer_keeps_its_fast_path_and_bitwise_output(tmp_path, grad)
     layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.1, batch_first=True)
     model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
     x = torch.randn(3, 7, 16)
+    mha_calls = []
+    model.layers[0].self_attn.forward = _counting(model.layers[0].self_attn.forward, mha_calls)
     with torch.set_grad_enabled(grad):
         plain = model(x)
+        plain_calls = len(mha_calls)
         with dropspy.record(model, tmp_path / "run.h5"):
+            assert not any(m._forward_pre_hooks for m in model.layers.modules())
             recorded = model(x)
     assert torch.equal(plain, recorded)
+    # The same path as without dropspy: no slow-path MHA call on the fast path, one on the slow.
+    assert len(mha_calls) == 2 * plain_calls == (2 if grad else 0)
     run = dropspy.load(tmp_path / "run.h5")
-    assert "layers.0.self_attn/attention" in run.sites
+    if grad:  # the slow path calls its dropouts with training=False: not applied
+        assert "layers.0.self_attn/attention" in run.sites
     assert all(len(run[n]) == 1 and not run[n].applied.any() for n in run.sites)
+
+
+def _counting(fn, calls):
+    def wrapper(*args, **kwargs):
+        calls.append(1)
+        return fn(*args, **kwargs)
+    return wrapper
 
 
 def test_hand_made_dropout_in_eval_is_recorded_as_not_applied(tmp_path):
@@ -585,20 +628,21 @@ def test_long_inference_loops_hand_over_not_applied_records_as_they_go(tmp_path,
 
 
 def test_an_internal_error_never_breaks_or_repeats_the_users_call(tmp_path, monkeypatch):
-    import dropspy.frameworks.torch.capture as capture_module
+    from dropspy.frameworks.torch.capture import Capture
 
-    def broken():
+    def broken(self):
         raise RuntimeError("dropspy bug")
 
-    monkeypatch.setattr(capture_module, "caller", broken)
+    monkeypatch.setattr(Capture, "locate", broken)
     probe = nn.Sequential(nn.Linear(4, 4))
-    probe.forward = lambda x: F.dropout(x, 0.5, True)  # a functional call: needs _caller
+    probe.forward = lambda x: F.dropout(x, 0.5, True)
     x = torch.randn(3, 4)
     torch.manual_seed(0)
     plain = F.dropout(x, 0.5, True)
     torch.manual_seed(0)
     with dropspy.record(probe, tmp_path / "run.h5"):
-        recorded = probe(x)
+        with pytest.warns(dropspy.DropspyWarning, match="dropspy bug"):
+            recorded = probe(x)
     assert torch.equal(plain, recorded)  # ran exactly once, with the same draw
     run = dropspy.load(tmp_path / "run.h5")
     assert any("internal error" in note for note in run.notes)
