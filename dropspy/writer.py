@@ -117,7 +117,8 @@ class _SiteBuffer:
 
     def __init__(self, group: h5py.Group | None, rank: int) -> None:
         self.rank = rank
-        self.rows: list[tuple[int, int, int, int, tuple[int, ...], tuple[int, ...]]] = []
+        # step, call, training, applied, shape, noise shape, replica
+        self.rows: list[tuple[int, int, int, int, tuple[int, ...], tuple[int, ...], int]] = []
         self.chunks: list[np.ndarray] = []
         self.nbytes = 0
         self.group: h5py.Group | None = None

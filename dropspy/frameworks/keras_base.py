@@ -88,9 +88,35 @@ def dropout_shape_fns(spatial: int, data_format: str | None = None,
                 return (None, None) + (1,) * (r - 2)
             return (None,) + (1,) * (r - 2) + (None,)
         return noise_fn, (lambda r, df=data_format: axes_for(r, df or "channels_last"))
-    noise = (lambda r: (None,) * r) if configured is None else (
-        lambda r, c=tuple(configured): c if len(c) == r else (None,) * r)
-    return noise, (lambda r: axes_for(r))
+    return fixed_noise_fn(configured), (lambda r: axes_for(r))
+
+
+def fixed_noise_fn(configured: Any) -> Callable[[int], tuple[int | None, ...]]:
+    """The noise function of a configured ``noise_shape`` (None: follow the input); a call at
+    a rank other than the configured one follows the input."""
+    fixed: tuple[int | None, ...] | None = None if configured is None else tuple(configured)
+
+    def noise(r: int) -> tuple[int | None, ...]:
+        return fixed if fixed is not None and len(fixed) == r else (None,) * r
+
+    return noise
+
+
+def add_time_axis(spec: SiteSpec) -> None:
+    """Make ``spec`` describe its layer inside ``TimeDistributed``: a time axis at position 1
+    (a new mask at every timestep, so the noise follows the input along it)."""
+    axes, noise = spec.axes_fn, spec.noise_fn
+
+    def axes_fn(r: int) -> tuple[str, ...]:
+        inner = axes(r - 1)
+        return (inner[0], "time", *inner[1:])
+
+    def noise_fn(r: int) -> tuple[int | None, ...]:
+        inner = noise(r - 1) if noise is not None else None
+        inner = (None,) * (r - 1) if inner is None else inner
+        return (inner[0], None, *inner[1:])
+
+    spec.axes_fn, spec.noise_fn = axes_fn, noise_fn
 
 
 def float32_scale(rate: float | None) -> float | None:

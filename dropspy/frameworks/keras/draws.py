@@ -16,11 +16,13 @@ from __future__ import annotations
 import numbers
 import sys
 from collections.abc import Callable
+from types import FrameType
 from typing import Any
 
 import numpy as np
 
 from dropspy.frameworks.base import Session
+from dropspy.frameworks.keras_base import fixed_noise_fn
 
 __all__ = ["DrawRouter"]
 
@@ -74,7 +76,8 @@ class DrawRouter:
                 training = _static_bool(rnn_frame.training, cap)
                 # The cells apply the cached masks only under `training and 0 < rate < 1`;
                 # RNN.call draws them in every mode (also predict/evaluate).
-                applied = training and isinstance(rate, numbers.Real) and 0.0 < rate < 1.0
+                applied = (training and isinstance(rate, numbers.Real)
+                           and 0.0 < float(rate) < 1.0)
                 t = cap.shape_vector(rnn_frame.sequence)[1:2]
                 applied_shape = cap.concat([ns[:1], t, ns[1:]])
                 self._add_draw(trace, specs[k], keep, ns, applied_shape, training, applied,
@@ -182,7 +185,7 @@ class DrawRouter:
         module = type(layer).__module__
         if module.startswith("keras.src.layers.preprocessing") or id(layer) in self._sites.dropout:
             return
-        frame = sys._getframe(2)
+        frame: FrameType | None = sys._getframe(2)
         for _ in range(8):   # initializer -> keras.random -> backend: a few frames up
             if frame is None:
                 break
@@ -215,7 +218,7 @@ class DrawRouter:
         """The innermost Keras layer on the Python stack (the one whose code drew)."""
         import keras
 
-        frame = sys._getframe(2)
+        frame: FrameType | None = sys._getframe(2)
         for _ in range(64):
             if frame is None:
                 return None
@@ -243,8 +246,7 @@ class DrawRouter:
             layer=path, layer_class=cls,
             role="attention" if cls in _ATTENTION_CLASSES else "custom",
             rate=float(rate) if isinstance(rate, numbers.Real) else None,
-            noise_fn=(lambda r, c=configured: c if c is not None and len(c) == r
-                      else (None,) * r),
+            noise_fn=fixed_noise_fn(configured),
             rank=rank,
             extra={"drawn_by": "keras.random.dropout called in the layer's call()"},
         )

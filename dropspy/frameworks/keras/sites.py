@@ -16,7 +16,7 @@ from keras.src.layers.rnn.conv_lstm import ConvLSTMCell
 from keras.src.layers.rnn.dropout_rnn_cell import DropoutRNNCell
 from keras.src.layers.rnn.stacked_rnn_cells import StackedRNNCells
 
-from dropspy.frameworks.keras_base import SiteSpec, axes_for, dropout_shape_fns
+from dropspy.frameworks.keras_base import SiteSpec, add_time_axis, axes_for, dropout_shape_fns
 
 __all__ = ["SiteSpec", "CellSites", "SiteMap", "axes_for", "find_sites"]
 
@@ -102,8 +102,8 @@ def _dropout_spec(layer: Any, path: str, rank: int | None) -> SiteSpec:
                     rank=rank)
 
 
-def _cell_specs(cell: Any, rnn: Any, rnn_path: str, prefix: str, in_rank: int,
-                state_rank: int) -> CellSites:
+def _cell_specs(cell: Any, rnn: Any, rnn_path: str, prefix: str, in_rank: int | None,
+                state_rank: int | None) -> CellSites:
     """Specs for one DropoutRNNCell. Ranks are the applied ranks (time axis included)."""
     cls = type(cell).__name__
     count = getattr(cell, "dropout_mask_count", None)
@@ -122,7 +122,7 @@ def _cell_specs(cell: Any, rnn: Any, rnn_path: str, prefix: str, in_rank: int,
     def noise_fn(r: int) -> tuple[int | None, ...]:
         return (None, 1) + (None,) * (r - 2)
 
-    def specs(role: str, rate: float, rank: int) -> list[SiteSpec]:
+    def specs(role: str, rate: float, rank: int | None) -> list[SiteSpec]:
         if not rate:
             return []
         n = 1 if count is None else count
@@ -150,6 +150,12 @@ def _cell_specs(cell: Any, rnn: Any, rnn_path: str, prefix: str, in_rank: int,
                      input=specs("input", float(getattr(cell, "dropout", 0.0)), in_rank),
                      recurrent=specs("recurrent", float(getattr(cell, "recurrent_dropout", 0.0)),
                                      state_rank))
+
+
+def _noise_amount(layer: Any) -> Any:
+    """A noise layer's rate (GaussianDropout, AlphaDropout) or stddev (GaussianNoise)."""
+    stddev: Any = getattr(layer, "stddev", 0)
+    return getattr(layer, "rate", stddev)
 
 
 def _rnn_ranks(rnn: Any, cell: Any, parent: Any) -> tuple[int | None, int | None]:
@@ -185,9 +191,7 @@ def find_sites(model: Any) -> SiteMap:
             if isinstance(parent, klayers.TimeDistributed):
                 td_rank = _static_rank(parent)
                 spec = _dropout_spec(layer, path, td_rank)
-                base_axes, base_noise = spec.axes_fn, spec.noise_fn
-                spec.axes_fn = lambda r, a=base_axes: (a(r - 1)[0], "time", *a(r - 1)[1:])
-                spec.noise_fn = lambda r, n=base_noise: (n(r - 1)[0], None, *n(r - 1)[1:])
+                add_time_axis(spec)
                 spec.extra = {"wrapper": "TimeDistributed",
                               "drawn": "once per timestep (TimeDistributed calls the layer on "
                                        "each time slice)"}
@@ -203,7 +207,7 @@ def find_sites(model: Any) -> SiteMap:
                 spec = _dropout_spec(layer, path, rank)
             if spec.rate:
                 sm.dropout[id(layer)] = spec
-        elif cls in _NOISE_LAYERS and getattr(layer, "rate", getattr(layer, "stddev", 0)):
+        elif cls in _NOISE_LAYERS and _noise_amount(layer):
             sm.opaque.append(SiteSpec(name=path, layer=path, layer_class=cls, role="output",
                                       rate=getattr(layer, "rate", None),
                                       rank=_static_rank(layer),

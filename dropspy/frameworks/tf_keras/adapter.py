@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from types import FrameType
 from typing import Any
 
 from dropspy.errors import UnsupportedModelError
-from dropspy.frameworks.keras_base import KerasAdapterBase
+from dropspy.frameworks.keras_base import KerasAdapterBase, fixed_noise_fn
 
 __all__ = ["TfKerasAdapter"]
 
@@ -249,7 +250,7 @@ class TfKerasAdapter(KerasAdapterBase):
         if slot is not None:
             spec = slot.spec
             if spec is None:
-                if slot.unknown:
+                if slot.unknown and role is not None:
                     path = sm.layer_paths.get(id(owner), owner.name)
                     self._note_once(f"unknown:{path}:{role.role}",
                                     f"{path} ({type(owner).__name__}) drew more {role.role} "
@@ -343,7 +344,7 @@ class TfKerasAdapter(KerasAdapterBase):
     def _static_time(td: Any) -> Any:
         """The number of timesteps of the running ``TimeDistributed`` call (int or tensor)."""
         # TimeDistributed.call computes it (static or tf.shape) before calling its layer.
-        frame = sys._getframe(1)
+        frame: FrameType | None = sys._getframe(1)
         for _ in range(64):
             if frame is None:
                 break
@@ -401,8 +402,7 @@ class TfKerasAdapter(KerasAdapterBase):
         spec = SiteSpec(
             name=path, layer=path, layer_class=type(owner).__name__, role="custom",
             rate=float(rate) if isinstance(rate, (int, float)) else None,
-            noise_fn=(lambda r, c=configured: c if c is not None and len(c) == r
-                      else (None,) * r),
+            noise_fn=fixed_noise_fn(configured),
             extra={"drawn_by": "self._random_generator.dropout in the layer's call()"},
         )
         self._sites.dropout[id(owner)] = spec

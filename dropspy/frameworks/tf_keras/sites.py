@@ -25,7 +25,7 @@ from tf_keras.src import layers as klayers
 from tf_keras.src.layers.rnn.dropout_rnn_cell_mixin import DropoutRNNCellMixin
 from tf_keras.src.layers.rnn.stacked_rnn_cells import StackedRNNCells
 
-from dropspy.frameworks.keras_base import SiteSpec, axes_for, dropout_shape_fns
+from dropspy.frameworks.keras_base import SiteSpec, add_time_axis, axes_for, dropout_shape_fns
 
 __all__ = ["SiteMap", "find_sites", "DrawSlot"]
 
@@ -240,9 +240,7 @@ def find_sites(model: Any) -> SiteMap:
                 spec = _dropout_spec(layer, path)
                 if isinstance(parent, klayers.TimeDistributed):
                     # Keras 3 names this site the same way, with a time axis at position 1.
-                    base_axes, base_noise = spec.axes_fn, spec.noise_fn
-                    spec.axes_fn = lambda r, a=base_axes: (a(r - 1)[0], "time", *a(r - 1)[1:])
-                    spec.noise_fn = lambda r, n=base_noise: (n(r - 1)[0], None, *n(r - 1)[1:])
+                    add_time_axis(spec)
                     spec.rank = _static_rank(parent)
                     spec.extra = {"wrapper": "TimeDistributed",
                                   "drawn": "a different mask at every timestep (the layer runs "
@@ -250,7 +248,8 @@ def find_sites(model: Any) -> SiteMap:
                                            "each time slice in a loop)"}
                     sm.time_distributed[id(layer)] = parent
                 sm.dropout[id(layer)] = spec
-        elif cls in _NOISE_LAYERS and (getattr(layer, "rate", 0) or getattr(layer, "stddev", 0)):
+        elif cls in _NOISE_LAYERS and (getattr(layer, "rate", None)
+                                       or getattr(layer, "stddev", None)):
             sm.opaque.append(SiteSpec(name=path, layer=path, layer_class=cls, role="output",
                                       rate=getattr(layer, "rate", None),
                                       rank=_static_rank(layer) or 2,

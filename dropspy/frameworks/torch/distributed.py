@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -49,7 +49,8 @@ def unwrap(model: torch.nn.Module) -> tuple[torch.nn.Module, str | None]:
     if _is_fsdp1(model):
         # Its forward unshards, then calls the wrapped module: recorded like DDP. Nested
         # units' ``_fsdp_wrapped_module.`` is left out of names (see named_modules).
-        return model.module, "FullyShardedDataParallel"
+        # torch types FSDP1's wrapped module as Tensor | Module; it is always a Module.
+        return cast(torch.nn.Module, model.module), "FullyShardedDataParallel"
     return model, None
 
 

@@ -1,4 +1,5 @@
-"""DistributedDataParallel and FSDP (fully_shard, and the legacy wrapper) recorded per rank: 2 processes on gloo, 127.0.0.1.
+"""DistributedDataParallel and FSDP (fully_shard, and the legacy wrapper) recorded per rank:
+2 processes on gloo, 127.0.0.1.
 
 One spawn of two ranks runs every scenario (plain and recorded from the same seeds); the
 tests read what the ranks saved. Exactness is per rank, against the inner dropout module's
