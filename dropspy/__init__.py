@@ -17,7 +17,8 @@ from dropspy.errors import (
 )
 from dropspy.recorder import Recording, record
 from dropspy.records import Record, SiteInfo
-from dropspy.store import Run, Site, load
+from dropspy.runset import load
+from dropspy.store import Run, Site
 
 if TYPE_CHECKING:
     from dropspy import testing

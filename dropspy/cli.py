@@ -93,7 +93,7 @@ def _die(message: str, code: int = 2) -> None:
 
 
 def _load(path: Path) -> Any:
-    from dropspy.store import load
+    from dropspy.runset import load
 
     return load(path)
 
@@ -372,7 +372,7 @@ def plot(
             png_path(output)  # refused before the file is read
         except ValueError as exc:
             raise _UserError(str(exc)) from None
-        from dropspy.store import load
+        from dropspy.runset import load
 
         with load(path, force=force) as loaded:
             from dropspy.analysis import select_sites

@@ -9,10 +9,14 @@ per-rank access (``runset.rank(1)``, ``site.rank(1)``).
 Analysis is per file and mergeable (:mod:`dropspy.analysis.runset`): :func:`analyze_files`
 summarises the files in parallel processes, then merges. A file that cannot be read is left
 out and named; files of different runs are refused unless ``force=True``.
+
+:func:`load` (``dropspy.load``) lives here, not in :mod:`dropspy.store`: it opens a file or a
+set, so it needs both, while the single-file reader needs nothing of sets (no import circle).
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -26,8 +30,9 @@ from dropspy.analysis.results import CONFIDENCE, THRESHOLD, RunAnalysis
 from dropspy.analysis.runset import RunSetError, analyze_summaries, different_runs, summarize_run
 from dropspy.analysis.summary import RunSummary
 from dropspy.errors import DropspyError, SiteNotFoundError
+from dropspy.store import Run
 
-__all__ = ["RunSet", "SetSite", "resolve_set", "analyze_files", "summarize_file",
+__all__ = ["load", "opened", "RunSet", "SetSite", "resolve_set", "analyze_files", "summarize_file",
            "summarize_files", "summary_json", "read_summary", "RunSetError"]
 
 _GLOB = set("*?[")
@@ -179,8 +184,6 @@ class RunSet(Mapping[str, SetSite]):
     """
 
     def __init__(self, paths: Sequence[str | os.PathLike[str]], *, force: bool = False) -> None:
-        from dropspy.store import Run
-
         self.paths = [Path(p) for p in paths]
         self.force = force
         self.unreadable: list[tuple[str, str]] = []
@@ -275,9 +278,7 @@ def summarize_file(path: str | os.PathLike[str], sites: Sequence[str] | None = N
                    max_bytes: int = 16 << 20,
                    progress: Callable[[int], None] | None = None) -> RunSummary:
     """Open one run file, summarise it (see :func:`dropspy.analysis.summarize_run`), close."""
-    from dropspy.store import load
-
-    with load(path) as run:
+    with Run(path) as run:
         return summarize_run(run, sites=sites, max_bytes=max_bytes, progress=progress)
 
 
@@ -365,9 +366,42 @@ def read_summary(path: str | os.PathLike[str]) -> RunSummary:
 
 def set_or_run(spec: str | os.PathLike[str], *, force: bool = False) -> Any:
     """What :func:`dropspy.load` opens: a :class:`RunSet` for a set, else a ``Run``."""
-    from dropspy.store import Run
-
     files = resolve_set(spec)
     if files is None:
         return Run(spec)
     return RunSet(files, force=force)
+
+
+def load(path: str | os.PathLike[str], *, force: bool = False) -> Any:
+    """Open a run file, or the files of a run set, for reading.
+
+    Args:
+        path: A run file written by :func:`dropspy.record`; or a run set: a directory, a
+            glob (``"run.rank*.h5"``), or a run's base name whose rank files exist
+            (``"run.h5"`` when ``run.rank0.h5``... are there).
+        force: For a set, merge files that look like different runs.
+
+    Returns:
+        The :class:`dropspy.store.Run`, a read-only mapping of site names to sites; for a
+        set, a :class:`RunSet` (sites merge the ranks; ``.rank(r)`` gives one).
+
+    Raises:
+        RunFileError: The path is missing, not a file, not HDF5, not a run, of a newer
+            format version, or damaged; a glob matches nothing; no file of a set is
+            readable; the files are of different runs (without ``force``). The message
+            names the path and the problem.
+    """
+    return set_or_run(path, force=force)
+
+
+@contextlib.contextmanager
+def opened(run: Any) -> Iterator[Any]:
+    """``run`` itself, or, for a path, the run file loaded for the ``with`` block and closed.
+
+    The one place where "a path or a run" is turned into a run (testing helpers, the CLI).
+    """
+    if isinstance(run, (str, os.PathLike)):
+        with load(run) as r:
+            yield r
+    else:
+        yield run

@@ -1,11 +1,12 @@
-"""The run file reader: :func:`load` gives a :class:`Run`, a read-only mapping of sites.
+"""The run file reader: a :class:`Run` is one run file, a read-only mapping of sites.
+
+:func:`dropspy.load` (in :mod:`dropspy.runset`, which also opens run sets) gives one.
 
 The file layout is documented in ``schemas/run.schema.json`` and in :mod:`dropspy.writer`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 from collections.abc import Iterator, Mapping
@@ -27,7 +28,7 @@ from dropspy.records import (
     SiteInfo,
 )
 
-__all__ = ["Run", "Site", "load", "opened", "validate_file", "SiteInfo", "Record"]
+__all__ = ["Run", "Site", "validate_file", "SiteInfo", "Record"]
 
 class Site:
     """The records of one site, read lazily from the run file.
@@ -574,43 +575,6 @@ def _check_format(attrs: Mapping[str, Any], path: Path) -> None:
             f"by dropspy "
             f"{__version__} (it reads versions 1 to {FORMAT_VERSION}); upgrade dropspy"
         )
-
-
-def load(path: str | os.PathLike[str], *, force: bool = False) -> Any:
-    """Open a run file, or the files of a run set, for reading.
-
-    Args:
-        path: A run file written by :func:`dropspy.record`; or a run set: a directory, a
-            glob (``"run.rank*.h5"``), or a run's base name whose rank files exist
-            (``"run.h5"`` when ``run.rank0.h5``... are there).
-        force: For a set, merge files that look like different runs.
-
-    Returns:
-        The :class:`Run`, a read-only mapping of site names to sites; for a set, a
-        :class:`dropspy.runset.RunSet` (sites merge the ranks; ``.rank(r)`` gives one).
-
-    Raises:
-        RunFileError: The path is missing, not a file, not HDF5, not a run, of a newer
-            format version, or damaged; a glob matches nothing; no file of a set is
-            readable; the files are of different runs (without ``force``). The message
-            names the path and the problem.
-    """
-    from dropspy.runset import set_or_run
-
-    return set_or_run(path, force=force)
-
-
-@contextlib.contextmanager
-def opened(run: Any) -> Iterator[Any]:
-    """``run`` itself, or, for a path, the run file loaded for the ``with`` block and closed.
-
-    The one place where "a path or a run" is turned into a run (testing helpers, the CLI).
-    """
-    if isinstance(run, (str, os.PathLike)):
-        with load(run) as r:
-            yield r
-    else:
-        yield run
 
 
 def validate_file(path: str | os.PathLike[str]) -> list[str]:

@@ -59,7 +59,7 @@ def analyze(run: RunLike, *, sites: str | Sequence[str] | None = None,
     """The :class:`RunAnalysis` of ``run``, which may be a path, a Run or an analysis already."""
     if isinstance(run, RunAnalysis):
         return run
-    from dropspy.store import opened
+    from dropspy.runset import opened
 
     with opened(run) as r:
         return analyze_run(r, sites=sites, threshold=threshold)
@@ -78,7 +78,7 @@ def _sites(run: RunLike, site: str) -> tuple[RunAnalysis, list[SiteAnalysis]]:
 
 
 def _names(run: RunLike) -> list[str]:
-    from dropspy.store import opened
+    from dropspy.runset import opened
 
     with opened(run) as r:
         return list(getattr(r, "sites", None) or list(r.keys()))
@@ -219,7 +219,7 @@ class RecordedRun:
     def run(self) -> Any:
         """The run file, opened for reading (kept open until the fixture's teardown)."""
         if self._run is None:
-            from dropspy.store import load
+            from dropspy.runset import load
 
             self._run = load(self.path)
         return self._run

@@ -110,7 +110,7 @@ def test_plot_without_suffix_writes_png_and_says_the_real_name(tmp_path, two_cal
 
 def test_plot_call_without_step_picks_that_call(tmp_path, two_call_path):
     from dropspy.plot import find_record
-    from dropspy.store import load
+    from dropspy.runset import load
 
     with load(two_call_path) as run:
         site = run["d"]

@@ -13,7 +13,8 @@ import time
 import numpy as np
 import pytest
 
-from dropspy.store import load, validate_file
+from dropspy.runset import load
+from dropspy.store import validate_file
 
 _CHILD = textwrap.dedent(
     """

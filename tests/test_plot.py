@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from _synth import info, records, write_run
 
-from dropspy.store import load
+from dropspy.runset import load
 
 matplotlib = pytest.importorskip("matplotlib")
 from matplotlib.image import imread
@@ -59,7 +59,7 @@ def test_find_record_defaults_to_the_first_training_mask_and_rejects_missing_ste
 
 
 def test_plotting_leaves_pyplot_and_the_backend_alone(tmp_path, run_path):
-    code = ("import sys, matplotlib\nfrom dropspy.store import load\n"
+    code = ("import sys, matplotlib\nfrom dropspy.runset import load\n"
             "from dropspy.plot import plot_site\n"
             "before = matplotlib.get_backend()\n"
             f"plot_site(load({str(run_path)!r}), 'conv_drop', {str(tmp_path / 'x.png')!r})\n"

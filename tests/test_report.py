@@ -10,7 +10,7 @@ from _synth import info, records, write_run
 
 from dropspy.analysis import MemoryRun, MemorySite, analyze_run
 from dropspy.report import from_dict, from_json, load_schema, to_dict, to_json
-from dropspy.store import load
+from dropspy.runset import load
 
 jsonschema = pytest.importorskip("jsonschema")
 

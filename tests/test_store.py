@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 import dropspy
 from dropspy.errors import DropspyError, RunFileError
 from dropspy.records import FORMAT_VERSION, Record, SiteInfo
-from dropspy.store import load, validate_file
+from dropspy.runset import load
+from dropspy.store import validate_file
 from dropspy.writer import RunWriter
 
 

@@ -11,7 +11,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from dropspy.store import load
+from dropspy.runset import load
 
 _ENV = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
 

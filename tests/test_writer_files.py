@@ -15,7 +15,7 @@ import pytest
 
 from dropspy.errors import RunFileError
 from dropspy.records import Record, SiteInfo
-from dropspy.store import load
+from dropspy.runset import load
 from dropspy.writer import RunWriter
 
 

@@ -28,7 +28,7 @@ from dropspy.analysis import (
     select_sites,
 )
 from dropspy.records import Record
-from dropspy.store import load
+from dropspy.runset import load
 
 AXES3 = ("batch", "time", "feature")
 
