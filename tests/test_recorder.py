@@ -265,3 +265,16 @@ def test_mark_step_outside_the_with_block_or_on_a_self_counting_adapter_says_so(
     with rec:
         with pytest.raises(RecordingError, match="counts steps itself"):
             rec.mark_step()
+
+
+def test_a_torch_model_without_dropout_warns_naming_torch_dropout_kinds(tmp_path):
+    torch = pytest.importorskip("torch")
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.warns(dropspy.DropspyWarning,
+                      match=r"found no dropout in Sequential.*nn\.Dropout"):
+        with dropspy.record(model, tmp_path / "plain.h5"):
+            opt.zero_grad()
+            model(torch.ones(2, 4)).sum().backward()
+            opt.step()
+    assert dropspy.load(tmp_path / "plain.h5").sites == ()
