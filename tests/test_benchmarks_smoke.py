@@ -140,3 +140,14 @@ def test_alternatives_smoke(tmp_path):
     else:
         assert set(t["variants"]) == {"baseline", "dropspy", "torchlens"}
         assert all(_finite_positive(v["ms_median"]) for v in t["variants"].values())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _has("torch"), reason="needs torch")
+def test_scale_smoke_reports_ddp_per_rank_and_compiled_ratios(tmp_path):
+    r = _run("bench_scale.py", tmp_path, "--smoke")
+    assert r["benchmark"] == "scale" and r["smoke"] is True
+    for rank in ("rank0", "rank1"):
+        assert r["ddp"][rank]["n"] == 4 and _finite_positive(r["ddp"][rank]["median"])
+    assert r["compiled"]["step"]["n"] == 4 and _finite_positive(r["compiled"]["step"]["median"])
+    assert all(_finite_positive(t) for t in r["compiled"]["first_step_s"].values())
