@@ -471,6 +471,14 @@ class Run(Mapping[str, Site]):
         if not isinstance(devices, list):
             raise _h5.fail(self.path, "/ attribute 'devices'", "expected a JSON list")
         self.devices: list[str] = [str(d) for d in devices]
+        # Root facts other code computes with: their types checked once, here.
+        for key, kind in _ROOT_TYPES.items():
+            value = self.attrs.get(key)
+            if value is not None and (not isinstance(value, kind) or isinstance(value, bool)
+                                      or (kind is int and value < 0)):
+                want = "an integer >= 0" if kind is int else "text"
+                raise _h5.fail(self.path, f"/ attribute {key!r}", f"expected {want}, found "
+                               f"{type(value).__name__} {_h5.safe(repr(value), 60)}")
 
     @property
     def damage(self) -> list[str]:
@@ -558,6 +566,11 @@ class Run(Mapping[str, Site]):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+_ROOT_TYPES: dict[str, type] = {
+    "rank": int, "world_size": int, "local_rank": int, "framework": str,
+    "framework_version": str, "backend": str, "host": str, "started": str, "run_id": str}
 
 
 def _check_format(attrs: Mapping[str, Any], path: Path) -> None:
