@@ -133,7 +133,13 @@ def check_run_layout(f: h5py.File, path: Path | None = None) -> list[str]:
         except RunFileError as exc:
             problems.append(_problem(exc, path))
             continue
-        problems += check(attrs, schema["site_attributes"], where)
+        site_problems = check(attrs, schema["site_attributes"], where)
+        if not site_problems:
+            try:  # the reader's own checks (finite rate, axes that are names...)
+                _h5.read_site_attrs(g, path, where)
+            except RunFileError as exc:
+                site_problems.append(_problem(exc, path))
+        problems += site_problems
         name = attrs.get("name")
         if name in names:
             problems.append(f"{where}: site name {_h5.safe(repr(name))} declared twice")
