@@ -60,11 +60,15 @@ def test_writer_smoke_reports_throughput_and_bits_per_element(tmp_path):
     assert b["bits_per_applied_element_file"] < 0.5 * b["bits_per_noise_element_file"]
 
 
-def test_inspect_small_reports_throughput_and_memory(tmp_path):
-    r = _run("bench_inspect.py", tmp_path, "--small")
-    assert r["benchmark"] == "inspect"
-    assert _finite_positive(r["mb_per_s"]) and _finite_positive(r["peak_rss_mib"])
-    assert r["records"] > 0 and r["packed_bytes"] > 0
+def test_inspect_small_reports_throughput_and_memory_for_both_layouts(tmp_path):
+    results = _run("bench_inspect.py", tmp_path, "--small")
+    assert [r["layout"] for r in results] == ["large", "small"]
+    for r in results:
+        assert r["benchmark"] == "inspect"
+        assert _finite_positive(r["mb_per_s"]) and _finite_positive(r["peak_rss_mib"])
+        assert _finite_positive(r["mb_per_cpu_s"])
+        assert r["records"] > 0 and r["packed_bytes"] > 0
+        assert r["targets"]["peak_rss_mib"] == 200
 
 
 def _check_overhead(fw: dict) -> None:

@@ -278,3 +278,84 @@ def test_cli_plot_shows_the_asked_rank(tmp_path):
     bad = runner.invoke(app, ["plot", str(tmp_path / "run.h5"), "--site", "drop",
                               "--rank", "5", "-o", str(out)])
     assert bad.exit_code == 2 and "no file of rank 5" in bad.stderr
+
+
+# -- a real 2-rank DDP run ---------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_real_ddp_ranks_seeded_alike_are_found_and_seeded_apart_are_not(tmp_path):
+    """Two processes, torch DDP on gloo: the files the DDP recorder writes, as a set."""
+    torch = pytest.importorskip("torch")
+    if not torch.distributed.is_available():
+        pytest.skip("torch built without distributed")
+    import multiprocessing
+    import socket
+
+    import _ranks_worker
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_ranks_worker.main, args=(r, 2, port, str(tmp_path)))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(240)
+    assert [p.exitcode for p in procs] == [0, 0]
+    same = runner.invoke(app, ["inspect", str(tmp_path / "same" / "run.h5"), "--json", "-j", "1"])
+    assert same.exit_code == 0, same.output
+    data = json.loads(same.stdout)
+    assert [m["rank"] for m in data["members"]] == [0, 1]
+    assert [m["world_size"] for m in data["members"]] == [2, 2]
+    (site,) = data["sites"]
+    assert site["across"]["verdict"] == "identical"
+    assert site["across"]["identical"] == site["across"]["pairs"] == 5
+    assert "identical-across-ranks" in {f["code"] for f in site["findings"]}
+    with dropspy.load(tmp_path / "seeded" / "run.h5") as s:
+        result = s.report()
+    c = result.sites[0].across
+    assert c.verdict == "independent" and c.pairs == 5 and c.identical == 0
+    check = runner.invoke(app, ["check", str(tmp_path / "seeded"), "-j", "1",
+                                "--expect", "*: ranks=independent"])
+    assert check.exit_code == 0, check.output
+
+
+# -- bounded by bytes ----------------------------------------------------------------------
+
+
+def test_opening_and_analysing_a_run_build_no_per_record_index(tmp_path):
+    (path,) = rank_files(tmp_path, [1])
+    with dropspy.load(path) as run:
+        sites = [run[n] for n in run.sites]
+        assert all(s._ix is None and s._n is None for s in sites)  # attributes only
+        analyze_run(run)
+        assert all(s._ix is None for s in sites)  # the analysis streams the index
+        assert len(sites[0].steps) == 6  # random access builds it on demand
+
+
+def test_summaries_keep_the_same_bounded_sample_of_keys_in_every_rank(tmp_path):
+    from dropspy.analysis._scan import scan_site
+    from dropspy.analysis.copies import compare_copies
+
+    paths = rank_files(tmp_path, [3, 3, 8], steps=40)
+    samples = []
+    for p in paths:
+        with dropspy.load(p) as run:
+            samples.append(scan_site(run["drop"], sample_keys=16).sample)
+    assert [len(s) for s in samples] == [16, 16, 16]
+    assert all(np.array_equal(samples[0].steps, s.steps) for s in samples)
+    c = compare_copies(list(enumerate(samples)))
+    assert c.sampled and c.keys == 16 and c.by_copy == {"rank 1": (16, 16), "rank 2": (0, 16)}
+
+
+def test_every_finding_has_a_row_in_the_docs():
+    from pathlib import Path
+
+    from dropspy.analysis import FINDINGS
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "analysis.md").read_text()
+    for row in FINDINGS:
+        assert f"`{row.code}`" in doc, row.code
