@@ -17,7 +17,7 @@ from dropspy.errors import (
 )
 from dropspy.recorder import Recording, record
 from dropspy.records import Record, SiteInfo
-from dropspy.runset import load
+from dropspy.runset import RunSet, load
 from dropspy.store import Run, Site
 
 if TYPE_CHECKING:
@@ -29,6 +29,7 @@ __all__ = [
     "Recording",
     "load",
     "Run",
+    "RunSet",
     "Site",
     "SiteInfo",
     "Record",

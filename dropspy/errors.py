@@ -57,3 +57,8 @@ class OptionError(DropspyError, ValueError):
 
 class DropspyWarning(UserWarning):
     """Something the user must know about a recording (perturbation, write failure)."""
+
+
+class RunSetError(RunFileError):
+    """Files given as one run set cannot be analysed as one (different runs, nothing readable,
+    a glob that matches nothing)."""

@@ -27,9 +27,9 @@ from typing import Any
 import numpy as np
 
 from dropspy.analysis.results import CONFIDENCE, THRESHOLD, RunAnalysis
-from dropspy.analysis.runset import RunSetError, analyze_summaries, different_runs, summarize_run
+from dropspy.analysis.runset import analyze_summaries, different_runs, summarize_run
 from dropspy.analysis.summary import RunSummary
-from dropspy.errors import DropspyError, SiteNotFoundError
+from dropspy.errors import DropspyError, RunSetError, SiteNotFoundError
 from dropspy.store import Run
 
 __all__ = ["load", "opened", "RunSet", "SetSite", "resolve_set", "analyze_files", "summarize_file",
@@ -182,6 +182,9 @@ class RunSet(Mapping[str, SetSite]):
         RunSetError: No file is readable, or the files are of different runs (without
             ``force``).
     """
+
+    #: Lets :func:`dropspy.analysis.analyze_run` and the testing helpers tell a set apart.
+    is_run_set = True
 
     def __init__(self, paths: Sequence[str | os.PathLike[str]], *, force: bool = False) -> None:
         self.paths = [Path(p) for p in paths]
@@ -396,7 +399,8 @@ def load(path: str | os.PathLike[str], *, force: bool = False) -> Any:
 
 @contextlib.contextmanager
 def opened(run: Any) -> Iterator[Any]:
-    """``run`` itself, or, for a path, the run file loaded for the ``with`` block and closed.
+    """``run`` itself, or, for a path, the run file (or run set) loaded for the ``with`` block
+    and closed.
 
     The one place where "a path or a run" is turned into a run (testing helpers, the CLI).
     """

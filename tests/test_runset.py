@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import h5py
 import numpy as np
 import pytest
 from _synth import info, rank_files, records, write_run
@@ -40,6 +39,15 @@ def test_load_of_a_base_name_with_rank_siblings_is_a_set_with_per_rank_access(tm
             assert np.array_equal(site.mask(6), one["drop"].mask(0))
             assert np.array_equal(s.rank(1)["drop"].noise(3), one["drop"].noise(3))
         assert len(site.masks(2)) == 2 and len(site.masks(2, rank=1)) == 1
+
+
+def test_testing_helpers_take_a_run_set(tmp_path):
+    from dropspy.testing import assert_mask_structure
+
+    rank_files(tmp_path, [1, 2])
+    assert_mask_structure(tmp_path / "run.h5", "spatial", shared=["time"], rate=0.3)
+    with dropspy.load(tmp_path / "run.h5") as s:
+        assert analyze_run(s) == s.report()
 
 
 def test_identical_ranks_are_a_warning_with_counts_and_chance(tmp_path):
@@ -157,10 +165,8 @@ def test_replicas_in_one_file_are_compared_like_ranks(tmp_path):
     recs = []
     for step in range(5):
         x = rng.random((8, 16)) >= 0.3
-        recs += [Record("drop", step, 0, True, (8, 16), noise=x) for _replica in range(2)]
+        recs += [Record("drop", step, 0, True, (8, 16), noise=x, replica=r) for r in range(2)]
     path = write_run(tmp_path / "mirrored.h5", [(info("drop", ("batch", "feature")), recs)])
-    with h5py.File(path, "a") as f:   # the version-2 per-record replica id
-        f["sites"]["000000"].create_dataset("replica", data=np.tile([0, 1], 5).astype(np.int32))
     with dropspy.load(path) as run:
         assert list(run["drop"].replicas) == [0, 1] * 5
         result = analyze_run(run)

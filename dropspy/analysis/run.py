@@ -43,6 +43,10 @@ def analyze_run(
         SiteNotFoundError: A pattern in ``sites`` matches no site (also a ``KeyError``).
     """
     check_args(threshold, confidence)
+    if getattr(run, "is_run_set", False):
+        # A run set's ranks are summarised file by file, then merged (dropspy.runset).
+        return run.report(sites=sites, threshold=threshold,  # type: ignore[no-any-return]
+                          confidence=confidence)
     names = list(getattr(run, "sites", None) or list(run.keys()))
     select_sites(names, sites, {n: getattr(run[n], "layer", n) for n in names})
     summary = summarize_run(run, sites=sites, max_bytes=max_bytes, progress=progress)

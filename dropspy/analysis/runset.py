@@ -29,7 +29,7 @@ from dropspy.analysis.results import (
 from dropspy.analysis.rules import RunEvidence, SetEvidence, run_findings, set_findings
 from dropspy.analysis.site import check_args, conclude
 from dropspy.analysis.summary import RunSummary, SiteSummary, merge_sites
-from dropspy.errors import RunFileError
+from dropspy.errors import RunSetError
 from dropspy.records import select_sites, site_matches
 
 __all__ = ["summarize_run", "analyze_summaries", "different_runs", "RunSetError"]
@@ -37,10 +37,6 @@ __all__ = ["summarize_run", "analyze_summaries", "different_runs", "RunSetError"
 # Ranks of one run start within seconds of each other; files started further apart than this,
 # with no run id to say otherwise, are taken for different runs.
 _START_SPREAD_S = 3600.0
-
-
-class RunSetError(RunFileError):
-    """Files given as one run set cannot be analysed as one (different runs, nothing readable)."""
 
 
 def summarize_run(run: Any, *, sites: str | Sequence[str] | None = None,
