@@ -19,10 +19,10 @@ Semantics:
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
+import stat
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -225,6 +225,9 @@ def parse_expectation(text: str) -> Expectation:
     return expectation_from_mapping(data, text=text.strip())
 
 
+_MAX_SPEC_BYTES = 1 << 20
+
+
 def load_spec(path: str | os.PathLike[str]) -> Spec:
     """Read a spec file (TOML or JSON, by suffix; ``schemas/expectations.schema.json``).
 
@@ -239,16 +242,25 @@ def load_spec(path: str | os.PathLike[str]) -> Spec:
     Raises:
         ExpectationError: The file is missing, unparsable, or an entry is malformed.
     """
+    from dropspy._h5read import loads
+
     p = Path(path)
     try:
+        st = os.stat(p)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > _MAX_SPEC_BYTES:
+            # A FIFO would block the read; a spec is a few lines.
+            raise ExpectationError(f"{p}: expected a spec file (a regular file of at most "
+                                   f"{_MAX_SPEC_BYTES} bytes)")
         raw = p.read_bytes()
     except OSError as exc:
         raise ExpectationError(f"{p}: cannot read spec file: {exc.strerror or exc}") from exc
     try:
         if p.suffix.lower() == ".json":
-            data = json.loads(raw.decode("utf-8"))
+            data = loads(raw.decode("utf-8"), _MAX_SPEC_BYTES)  # nesting bounded
         else:
             data = _toml(raw.decode("utf-8"))
+    except RecursionError:
+        raise ExpectationError(f"{p}: not valid TOML: nested too deep") from None
     except (ValueError, UnicodeDecodeError) as exc:
         kind = "JSON" if p.suffix.lower() == ".json" else "TOML"
         raise ExpectationError(f"{p}: not valid {kind}: {exc}") from exc

@@ -351,15 +351,17 @@ def read_summary(path: str | os.PathLike[str]) -> RunSummary:
         ReportError: The file is not a dropspy summary, or is malformed.
         OSError: It cannot be read.
     """
-    import json
 
+    from dropspy._h5read import loads
     from dropspy.analysis.summary import from_dict
     from dropspy.errors import ReportError
 
+    if not Path(path).is_file():  # a FIFO would block the read
+        raise ReportError(f"{path}: not a regular file, expected a summary (.json)")
     text = Path(path).read_text(encoding="utf-8", errors="replace")
     try:
-        data = json.loads(text)
-    except (ValueError, RecursionError) as exc:
+        data = loads(text, 1 << 30)  # nesting and numbers bounded, as in run files
+    except ValueError as exc:
         raise ReportError(f"{path}: not JSON: {exc}") from None
     try:
         return from_dict(data)

@@ -123,3 +123,22 @@ def test_plot_call_without_step_picks_that_call(tmp_path, two_call_path):
     missing = runner.invoke(app, ["plot", str(two_call_path), "-s", "d", "--call", "7", "-o",
                                   str(tmp_path / "c.png")])
     assert missing.exit_code == 2 and "at call 7" in missing.stderr
+
+
+@pytest.mark.parametrize("text, suffix", [("[" * 100_000 + "]" * 100_000, ".json"),
+                                          ("a = " + "[" * 100_000 + "]" * 100_000, ".toml")])
+def test_deeply_nested_spec_file_is_one_line_exit_2(tmp_path, evil_path, text, suffix):
+    spec = tmp_path / f"spec{suffix}"
+    spec.write_text(text)
+    result = runner.invoke(app, ["check", str(evil_path), "--spec", str(spec)])
+    assert result.exit_code == 2, result.output
+    assert len(result.stderr.strip().splitlines()) == 1 and "nested" in result.stderr
+
+
+def test_spec_that_is_a_fifo_is_refused_without_blocking(tmp_path, evil_path):
+    import os
+
+    fifo = tmp_path / "spec.toml"
+    os.mkfifo(fifo)
+    result = runner.invoke(app, ["check", str(evil_path), "--spec", str(fifo)])
+    assert result.exit_code == 2 and "expected a spec file" in result.stderr
