@@ -224,7 +224,8 @@ def check(
     """Exit 0 when every expectation holds, 1 when any fails, 2 on usage or file errors.
 
     A gate never passes silently on evidence it could not see: a killed run, unreadable
-    records or a damaged file fail the check unless ``--allow-incomplete``.
+    records or a damaged file fail the check unless ``--allow-incomplete``; with nothing to
+    check (no --expect, no --spec, no --fail-on-errors) it exits 2.
     """
     from dropspy.expectations import check_analysis, load_spec, parse_expectation
 
