@@ -306,6 +306,8 @@ class CompiledRecording:
         # Masks of one traced RNN's gaps share one site string (same module, same source
         # line): the n-th of a forward is gap n.
         self._rnn_calls: dict[str, int] = {}
+        self._tapped = False
+        self._warned_untapped = False
 
     def attach(self) -> None:
         """Declare what cannot be recorded, then swap in the compile that carries the pass."""
@@ -328,11 +330,14 @@ class CompiledRecording:
         def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
             def call(*args: Any, **kwargs: Any) -> Any:
                 self._rnn_calls.clear()
+                self._tapped = False
                 pre(model, args)
                 try:
                     return fn(*args, **kwargs)
                 finally:
                     post(model, args, None)
+                    if not self._tapped:
+                        self._check_untapped()
             return call
 
         set_listener(self._on_tap)
@@ -347,6 +352,35 @@ class CompiledRecording:
             if self._listening:
                 set_listener(None)
                 self._listening = False
+
+    def _check_untapped(self) -> None:
+        """Say it when a training forward of the compiled model copied out no mask at all.
+
+        Then its dropout ran outside inductor's graphs, where dropspy does not look: Dynamo
+        compiled nothing (e.g. ``torch.compile`` of a DDP-wrapped ``nn.Sequential``, whose
+        frames are all torch's own) or fell back to eager.
+        """
+        cap = self.adapter._capture
+        model = self.adapter.model
+        if self._warned_untapped or cap is None or not cap.capturing or not model.training:
+            return
+        active = [n for n, m in model.named_modules()
+                  if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0
+                  and m.training]
+        if not active:
+            return
+        self._warned_untapped = True
+        import warnings
+
+        from dropspy.errors import DropspyWarning
+
+        msg = (f"a training forward of the compiled model copied out no dropout mask, though "
+               f"{', '.join(active)} should apply one: that dropout ran outside inductor's "
+               f"graphs (Dynamo compiled nothing there or fell back to eager) and is not "
+               f"recorded. Record the eager model, or compile a module whose forward is your "
+               f"own code.")
+        self.adapter.session.note(msg)
+        warnings.warn(msg, DropspyWarning, stacklevel=3)
 
     def _declare_rnn_sites(self, model: torch.nn.Module) -> None:
         from dropspy.frameworks.torch.sites import SiteFacts, SiteKey, dropout_scale

@@ -224,6 +224,23 @@ def test_recording_a_compiled_model_again_reuses_its_compiled_code(tmp_path: Pat
     assert counts[0] == counts[1] == counts[2]
 
 
+def test_dropout_that_dynamo_leaves_to_eager_is_said_not_recorded(tmp_path: Path) -> None:
+    class Eager(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.drop = nn.Dropout(0.5)
+
+        @torch._dynamo.disable
+        def forward(self, x: Any) -> Any:
+            return self.drop(x)
+
+    model = torch.compile(Eager())
+    with pytest.warns(DropspyWarning, match="drop should apply one.*not recorded"):
+        with dropspy.record(model, tmp_path / "run.h5"):
+            model(torch.randn(4, 8))
+    assert any("outside inductor's graphs" in n for n in dropspy.load(tmp_path / "run.h5").notes)
+
+
 def test_a_compiled_submodule_of_an_eager_model_is_refused_by_name(tmp_path: Path) -> None:
     outer = nn.Sequential(nn.Linear(4, 4), torch.compile(nn.Dropout(0.5)))
     with pytest.raises(UnsupportedModelError, match="compile'd submodule.*'1'"):
