@@ -554,6 +554,9 @@ def read_site_index(g: h5py.Group, path: Path, where: str, rank: int, complete: 
                       required=False)
     if replica is not None:
         dsets["replica"] = replica
+    rate = dataset(g, "rate", path, f"{where}/rate", kinds="f", ndim=1, required=False)
+    if rate is not None:
+        dsets["rate"] = rate
     for name in ("shape", "noise_shape"):
         d = dataset(g, name, path, f"{where}/{name}", kinds="iu", ndim=2)
         if d.shape[1] != rank:
@@ -575,7 +578,8 @@ def read_site_index(g: h5py.Group, path: Path, where: str, rank: int, complete: 
         n = stored
     if complete and int(bits.shape[0]) > nbits:
         damage.append(f"bits declares {int(bits.shape[0])} bytes but the file stores {nbits}")
-    cols = {name: read(d, path, f"{where}/{name}", 0, n).astype(np.int64)
+    cols = {name: read(d, path, f"{where}/{name}", 0, n).astype(
+                np.float64 if name == "rate" else np.int64)
             for name, d in dsets.items()}
     k, sizes, problem = check_rows(cols, nbits)
     if problem is not None:

@@ -36,7 +36,8 @@ __all__ = [
 ]
 
 FORMAT_NAME = "dropspy.run"
-# 2: per-record ``replica`` (int32) in every site group; version 1 files read as replica 0.
+# 2: per-record ``replica`` (int32) and ``rate`` (float32) in every site group; version 1
+# files read as replica 0 and the site's configured rate.
 FORMAT_VERSION = 2
 
 #: Per-record index datasets of every site group, besides ``shape``, ``noise_shape``, ``bits``.
@@ -250,6 +251,7 @@ class IndexBlock:
     offsets: np.ndarray       # int64, byte offset of the packed noise in the site's bits
     shapes: np.ndarray        # (k, rank) int64, applied shapes
     noise_shapes: np.ndarray  # (k, rank) int64, drawn noise shapes
+    rates: np.ndarray | None = None  # float64 drop rate per record; NaN/None: the site's
 
     def __len__(self) -> int:
         return len(self.steps)

@@ -77,6 +77,9 @@ class Site:
                               required=False)
             if rep is not None:
                 ds["replica"] = rep
+            rate = _h5.dataset(g, "rate", p, f"{w}/rate", kinds="f", ndim=1, required=False)
+            if rate is not None:
+                ds["rate"] = rate
             for k in ("shape", "noise_shape"):
                 d = _h5.dataset(g, k, p, f"{w}/{k}", kinds="iu", ndim=2)
                 if d.shape[1] != len(self.axes):
@@ -94,6 +97,9 @@ class Site:
         ds = self._datasets()
         cols = {k: _h5.read(ds[k], self._path, f"{self._where}/{k}", a, b).astype(np.int64)
                 for k in INDEX_FIELDS + ("shape", "noise_shape")}
+        # Version 1 files have no per-record rate: NaN stands for the site's configured rate.
+        cols["rate"] = (_h5.read(ds["rate"], self._path, f"{self._where}/rate", a, b)
+                        .astype(np.float64) if "rate" in ds else np.full(b - a, np.nan))
         cols["replica"] = (_h5.read(ds["replica"], self._path, f"{self._where}/replica", a, b)
                            .astype(np.int64) if "replica" in ds else np.zeros(b - a, np.int64))
         return cols
@@ -177,6 +183,17 @@ class Site:
         return self._index().replicas
 
     @property
+    def rates(self) -> np.ndarray:
+        """Drop rate each record's call was made with (float64).
+
+        Where a file does not say (version 1 files, adapters that do not record it), the
+        site's configured rate; NaN when that is unknown too.
+        """
+        own = self._index().rates
+        site = np.nan if self.rate is None else float(self.rate)
+        return np.where(np.isnan(own), site, own)
+
+    @property
     def training(self) -> np.ndarray:
         """Whether the model was in training mode, per record (bool)."""
         return self._index().training
@@ -223,6 +240,7 @@ class Site:
                 start=a, steps=c["step"].astype(np.int64), calls=c["call"].astype(np.int64),
                 replicas=c["replica"].astype(np.int64), training=c["training"] != 0,
                 applied=c["applied"] != 0, offsets=c["offset"].astype(np.int64),
+                rates=c["rate"].astype(np.float64),
                 shapes=c["shape"].astype(np.int64).reshape(b - a, len(self.axes)),
                 noise_shapes=c["noise_shape"].astype(np.int64).reshape(b - a, len(self.axes)))
 
@@ -393,6 +411,7 @@ class _CompactIndex:
             ("steps", np.asarray(cols["step"], np.int64)),
             ("calls", _smallest_int(np.asarray(cols["call"]))),
             ("replicas", _smallest_int(np.asarray(cols["replica"]))),
+            ("rates", np.asarray(cols["rate"], np.float64)),
             ("training", np.asarray(cols["training"]) != 0),
             ("applied", np.asarray(cols["applied"]) != 0),
             ("offsets", np.asarray(cols["offset"], np.int64)),
@@ -409,14 +428,16 @@ class _CompactIndex:
         self.shape_table = table("shape")
         self.noise_table = table("noise_shape")
         self.noise_bytes = (np.prod(self.noise_table, axis=1) + 7) // 8
-        empty = {"steps": np.int64, "offsets": np.int64, "training": bool, "applied": bool}
+        empty = {"steps": np.int64, "offsets": np.int64, "training": bool, "applied": bool,
+                 "rates": np.float64}
         out: dict[str, np.ndarray] = {}
         for key in ("steps", "calls", "replicas", "training", "applied", "offsets", "shape_idx",
-                    "noise_idx"):
+                    "noise_idx", "rates"):
             parts = self._parts.pop(key, [])
             out[key] = (np.concatenate(parts) if parts
                         else np.empty(0, empty.get(key, np.int8)))
         self.steps, self.calls, self.replicas = out["steps"], out["calls"], out["replicas"]
+        self.rates = out["rates"]
         self.training, self.applied, self.offsets = out["training"], out["applied"], out["offsets"]
         # Distinct shapes are few: the smallest integer type holds their codes.
         self.shape_idx = _smallest_int(out["shape_idx"])

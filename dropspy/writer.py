@@ -14,6 +14,8 @@ Layout (documented in ``schemas/run.schema.json``)::
         offset    (n,)        int64   byte offset of the record's packed noise in ``bits``
         replica   (n,)        int32   replica (device copy in one process) that drew it
                                       (format version 2; absent in version 1: replica 0)
+        rate      (n,)        float32 drop rate the call was made with; NaN: the site's
+                                      (format version 2; absent in version 1: site rate)
         bits      (m,)        uint8   keep-noise, 1 bit per element, np.packbits order
                                       (big bit order, C order), each record byte-aligned
 
@@ -117,8 +119,9 @@ class _SiteBuffer:
 
     def __init__(self, group: h5py.Group | None, rank: int) -> None:
         self.rank = rank
-        # step, call, training, applied, shape, noise shape, replica
-        self.rows: list[tuple[int, int, int, int, tuple[int, ...], tuple[int, ...], int]] = []
+        # step, call, training, applied, shape, noise shape, replica, rate
+        self.rows: list[tuple[int, int, int, int, tuple[int, ...], tuple[int, ...], int,
+                              float]] = []
         self.chunks: list[np.ndarray] = []
         self.nbytes = 0
         self.group: h5py.Group | None = None
@@ -163,7 +166,7 @@ _SITE_META = 8 << 10
 _CHUNK_META = 1 << 10
 _DTYPES = {"step": np.int64, "call": np.int32, "training": np.uint8, "applied": np.uint8,
            "offset": np.int64, "shape": np.int64, "noise_shape": np.int64, "bits": np.uint8,
-           "replica": np.int32}
+           "replica": np.int32, "rate": np.float32}
 
 
 def _append(d: h5py.Dataset, start: int, values: np.ndarray) -> None:
@@ -449,7 +452,8 @@ class RunWriter:
                 group.attrs[key] = value
             rank = len(info.axes)
             for name, dtype in (("step", "i8"), ("call", "i4"), ("training", "u1"),
-                                ("applied", "u1"), ("offset", "i8"), ("replica", "i4")):
+                                ("applied", "u1"), ("offset", "i8"), ("replica", "i4"),
+                                ("rate", "f4")):
                 d = group.create_dataset(name, (0,), maxshape=(None,), dtype=dtype,
                                          chunks=(_INDEX_CHUNK_ROWS,))
                 d.dims[0].label = "record"
@@ -491,7 +495,8 @@ class RunWriter:
             applied = rec.noise is not None or rec.packed is not None
             buf.rows.append((int(rec.step), int(rec.call), int(bool(rec.training)),
                              int(applied), tuple(int(s) for s in rec.shape), nshape,
-                             int(rec.replica)))
+                             int(rec.replica),
+                             float("nan") if rec.rate is None else float(rec.rate)))
             if packed.size:
                 buf.chunks.append(packed)
                 buf.nbytes += packed.size
@@ -539,7 +544,8 @@ class RunWriter:
             # Index rows are appended after the bits they point to, and `offset` last, so a
             # crash between appends leaves at worst rows the reader can tell are incomplete.
             for name, values in (("step", cols[0]), ("call", cols[1]), ("training", cols[2]),
-                                 ("applied", cols[3]), ("replica", cols[6])):
+                                 ("applied", cols[3]), ("replica", cols[6]),
+                                 ("rate", cols[7])):
                 _append(ds[name], n0, np.asarray(values, dtype=_DTYPES[name]))
             for name, values in (("shape", cols[4]), ("noise_shape", cols[5])):
                 _append(ds[name], n0, np.asarray(values, dtype=np.int64).reshape(n, buf.rank))

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from dropspy.analysis.summary import PairCount, Sample, SiteSummary, union_ranges
+from dropspy.analysis.summary import PairCount, Sample, SiteSummary, merge_rates, union_ranges
 from dropspy.records import IndexBlock
 
 __all__ = ["scan_site", "SAMPLE_KEYS", "SAMPLE_BYTES"]
@@ -481,6 +481,26 @@ def scan_site(site: Any, *, max_bytes: int = 16 << 20,
     return summary
 
 
+def _count_rates(summary: SiteSummary, blk: IndexBlock, idx: np.ndarray, size: int) -> None:
+    """Drops the records' own rates expect (one site may be used at several rates)."""
+    site = np.nan if summary.rate is None else summary.rate
+    rates = np.full(len(idx), site) if blk.rates is None else blk.rates[idx]
+    rates = np.where(np.isnan(rates), site, rates)
+    if summary.expected_dropped is not None:
+        summary.expected_dropped = (None if np.isnan(rates).any()
+                                    else summary.expected_dropped + float(rates.sum()) * size)
+    known = rates[~np.isnan(rates)]
+    if len(known):
+        # float32 in the file: rounded back to what the user configured.
+        seen = {clean_rate(float(r)) for r in np.unique(known)}
+        summary.record_rates = merge_rates(summary.record_rates, seen)
+
+
+def clean_rate(rate: float) -> float:
+    """A rate read from float32 as the float64 the user wrote (0.1, not 0.10000000149)."""
+    return float(f"{float(np.float32(rate)):.7g}")
+
+
 def _consume(summary: SiteSummary, st: _Pairs, undecided: list[int], blk: IndexBlock,
              idx: np.ndarray, rows: np.ndarray, kept: np.ndarray, shape: tuple[int, ...],
              read: Callable[[int, int], np.ndarray], threshold: np.uint64,
@@ -490,6 +510,7 @@ def _consume(summary: SiteSummary, st: _Pairs, undecided: list[int], blk: IndexB
     steps = blk.steps[idx]
     summary.kept += int(kept.sum())
     summary.elements += size * len(idx)
+    _count_rates(summary, blk, idx, size)
     applied = blk.shapes[idx]
     if (applied == applied[0]).all():
         rows_u, counts = applied[:1], np.array([len(applied)])

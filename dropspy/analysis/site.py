@@ -157,7 +157,11 @@ def conclude(s: SiteSummary, threshold: float, confidence: float,
 
     eff = np.where(constant[None, :], 1, nshapes)
     eff_elements = int((independent_elements(nshapes) * counts).sum()) if len(groups) else 0
-    rate = _rate(s.rate, s.kept, s.elements, eff_elements, confidence)
+    rate = _rate(_configured(s), s.kept, s.elements, eff_elements, confidence)
+    if len(s.record_rates) > 1:
+        # One site used at several rates (AWD-LSTM's LockedDropout, a schedule): judged
+        # against the drops its records' own rates expect, element-weighted.
+        extra["record_rates"] = list(s.record_rates)
     low = rate.low if rate.low is not None else 0.0
     high = rate.high if rate.high is not None else 1.0
 
@@ -192,6 +196,15 @@ def conclude(s: SiteSummary, threshold: float, confidence: float,
         extra=json.loads(json.dumps(extra, default=str, sort_keys=True)),
         ranks=ranks, replicas=tuple(s.replicas), across=copies,
     )
+
+
+def _configured(s: SiteSummary) -> float | None:
+    """The rate the records were drawn with: the site's, or the records' own when they say."""
+    if len(s.record_rates) == 1:
+        return s.record_rates[0]
+    if len(s.record_rates) > 1 and s.expected_dropped is not None and s.elements:
+        return s.expected_dropped / s.elements
+    return s.rate
 
 
 def _rate(configured: float | None, kept: int, elements: int, eff_elements: int,

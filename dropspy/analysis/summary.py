@@ -110,6 +110,10 @@ class SiteSummary:
     groups: dict[tuple[tuple[int, ...], tuple[int, ...]], int] = field(default_factory=dict)
     kept: int = 0
     elements: int = 0
+    # Drops the per-record rates expect over ``elements`` (None: some record's rate unknown),
+    # and the distinct per-record rates seen (a few; one site may be used at several rates).
+    expected_dropped: float | None = 0.0
+    record_rates: list[float] = field(default_factory=list)
     varies_at: list[int | None] = field(default_factory=list)
     inference_records: int = 0
     inference_first_step: int | None = None
@@ -205,6 +209,9 @@ def merge_sites(parts: Sequence[SiteSummary]) -> SiteSummary:
             out.groups[key] = out.groups.get(key, 0) + n
         out.kept += p.kept
         out.elements += p.elements
+        out.expected_dropped = (None if out.expected_dropped is None or p.expected_dropped is None
+                                else out.expected_dropped + p.expected_dropped)
+        out.record_rates = merge_rates(out.record_rates, p.record_rates)
         for k, v in enumerate(p.varies_at[:len(out.varies_at)]):
             now = out.varies_at[k]
             if v is not None and (now is None or v < now):
@@ -247,6 +254,14 @@ def _pairs(p: PairCount) -> dict[str, Any]:
             "first": None if p.first is None else list(p.first)}
 
 
+MAX_RECORD_RATES = 16
+
+
+def merge_rates(a: list[float], b: Any) -> list[float]:
+    """Distinct rates of two lists, sorted, at most MAX_RECORD_RATES (the smallest kept)."""
+    return sorted(set(a) | {float(x) for x in b})[:MAX_RECORD_RATES]
+
+
 def _pairs_from(d: Mapping[str, Any]) -> PairCount:
     first = d.get("first")
     return PairCount(int(d["pairs"]), int(d["identical"]),
@@ -267,6 +282,7 @@ def _site(s: SiteSummary) -> dict[str, Any]:
         "replicas": list(s.replicas),
         "groups": [[list(a), list(b), n] for (a, b), n in s.groups.items()],
         "kept": s.kept, "elements": s.elements, "varies_at": list(s.varies_at),
+        "expected_dropped": s.expected_dropped, "record_rates": list(s.record_rates),
         "inference_records": s.inference_records,
         "inference_first_step": s.inference_first_step,
         "fresh": _pairs(s.fresh), "calls": _pairs(s.calls), "nbytes": s.nbytes,
@@ -290,6 +306,9 @@ def _site_from(d: Mapping[str, Any]) -> SiteSummary:
         groups={(tuple(int(x) for x in a), tuple(int(x) for x in b)): int(n)
                 for a, b, n in d["groups"]},
         kept=int(d["kept"]), elements=int(d["elements"]),
+        expected_dropped=(None if d.get("expected_dropped", 0.0) is None
+                          else float(d.get("expected_dropped", 0.0))),
+        record_rates=[float(r) for r in d.get("record_rates", ())],
         varies_at=[None if v is None else int(v) for v in d["varies_at"]],
         inference_records=int(d["inference_records"]),
         inference_first_step=d.get("inference_first_step"),

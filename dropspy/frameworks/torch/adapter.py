@@ -230,8 +230,11 @@ class TorchAdapter:
             if self._capture is not None:
                 self._capture.stack.clear()
                 self._capture.taint.clear()
-                self._flush_all_at_exit()
-                self._note_unseen_modules()
+                try:
+                    self._flush_all_at_exit()
+                    self._note_unseen_modules()
+                except Exception as exc:  # never into the user's with-statement
+                    self._capture.failed("handing over the last records", exc)
 
     def _note_unseen_modules(self) -> None:
         """Name the dropout modules that got no site (never called in a sampled step).
@@ -277,7 +280,12 @@ class TorchAdapter:
         cap = self._cap
         cap.depth += 1
         if cap.depth == 1:
-            self._begin_forward()
+            try:
+                self._begin_forward()
+            except RecordingError:
+                raise  # a refusal by name (another thread), not a failure of dropspy's
+            except Exception as exc:  # never into the user's forward
+                cap.failed("starting a forward", exc)
 
     def _root_post_hook(self, module: torch.nn.Module, args: Any, output: Any) -> None:
         cap = self._cap
@@ -380,6 +388,12 @@ class TorchAdapter:
     # -- optimizer steps ---------------------------------------------------------------------
 
     def _on_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        try:
+            self._optimizer_stepped(optimizer)
+        except Exception as exc:  # never into the user's optimizer.step()
+            self._cap.failed("ending a step", exc)
+
+    def _optimizer_stepped(self, optimizer: torch.optim.Optimizer) -> None:
         if self._clock == "manual" or self._detached:
             return
         if self._clock_optimizer is None:
@@ -576,7 +590,10 @@ class _ScalerWatch:
                     for ref in list(cls.adapters):
                         a = ref()
                         if a is not None:
-                            a._on_scaler_update()
+                            try:
+                                a._on_scaler_update()
+                            except Exception as exc:  # never into the user's update()
+                                a._cap.failed("ending an AMP step", exc)
 
             update.__wrapped__ = original  # type: ignore[attr-defined]
             scaler_cls.update = update  # type: ignore[method-assign,assignment]
