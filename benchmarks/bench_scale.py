@@ -1,7 +1,7 @@
 """Benchmark: what recording costs in distributed (DDP, 2 ranks on gloo) and compiled training.
 
-Model: ``Linear(256, 512) -> ReLU -> Dropout(0.1) -> Linear(512, 512) -> ReLU -> Dropout(0.1)
--> Linear(512, 10)``, batch 64, cross entropy, SGD, CPU.
+Model: ``Linear(512, 1024) -> ReLU -> Dropout(0.1) -> Linear(1024, 1024) -> ReLU ->
+Dropout(0.1) -> Linear(1024, 10)``, batch 128, cross entropy, SGD, CPU.
 
 - ``ddp``: two processes (one per rank), gloo on 127.0.0.1. Each rank holds two DDP copies of
   the model (same seed): ``plain`` and ``recorded`` (inside ``dropspy.record``, open for the
@@ -28,6 +28,7 @@ import argparse
 import multiprocessing
 import os
 import socket
+import statistics
 import sys
 import tempfile
 import time
@@ -38,14 +39,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as C
 
-BATCH_SCALE = 64
+BATCH_SCALE = 128
+WIDTH = 1024
+IN = 512
 
 
 def _model(torch: Any) -> Any:
     nn = torch.nn
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Dropout(0.1), nn.Linear(512, 512),
-                         nn.ReLU(), nn.Dropout(0.1), nn.Linear(512, 10)).train()
+    return nn.Sequential(nn.Linear(IN, WIDTH), nn.ReLU(), nn.Dropout(0.1), nn.Linear(WIDTH, WIDTH),
+                         nn.ReLU(), nn.Dropout(0.1), nn.Linear(WIDTH, 10)).train()
 
 
 def _step(torch: Any, model: Any, opt: Any, x: Any, y: Any) -> float:
@@ -57,11 +60,11 @@ def _step(torch: Any, model: Any, opt: Any, x: Any, y: Any) -> float:
 
 
 def _paired(torch: Any, pair: dict[str, tuple[Any, Any]], rounds: int, rank: int = 0,
-            wait: Any = None) -> list[float]:
+            wait: Any = None, plain_times: list[float] | None = None) -> list[float]:
     g = torch.Generator().manual_seed(10 + rank)
     ratios = []
     for r in range(rounds):
-        x, y = torch.randn(BATCH_SCALE, 256, generator=g), torch.randint(0, 10, (BATCH_SCALE,),
+        x, y = torch.randn(BATCH_SCALE, IN, generator=g), torch.randint(0, 10, (BATCH_SCALE,),
                                                                          generator=g)
         times = {}
         for name in (("plain", "recorded") if r % 2 == 0 else ("recorded", "plain")):
@@ -70,6 +73,8 @@ def _paired(torch: Any, pair: dict[str, tuple[Any, Any]], rounds: int, rank: int
             if name == "recorded" and wait is not None:
                 wait()
         ratios.append(times["recorded"] / times["plain"])
+        if plain_times is not None:
+            plain_times.append(times["plain"])
     return ratios
 
 
@@ -98,8 +103,10 @@ def _ddp_rank(rank: int, port: int, rounds: int, warmup: int, out: str, threads:
         with dropspy.record(pair["recorded"][0], os.path.join(out, "ddp.h5")) as rec:
             writer = rec.writer
             _paired(torch, pair, warmup, rank)
-            ratios = _paired(torch, pair, rounds, rank, wait=lambda: _drain(writer))
-        C.write_json(Path(out) / f"ddp.rank{rank}.json", {"ratios": ratios})
+            plain: list[float] = []
+            ratios = _paired(torch, pair, rounds, rank, wait=lambda: _drain(writer),
+                             plain_times=plain)
+        C.write_json(Path(out) / f"ddp.rank{rank}.json", {"ratios": ratios, "plain": plain})
     finally:
         dist.destroy_process_group()
 
@@ -120,8 +127,12 @@ def bench_ddp(rounds: int, warmup: int, threads: int, work: Path) -> dict[str, A
         p.join()
     if any(p.exitcode != 0 for p in procs):
         raise SystemExit(f"a DDP rank failed: exit codes {[p.exitcode for p in procs]}")
-    return {f"rank{r}": C.ratio_summary(json.loads((work / f"ddp.rank{r}.json").read_text())
-                                        ["ratios"]) for r in range(2)}
+    out = {}
+    for r in range(2):
+        got = json.loads((work / f"ddp.rank{r}.json").read_text())
+        out[f"rank{r}"] = {**C.ratio_summary(got["ratios"]),
+                           "plain_step_ms": 1e3 * statistics.median(got["plain"])}
+    return out
 
 
 def bench_compiled(rounds: int, warmup: int, threads: int, work: Path) -> dict[str, Any]:
@@ -131,7 +142,7 @@ def bench_compiled(rounds: int, warmup: int, threads: int, work: Path) -> dict[s
 
     torch.set_num_threads(threads)
     pair, first = {}, {}
-    x, y = torch.randn(BATCH_SCALE, 256), torch.randint(0, 10, (BATCH_SCALE,))
+    x, y = torch.randn(BATCH_SCALE, IN), torch.randint(0, 10, (BATCH_SCALE,))
     rec = None
     for name in ("plain", "recorded"):
         net = _model(torch)
@@ -145,10 +156,12 @@ def bench_compiled(rounds: int, warmup: int, threads: int, work: Path) -> dict[s
     try:
         writer = rec.writer
         _paired(torch, pair, warmup)
-        ratios = _paired(torch, pair, rounds, wait=lambda: _drain(writer))
+        plain: list[float] = []
+        ratios = _paired(torch, pair, rounds, wait=lambda: _drain(writer), plain_times=plain)
     finally:
         rec.__exit__(None, None, None)
-    return {"step": C.ratio_summary(ratios), "first_step_s": first,
+    return {"step": {**C.ratio_summary(ratios), "plain_step_ms": 1e3 * statistics.median(plain)},
+            "first_step_s": first,
             "first_step_ratio": first["recorded"] / first["plain"]}
 
 
@@ -180,13 +193,17 @@ def main(argv: list[str] | None = None) -> None:
     for r in ("rank0", "rank1"):
         if "ddp" in result:
             s = result["ddp"][r]
-            rows.append([f"DDP 2 ranks, gloo ({r})", s["median"], s["p25"], s["p75"], s["n"]])
+            rows.append([f"DDP 2 ranks, gloo ({r})", s["median"], s["p25"], s["p75"], s["n"],
+                         s["plain_step_ms"]])
     if "compiled" in result:
         s = result["compiled"]["step"]
-        rows.append(["torch.compile (inductor)", s["median"], s["p25"], s["p75"], s["n"]])
+        rows.append(["torch.compile (inductor)", s["median"], s["p25"], s["p75"], s["n"],
+                     s["plain_step_ms"]])
+        # The second compile reuses the first's inductor caches: not a fair compile-time ratio.
         rows.append(["torch.compile first step (compile)", result["compiled"]["first_step_ratio"],
-                     float("nan"), float("nan"), 1])
-    C.print_table(["variant", "recorded / plain", "p25", "p75", "rounds"], rows)
+                     float("nan"), float("nan"), 1,
+                     1e3 * result["compiled"]["first_step_s"]["plain"]])
+    C.print_table(["variant", "recorded / plain", "p25", "p75", "rounds", "plain ms"], rows)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ Modules by role (the same names in every framework package):
 - ``capture``: where a call was made (module, line, use), entries per step, hand-made masks.
 - ``grab``: a short dispatch mode for the alpha dropouts; where-in-the-code formatting.
 - ``pack``: masks bit-packed on the device before they leave it.
+- ``distributed``: DDP / FSDP / DataParallel wrappers, the process group's root attributes.
+- ``compiled``: ``torch.compile`` (inductor): a post-grad pass taps each mask node.
 """
 
 from __future__ import annotations
