@@ -302,21 +302,33 @@ def _plain(value: Any, path: Path, where: str) -> Any:
 def attr(obj: Any, name: str, path: Path, where: str, *, required: bool = True,
          default: Any = None) -> Any:
     """One attribute as a plain Python value, its stored size bounded."""
-    with guard(path, where):
-        present = name in obj.attrs
-    if not present:
+    here = f"{where} attribute {name!r}"
+    with guard(path, here):
+        try:
+            aid = h5py.h5a.open(obj.id, name.encode("utf-8"))
+        except KeyError:
+            aid = None
+    if aid is None:
         if required:
             raise fail(path, where, f"missing attribute {name!r}")
         return default
-    here = f"{where} attribute {name!r}"
     with guard(path, here):
-        aid = h5py.h5a.open(obj.id, name.encode("utf-8"))
         size = aid.get_storage_size()
+        dtype, shape = aid.dtype, aid.shape
     if size > MAX_ATTR_BYTES:
         raise fail(path, here, f"is {size} bytes, more than the {MAX_ATTR_BYTES} a run file's "
                    f"attribute may hold")
     with guard(path, here):
-        value = obj.attrs[name]
+        if shape is not None and (dtype.kind == "S" or (
+                dtype.kind in "iuf" and dtype.metadata is None)):
+            # Numbers and fixed-length text read straight from the open attribute: h5py's
+            # mapping would open it again (opening dominated the cost of 2000-site files).
+            value = np.empty(shape, dtype)
+            aid.read(value)
+            if value.ndim == 0:
+                value = value[()]
+        else:
+            value = obj.attrs[name]
     return _plain(value, path, here)
 
 
@@ -388,7 +400,10 @@ def loads(text: str, max_bytes: int = MAX_ATTR_BYTES) -> Any:
     """
     if len(text) > max_bytes:
         raise ValueError(f"{len(text)} characters, more than {max_bytes}")
-    bare = np.frombuffer(_STRINGS.sub("", text).encode("utf-8", "replace"), np.uint8)
+    # Cheap first: fewer brackets than the limit cannot nest deeper than it.
+    opening = text.count("[") + text.count("{")
+    bare = np.frombuffer(_STRINGS.sub("", text).encode("utf-8", "replace"), np.uint8) if (
+        opening > MAX_JSON_DEPTH) else np.empty(0, np.uint8)
     if bare.size:
         step = (np.isin(bare, (0x5B, 0x7B)).astype(np.int64)
                 - np.isin(bare, (0x5D, 0x7D)).astype(np.int64))

@@ -212,3 +212,22 @@ def test_damaged_files_never_crash_hang_or_trace_back(worker, workdir, case):
     else:
         flip_bytes(base, case["offsets"], out)
     _assert_contract(worker.run(out, workdir / "clean.h5"), json.dumps(case))
+
+
+def test_many_empty_site_groups_are_refused_and_validated_in_bounded_work(tmp_path):
+    import h5py
+    from typer.testing import CliRunner
+
+    from dropspy.cli import app
+
+    path = tiny_run(tmp_path / "groups.h5", sites=1)
+    with h5py.File(path, "r+") as f:
+        for k in range(1, 5000):
+            f["sites"].create_group(f"{k:06d}")
+    runner = CliRunner()
+    inspect = runner.invoke(app, ["inspect", str(path)])
+    assert inspect.exit_code == 2 and "/sites/000001: missing attribute 'name'" in inspect.stderr
+    validate = runner.invoke(app, ["validate", str(path)])
+    lines = validate.output.strip().splitlines()
+    assert validate.exit_code == 1 and len(lines) < 120
+    assert "stopped after" in lines[-2] and "site groups not checked" in lines[-2]
