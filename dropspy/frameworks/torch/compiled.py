@@ -78,7 +78,11 @@ class TapPass(_custom_pass_base()):  # type: ignore[misc]
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         op = tap_op()
-        for node, site in list(_mask_nodes(graph)):
+        try:
+            found = list(_mask_nodes(graph))
+        except Exception:  # a graph the pass does not understand is compiled as it is
+            return
+        for node, site in found:
             if node.target is torch.ops.aten.native_dropout.default:
                 # fallback_random: eager's kernel in the graph; its mask is output 1.
                 mask = next((u for u in node.users if u.target is operator.getitem
@@ -311,19 +315,13 @@ class CompiledRecording:
 
     def attach(self) -> None:
         """Declare what cannot be recorded, then swap in the compile that carries the pass."""
-        from dropspy.errors import DropspyWarning
-
         model = self.adapter.model
         self._declare_rnn_sites(model)
         self.reason = self.target.why_not()
         if self.reason is not None:
             self._declare_opaque(model, self.reason)
-            import warnings
-
-            msg = (f"dropspy records this torch.compile'd model's dropout sites as opaque: "
-                   f"{self.reason}. Training runs untouched.")
-            self.adapter.session.note(msg)
-            warnings.warn(msg, DropspyWarning, stacklevel=4)
+            self._warn(f"dropspy records this torch.compile'd model's dropout sites as "
+                       f"opaque: {self.reason}. Training runs untouched.")
             return
         pre, post = self.adapter._root_pre_hook, self.adapter._root_post_hook
 
@@ -340,9 +338,26 @@ class CompiledRecording:
                         self._check_untapped()
             return call
 
+        try:
+            self.target.swap(wrap)
+        except Exception as exc:  # never a crash: the user's compile stays, sites say why
+            self.target.restore()
+            self.reason = (f"dropspy could not set up its compile pass "
+                           f"({type(exc).__name__}: {exc})")
+            self._declare_opaque(model, self.reason)
+            self._warn(f"dropspy records this torch.compile'd model's dropout sites as "
+                       f"opaque: {self.reason}. Training runs untouched.")
+            return
         set_listener(self._on_tap)
         self._listening = True
-        self.target.swap(wrap)
+
+    def _warn(self, msg: str) -> None:
+        import warnings
+
+        from dropspy.errors import DropspyWarning
+
+        self.adapter.session.note(msg)
+        warnings.warn(msg, DropspyWarning, stacklevel=5)
 
     def detach(self) -> None:
         """Put the user's compile back and stop listening."""

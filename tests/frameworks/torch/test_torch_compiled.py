@@ -241,6 +241,19 @@ def test_dropout_that_dynamo_leaves_to_eager_is_said_not_recorded(tmp_path: Path
     assert any("outside inductor's graphs" in n for n in dropspy.load(tmp_path / "run.h5").notes)
 
 
+def test_a_dynamo_cache_at_its_limit_gives_opaque_sites_not_another_compile(
+        tmp_path: Path) -> None:
+    model = torch.compile(Net())
+    users = model.__dict__["forward"]
+    with torch._dynamo.config.patch(recompile_limit=1):
+        with pytest.warns(DropspyWarning, match="recompile_limit"):
+            with dropspy.record(model, tmp_path / "run.h5"):
+                assert model.__dict__["forward"] is users  # no swap, no extra compile
+    run = dropspy.load(tmp_path / "run.h5")
+    assert set(run.sites) == {"drop", "d2"}
+    assert all("recompile_limit" in run[s].opaque for s in run.sites)
+
+
 def test_a_compiled_submodule_of_an_eager_model_is_refused_by_name(tmp_path: Path) -> None:
     outer = nn.Sequential(nn.Linear(4, 4), torch.compile(nn.Dropout(0.5)))
     with pytest.raises(UnsupportedModelError, match="compile'd submodule.*'1'"):
