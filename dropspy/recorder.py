@@ -40,6 +40,9 @@ class Session:
         self.excluded: list[str] = []
         self.declared: list[str] = []
         self.matched: set[str] = set()
+        # Whether evaluation and inference batches (Keras test/predict steps, torch forwards
+        # of the model in eval mode) are recorded; the integrations record them only if asked.
+        self.record_eval = True
 
     def declare_site(self, info: SiteInfo) -> bool:
         """Declare a site; returns whether it is selected by the ``sites`` patterns.
@@ -105,16 +108,21 @@ class Recording:
         model: The model to record.
         path: The run file to create (a rank's own file in a distributed job).
         options: The validated options (see :class:`dropspy.options.RecordOptions`).
+        integration: The callback that drives this recording (``keras``, ``transformers``,
+            ``lightning``; see :mod:`dropspy.integrations`), stored as the run file's root
+            attribute ``integration``; None for :func:`record`.
     """
 
     def __init__(self, model: Any, path: str | os.PathLike[str],
-                 options: RecordOptions | None = None) -> None:
+                 options: RecordOptions | None = None, *,
+                 integration: str | None = None) -> None:
         self.model = model
         #: The path given to record(); :attr:`path` is the file this process writes (the
         #: rank's own file in a distributed job, see :func:`dropspy.records.rank_path`).
         self.requested_path = os.fspath(path)
         self.path = self.requested_path
         self.options = RecordOptions() if options is None else options
+        self.integration = integration
         self._adapter_cls = find_adapter(model)
         self.adapter: Adapter | None = None
         self.session: Session | None = None
@@ -171,6 +179,8 @@ class Recording:
         # sample differently must never wait for each other).
         self.path = rank_path(self.requested_path, int(meta.get("rank", 0)),
                               int(meta.get("world_size", 1)))
+        if self.integration is not None:
+            meta["integration"] = self.integration
         writer = self.writer = RunWriter(self.path, meta, max_bytes=opts.max_bytes,
                                          on_full=opts.on_full)
         session = self.session = Session(writer, opts)

@@ -28,7 +28,14 @@ __all__ = ["Adapter", "Session"]
 
 
 class Session(Protocol):
-    """What an adapter sees of the recorder: declare sites, ask for steps, submit records."""
+    """What an adapter sees of the recorder: declare sites, ask for steps, submit records.
+
+    ``record_eval``: whether evaluation batches (Keras test/predict steps, torch forwards of
+    the model in eval mode) are recorded; True for :func:`dropspy.record`, the integrations'
+    ``evaluate=`` otherwise.
+    """
+
+    record_eval: bool
 
     def declare_site(self, info: SiteInfo) -> bool:
         """Declare a site; returns whether the ``sites=`` patterns select it."""

@@ -523,7 +523,8 @@ class KerasAdapterBase:
                 step = self._step
                 if kind == "train":
                     self._step += 1
-                self._on_step(step, payload)
+                self._on_step(step, payload,
+                              wanted=kind == "train" or self.session.record_eval)
                 out = (logs, *out[1:]) if pair else logs
             return out
 
@@ -531,7 +532,7 @@ class KerasAdapterBase:
         function.__wrapped__ = inner  # type: ignore[attr-defined]
         return function
 
-    def _on_step(self, step: int, payload: dict[str, Any]) -> None:
+    def _on_step(self, step: int, payload: dict[str, Any], wanted: bool = True) -> None:
         ops = self._payload_ops()
         dims = np.asarray(ops.to_numpy(payload["dims"]))
         tid = int(dims[0])
@@ -544,7 +545,7 @@ class KerasAdapterBase:
             self.session.count_dropped(cause, n)
         if not meta.draws:
             return
-        if not self.session.want_step(step):
+        if not wanted or not self.session.want_step(step):
             self.session.count_dropped("sampling", len(meta.draws))
             return
         records = decode_step(step, meta.draws, ops.to_numpy(payload["bits"]), dims[1:])

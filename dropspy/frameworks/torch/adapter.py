@@ -119,6 +119,7 @@ class TorchAdapter:
         self._thread = threading.get_ident()
         self._step = 0
         self._clock = "auto"
+        self._eval_skipped: bool | None = None  # capturing, set aside for an eval forward
         self._clock_optimizer: weakref.ref | None = None
         self._stepped = False  # the clock optimizer stepped since the last GradScaler.update
         self._noted_skip = False
@@ -286,6 +287,11 @@ class TorchAdapter:
                 raise  # a refusal by name (another thread), not a failure of dropspy's
             except Exception as exc:  # never into the user's forward
                 cap.failed("starting a forward", exc)
+            if not module.training and not self.session.record_eval:
+                # An evaluation forward, not asked for (the integrations' evaluate=False):
+                # nothing of it is captured; the sampling state comes back when it ends.
+                self._eval_skipped = cap.capturing
+                cap.capturing = False
 
     def _root_post_hook(self, module: torch.nn.Module, args: Any, output: Any) -> None:
         cap = self._cap
@@ -293,6 +299,8 @@ class TorchAdapter:
             return
         cap.depth -= 1
         if cap.depth == 0:
+            if self._eval_skipped is not None:
+                cap.capturing, self._eval_skipped = self._eval_skipped, None
             try:
                 self._pop_mode()
                 cap.forward_done()
