@@ -1,0 +1,185 @@
+"""What every integration shares: options checked at construction, one recording per
+callback, entered at train start and left at train end, on an exception, or at exit.
+
+Framework-free: the callbacks hand the model in; :func:`dropspy.record` finds the adapter.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import warnings
+import weakref
+from collections.abc import Sequence
+from typing import Any
+
+from dropspy.errors import DropspyWarning, OptionError, RecordingError
+from dropspy.recorder import Recording, _StepSet
+
+__all__ = ["RecordingDriver", "check_options", "missing_framework", "warn_once"]
+
+OPTION_NAMES = ("every", "steps", "sites", "max_bytes", "on_full")
+
+# Drivers whose recording is still open: closed at interpreter exit (a training loop that
+# raised where no callback hook sees it), so the run file is left closed and readable.
+_OPEN: weakref.WeakSet[RecordingDriver] = weakref.WeakSet()
+
+
+def missing_framework(module: str, what: str, extra: str) -> ImportError:
+    """The one-line error for an integration imported without its framework."""
+    return ImportError(
+        f"dropspy.integrations.{module} needs {what}, which is not installed. Install it with: "
+        f"pip install 'dropspy[{extra}]'"
+    )
+
+
+def check_options(options: dict[str, Any]) -> dict[str, Any]:
+    """Check :func:`dropspy.record`'s options now, so a bad one fails where the callback is
+    made, not when training starts.
+
+    Raises:
+        OptionError: An unknown option, or a value :func:`dropspy.record` would refuse.
+    """
+    unknown = sorted(set(options) - set(OPTION_NAMES))
+    if unknown:
+        raise OptionError(
+            f"Unknown option(s) {', '.join(map(repr, unknown))}. Expected the options of "
+            f"dropspy.record(): {', '.join(OPTION_NAMES)}."
+        )
+    every = options.get("every", 1)
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise OptionError(
+            f"Invalid value received for argument `every`. Expected an int >= 1. "
+            f"Received: every={every!r}"
+        )
+    out = dict(options)
+    steps = options.get("steps")
+    if steps is not None:
+        try:
+            if not isinstance(steps, range):
+                # An iterator is read once, here, and not again at train start.
+                steps = out["steps"] = list(steps)
+            _StepSet(steps)
+        except (TypeError, ValueError) as exc:
+            raise OptionError(
+                f"Invalid value received for argument `steps`. Expected None, a range or an "
+                f"iterable of ints. Received: steps={options['steps']!r}"
+            ) from exc
+    sites = options.get("sites")
+    if sites is not None and not isinstance(sites, str) and not (
+            isinstance(sites, Sequence) and all(isinstance(s, str) for s in sites)):
+        raise OptionError(
+            f"Invalid value received for argument `sites`. Expected None, a glob pattern or a "
+            f"list of them (str). Received: sites={sites!r}"
+        )
+    max_bytes = options.get("max_bytes")
+    if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int)
+                                  or max_bytes < 0):
+        raise OptionError(
+            f"Invalid value received for argument `max_bytes`. Expected None or an int >= 0. "
+            f"Received: max_bytes={max_bytes!r}"
+        )
+    on_full = options.get("on_full", "block")
+    if on_full not in ("block", "drop"):
+        raise OptionError(
+            f"Invalid value received for argument `on_full`. Expected 'block' or 'drop'. "
+            f"Received: on_full={on_full!r}"
+        )
+    return out
+
+
+def warn_once(owner: Any, message: str) -> None:
+    """Warn ``message`` (a :class:`DropspyWarning`) once per ``owner`` and message."""
+    seen = owner.__dict__.setdefault("_dropspy_warned", set())
+    if message not in seen:
+        seen.add(message)
+        warnings.warn(f"dropspy: {message}", DropspyWarning, stacklevel=3)
+
+
+class RecordingDriver:
+    """One callback's recording.
+
+    Args:
+        integration: The callback's name, stored in the run file (``integration``).
+        path: The run file (per-rank files follow :func:`dropspy.record`'s rule).
+        options: :func:`dropspy.record`'s options, already checked.
+        evaluate: Record evaluation and prediction batches too.
+    """
+
+    def __init__(self, integration: str, path: str | os.PathLike[str], options: dict[str, Any],
+                 evaluate: bool) -> None:
+        if not isinstance(evaluate, bool):
+            raise OptionError(f"Invalid value received for argument `evaluate`. Expected a "
+                              f"bool. Received: evaluate={evaluate!r}")
+        self.integration = integration
+        self.path = os.fspath(path)
+        self.options = options
+        self.evaluate = evaluate
+        self.recording: Recording | None = None
+        self.kind: str | None = None   # what started the recording: train, eval, predict
+
+    @property
+    def active(self) -> bool:
+        """Whether the recording is open."""
+        return self in _OPEN
+
+    @property
+    def started(self) -> bool:
+        """Whether this callback's one recording has started (it may have ended since)."""
+        return self.recording is not None
+
+    def start(self, model: Any, kind: str = "train") -> Recording:
+        """Enter :func:`dropspy.record` for ``model``.
+
+        Raises:
+            RecordingError: This callback already recorded (a callback records one run), or
+                the model is already being recorded.
+            UnsupportedModelError: dropspy cannot record this model.
+        """
+        if self.recording is not None:
+            self.stop()   # still open if the last run raised where no hook saw it
+            try:
+                self.recording.__enter__()   # raises record()'s "already used" error
+            except RecordingError as exc:
+                raise RecordingError(
+                    f"{exc} A DropspyCallback records one training run into {self.path}: "
+                    f"make a new one for each run."
+                ) from None
+        recording = Recording(model, self.path, integration=self.integration, **self.options)
+        try:
+            recording.__enter__()
+        except RecordingError:
+            # Another callback of this training run started recording this model: the run
+            # stops here, at its start, so that recording must end too, not stay attached.
+            for other in list(_OPEN):
+                rec = other.recording
+                if rec is not None and rec.model is model:
+                    other.stop()
+            raise
+        self.recording, self.kind = recording, kind
+        _OPEN.add(self)
+        if recording.session is not None:
+            recording.session.record_eval = self.evaluate or kind != "train"
+        return recording
+
+    def stop(self) -> None:
+        """Leave the recording (idempotent): the model is restored and the file closed."""
+        if self not in _OPEN:
+            return
+        _OPEN.discard(self)
+        if self.recording is not None:
+            self.recording.__exit__(None, None, None)
+
+    def mark_step(self, step: int) -> None:
+        """Start step ``step`` (torch): the framework's own step counter drives the file's."""
+        if self.recording is not None and self in _OPEN:
+            self.recording.mark_step(step)
+
+
+@atexit.register
+def _close_open_recordings() -> None:
+    for driver in list(_OPEN):
+        try:
+            driver.stop()
+        except Exception:  # pragma: no cover - exit path: close the others
+            pass

@@ -1,0 +1,134 @@
+"""``DropspyCallback`` for a Lightning ``Trainer`` (``lightning.pytorch``, or the standalone
+``pytorch_lightning`` package when only that one is installed).
+
+The callback enters :func:`dropspy.record` on the ``LightningModule`` at ``on_train_start``
+and leaves it at ``on_train_end`` or ``on_exception``. Steps are ``trainer.global_step``: the
+callback marks a new step whenever the Trainer's counter moved (after a batch), so gradient
+accumulation, several optimizers and a resumed run are counted as Lightning counts them. Under
+a DDP strategy the module given to the hooks is the unwrapped one and each process records its
+own file, by :func:`dropspy.record`'s per-rank rule. Lightning's sanity-check validation runs
+before ``on_train_start`` and is never recorded.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from dropspy.integrations._base import RecordingDriver, check_options, missing_framework
+
+try:
+    from lightning.pytorch import Callback as _Callback
+except ImportError:
+    try:
+        from pytorch_lightning import Callback as _Callback
+    except ImportError:
+        raise missing_framework("lightning", "Lightning (lightning or pytorch_lightning)",
+                                "lightning") from None
+
+__all__ = ["DropspyCallback"]
+
+
+class DropspyCallback(_Callback):  # type: ignore[misc]
+    """Record the dropout masks a ``LightningModule`` applies while ``trainer.fit`` trains it.
+
+    One callback records one run: a second ``fit`` with it fails at its start with
+    :func:`dropspy.record`'s message. Validation, test and predict loops run the module in eval
+    mode; they are recorded only with ``evaluate=True`` (as records with ``training=False``):
+    inside ``fit`` as part of the step after the last optimizer step, and in a
+    ``trainer.validate/test/predict`` call given this callback as a recording of its own.
+
+    Args:
+        path: The run file to create (HDF5); under DDP, one per rank.
+        evaluate: Also record validation, test and predict loops.
+        **options: :func:`dropspy.record`'s options (``every``, ``steps``, ``sites``,
+            ``max_bytes``, ``on_full``), checked here.
+
+    Raises:
+        OptionError: An unknown option or a value ``record()`` would refuse (at construction).
+        UnsupportedModelError: At train start, for a module dropspy cannot record.
+        RecordingError: At train start, when the callback already recorded or the module is
+            already being recorded.
+
+    Example:
+        >>> from dropspy.integrations.lightning import DropspyCallback   # doctest: +SKIP
+        >>> trainer = L.Trainer(max_epochs=2, callbacks=[DropspyCallback("run.h5", every=10)])
+        >>> trainer.fit(module, train_loader)
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, evaluate: bool = False,
+                 **options: Any) -> None:
+        super().__init__()
+        self._driver = RecordingDriver("lightning", path, check_options(options), evaluate)
+        self._step = 0
+
+    @property
+    def path(self) -> str:
+        """The run file (before the per-rank suffix)."""
+        return self._driver.path
+
+    @property
+    def recording(self) -> Any:
+        """The :class:`dropspy.recorder.Recording` once training started, else None."""
+        return self._driver.recording
+
+    def close(self) -> None:
+        """End the recording now (idempotent): the module is restored and the file closed."""
+        self._driver.stop()
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        """Enter :func:`dropspy.record` on the module; the first step is ``global_step``."""
+        self._driver.start(pl_module)
+        self._step = int(trainer.global_step)
+        self._driver.mark_step(self._step)
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        """A batch ended; once the optimizer stepped, the next forwards are a new step."""
+        step = int(trainer.global_step)
+        if step != self._step and self._driver.kind == "train":
+            self._step = step
+            self._driver.mark_step(step)
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        """Leave the recording: the module is restored and the file closed."""
+        if self._driver.kind == "train":
+            self._driver.stop()
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        """Training raised: leave the recording before the exception leaves ``fit``."""
+        self._driver.stop()
+
+    def _begin(self, trainer: Any, pl_module: Any, kind: str) -> None:
+        """A validate/test/predict call of its own (not fit's validation), if asked."""
+        fn = str(getattr(getattr(trainer.state, "fn", None), "value", ""))
+        if self._driver.evaluate and fn != "fit" and not self._driver.started:
+            self._driver.start(pl_module, kind)
+
+    def _end(self, kind: str) -> None:
+        if self._driver.kind == kind:
+            self._driver.stop()
+
+    def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
+        """``trainer.validate`` with ``evaluate=True``: start recording."""
+        self._begin(trainer, pl_module, "validate")
+
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        """End a recording that ``trainer.validate`` started."""
+        self._end("validate")
+
+    def on_test_start(self, trainer: Any, pl_module: Any) -> None:
+        """``trainer.test`` with ``evaluate=True``: start recording."""
+        self._begin(trainer, pl_module, "test")
+
+    def on_test_end(self, trainer: Any, pl_module: Any) -> None:
+        """End a recording that ``trainer.test`` started."""
+        self._end("test")
+
+    def on_predict_start(self, trainer: Any, pl_module: Any) -> None:
+        """``trainer.predict`` with ``evaluate=True``: start recording."""
+        self._begin(trainer, pl_module, "predict")
+
+    def on_predict_end(self, trainer: Any, pl_module: Any) -> None:
+        """End a recording that ``trainer.predict`` started."""
+        self._end("predict")
