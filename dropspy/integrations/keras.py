@@ -19,6 +19,8 @@ TensorFlow >= 2.16; without it the class derives from tf_keras' ``Callback``).
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
 import sys
 from types import FrameType
@@ -31,20 +33,21 @@ from dropspy.integrations._base import (
     warn_once,
 )
 
-try:
-    import keras as _keras
 
-    if int(_keras.__version__.split(".")[0]) < 3:  # pragma: no cover - Keras 2 as `keras`
-        raise ImportError("keras < 3")
-    _Callback: Any = _keras.callbacks.Callback
-except ImportError:  # pragma: no cover - tf_keras alone
-    try:
-        import tf_keras as _tf_keras
+def _keras_callback_base() -> Any:
+    """Keras 3's ``Callback``; tf_keras' when only tf_keras is installed. Only a missing
+    package gets the install line; an error inside an installed one surfaces as is."""
+    if importlib.util.find_spec("keras") is not None:
+        keras = importlib.import_module("keras")
+        if int(keras.__version__.split(".")[0]) >= 3:
+            return keras.callbacks.Callback
+    if importlib.util.find_spec("tf_keras") is not None:
+        return importlib.import_module("tf_keras").callbacks.Callback
+    raise missing_framework("keras", "Keras (keras>=3 with TensorFlow, or tf_keras)",
+                            "tensorflow")
 
-        _Callback = _tf_keras.callbacks.Callback
-    except ImportError:
-        raise missing_framework("keras", "Keras (keras>=3 with TensorFlow, or tf_keras)",
-                                "tensorflow") from None
+
+_Callback: Any = _keras_callback_base()
 
 __all__ = ["DropspyCallback"]
 

@@ -12,19 +12,21 @@ before ``on_train_start`` and is never recorded.
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
 from typing import Any
 
 from dropspy.integrations._base import RecordingDriver, check_options, missing_framework
 
-try:
-    from lightning.pytorch import Callback as _Callback
-except ImportError:
-    try:
-        from pytorch_lightning import Callback as _Callback
-    except ImportError:
-        raise missing_framework("lightning", "Lightning (lightning or pytorch_lightning)",
-                                "lightning") from None
+# Only a missing package gets the install line; an error inside an installed one surfaces as is.
+if importlib.util.find_spec("lightning") is not None:
+    _Callback: Any = importlib.import_module("lightning.pytorch").Callback
+elif importlib.util.find_spec("pytorch_lightning") is not None:
+    _Callback = importlib.import_module("pytorch_lightning").Callback
+else:
+    raise missing_framework("lightning", "Lightning (lightning or pytorch_lightning)",
+                            "lightning")
 
 __all__ = ["DropspyCallback"]
 

@@ -11,16 +11,18 @@ from a checkpoint are all counted as the Trainer counts them. Under a multi-proc
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
 from typing import Any
 
 from dropspy.integrations._base import RecordingDriver, check_options, missing_framework
 
-try:
-    from transformers import TrainerCallback as _TrainerCallback
-except ImportError:
-    raise missing_framework("transformers", "transformers (with accelerate)",
-                            "transformers") from None
+# Only a missing package gets the install line; an error inside an installed one surfaces as is.
+# The Trainer needs accelerate, so its absence is a missing framework too.
+if any(importlib.util.find_spec(name) is None for name in ("transformers", "accelerate")):
+    raise missing_framework("transformers", "transformers and accelerate", "transformers")
+_TrainerCallback: Any = importlib.import_module("transformers").TrainerCallback
 
 __all__ = ["DropspyCallback"]
 

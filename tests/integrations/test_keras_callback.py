@@ -125,6 +125,20 @@ def test_validation_is_recorded_only_if_asked(tmp_path):
         assert (run.records_dropped.get("sampling", 0) > 0) is not evaluate
 
 
+def test_evaluate_alone_is_recorded_when_asked_and_left_alone_otherwise(tmp_path):
+    x, y = _data()
+    model = _seed_model()
+    model.evaluate(x, y, batch_size=4, verbose=0, callbacks=[DropspyCallback(tmp_path / "no.h5")])
+    assert not (tmp_path / "no.h5").exists()
+    assert "make_train_function" not in model.__dict__   # the build hook is taken off again
+    model.evaluate(x, y, batch_size=4, verbose=0,
+                   callbacks=[DropspyCallback(tmp_path / "ev.h5", evaluate=True)])
+    run = dropspy.load(tmp_path / "ev.h5")
+    site = run["lstm/input/i"]
+    assert site.training.tolist() == [False] * 3   # three batches, drawn but not applied
+    assert "make_test_function" not in model.__dict__
+
+
 def test_model_is_restored_and_file_closed_after_fit(tmp_path):
     model = _seed_model()
     cb = DropspyCallback(tmp_path / "run.h5")
