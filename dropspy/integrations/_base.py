@@ -10,11 +10,11 @@ import atexit
 import os
 import warnings
 import weakref
-from collections.abc import Sequence
 from typing import Any
 
 from dropspy.errors import DropspyWarning, OptionError, RecordingError
-from dropspy.recorder import Recording, _StepSet
+from dropspy.options import RecordOptions
+from dropspy.recorder import Recording
 
 __all__ = ["RecordingDriver", "check_options", "missing_framework", "warn_once"]
 
@@ -33,7 +33,7 @@ def missing_framework(module: str, what: str, extra: str) -> ImportError:
     )
 
 
-def check_options(options: dict[str, Any]) -> dict[str, Any]:
+def check_options(options: dict[str, Any]) -> RecordOptions:
     """Check :func:`dropspy.record`'s options now, so a bad one fails where the callback is
     made, not when training starts.
 
@@ -46,46 +46,7 @@ def check_options(options: dict[str, Any]) -> dict[str, Any]:
             f"Unknown option(s) {', '.join(map(repr, unknown))}. Expected the options of "
             f"dropspy.record(): {', '.join(OPTION_NAMES)}."
         )
-    every = options.get("every", 1)
-    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-        raise OptionError(
-            f"Invalid value received for argument `every`. Expected an int >= 1. "
-            f"Received: every={every!r}"
-        )
-    out = dict(options)
-    steps = options.get("steps")
-    if steps is not None:
-        try:
-            if not isinstance(steps, range):
-                # An iterator is read once, here, and not again at train start.
-                steps = out["steps"] = list(steps)
-            _StepSet(steps)
-        except (TypeError, ValueError) as exc:
-            raise OptionError(
-                f"Invalid value received for argument `steps`. Expected None, a range or an "
-                f"iterable of ints. Received: steps={options['steps']!r}"
-            ) from exc
-    sites = options.get("sites")
-    if sites is not None and not isinstance(sites, str) and not (
-            isinstance(sites, Sequence) and all(isinstance(s, str) for s in sites)):
-        raise OptionError(
-            f"Invalid value received for argument `sites`. Expected None, a glob pattern or a "
-            f"list of them (str). Received: sites={sites!r}"
-        )
-    max_bytes = options.get("max_bytes")
-    if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int)
-                                  or max_bytes < 0):
-        raise OptionError(
-            f"Invalid value received for argument `max_bytes`. Expected None or an int >= 0. "
-            f"Received: max_bytes={max_bytes!r}"
-        )
-    on_full = options.get("on_full", "block")
-    if on_full not in ("block", "drop"):
-        raise OptionError(
-            f"Invalid value received for argument `on_full`. Expected 'block' or 'drop'. "
-            f"Received: on_full={on_full!r}"
-        )
-    return out
+    return RecordOptions.of(**options)
 
 
 def warn_once(owner: Any, message: str) -> None:
@@ -102,11 +63,11 @@ class RecordingDriver:
     Args:
         integration: The callback's name, stored in the run file (``integration``).
         path: The run file (per-rank files follow :func:`dropspy.record`'s rule).
-        options: :func:`dropspy.record`'s options, already checked.
+        options: :func:`dropspy.record`'s options, already checked (:func:`check_options`).
         evaluate: Record evaluation and prediction batches too.
     """
 
-    def __init__(self, integration: str, path: str | os.PathLike[str], options: dict[str, Any],
+    def __init__(self, integration: str, path: str | os.PathLike[str], options: RecordOptions,
                  evaluate: bool) -> None:
         if not isinstance(evaluate, bool):
             raise OptionError(f"Invalid value received for argument `evaluate`. Expected a "
@@ -145,7 +106,7 @@ class RecordingDriver:
                     f"{exc} A DropspyCallback records one training run into {self.path}: "
                     f"make a new one for each run."
                 ) from None
-        recording = Recording(model, self.path, integration=self.integration, **self.options)
+        recording = Recording(model, self.path, self.options, integration=self.integration)
         try:
             recording.__enter__()
         except RecordingError:

@@ -152,3 +152,29 @@ def test_a_module_dropspy_cannot_record_fails_at_train_start(tmp_path, monkeypat
 def test_bad_options_fail_when_the_callback_is_made(tmp_path):
     with pytest.raises(OptionError, match="sites"):
         DropspyCallback(tmp_path / "run.h5", sites=[1])
+
+
+def test_the_same_callback_drives_a_pytorch_lightning_trainer(tmp_path):
+    ptl = pytest.importorskip("pytorch_lightning")
+
+    class Module(ptl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.drop = torch.nn.Dropout(0.3)
+            self.head = torch.nn.Linear(3, 1)
+
+        def training_step(self, batch, i):
+            x, y = batch
+            return F.mse_loss(self.head(self.drop(x[:, -1])), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    trainer = ptl.Trainer(max_steps=STEPS, accelerator="cpu", logger=False,
+                          enable_checkpointing=False, enable_progress_bar=False,
+                          enable_model_summary=False,
+                          callbacks=[DropspyCallback(tmp_path / "run.h5")])
+    trainer.fit(Module(), _loader())
+    run = dropspy.load(tmp_path / "run.h5")
+    assert run.attrs["integration"] == "lightning"
+    assert run["drop"].steps.tolist() == list(range(STEPS)) == list(range(trainer.global_step))
