@@ -131,6 +131,20 @@ class RecordingDriver:
         if self.recording is not None:
             self.recording.__exit__(None, None, None)
 
+    def enter_forward(self) -> bool:
+        """Open a forward region on the adapter (torch), if recording; whether one opened."""
+        fn = getattr(getattr(self.recording, "adapter", None), "enter_forward", None)
+        if fn is None or self not in _OPEN:
+            return False
+        fn()
+        return True
+
+    def exit_forward(self) -> None:
+        """Close the region :meth:`enter_forward` opened."""
+        fn = getattr(getattr(self.recording, "adapter", None), "exit_forward", None)
+        if fn is not None and self in _OPEN:
+            fn()
+
     def mark_step(self, step: int) -> None:
         """Start step ``step`` (torch): the framework's own step counter drives the file's."""
         if self.recording is not None and self in _OPEN:

@@ -63,6 +63,7 @@ class DropspyCallback(_Callback):  # type: ignore[misc]
         super().__init__()
         self._driver = RecordingDriver("lightning", path, check_options(options), evaluate)
         self._step = 0
+        self._region = False   # a forward region is open around the running batch
 
     @property
     def path(self) -> str:
@@ -84,9 +85,18 @@ class DropspyCallback(_Callback):  # type: ignore[misc]
         self._step = int(trainer.global_step)
         self._driver.mark_step(self._step)
 
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any,
+                             batch_idx: int) -> None:
+        """The batch is one forward of the module, also where ``training_step`` calls its
+        submodules without calling the module itself."""
+        self._region = self._driver.enter_forward()
+
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         """A batch ended; once the optimizer stepped, the next forwards are a new step."""
+        if self._region:
+            self._region = False
+            self._driver.exit_forward()
         step = int(trainer.global_step)
         if step != self._step and self._driver.kind == "train":
             self._step = step
@@ -110,6 +120,45 @@ class DropspyCallback(_Callback):  # type: ignore[misc]
     def _end(self, kind: str) -> None:
         if self._driver.kind == kind:
             self._driver.stop()
+
+    def _enter_eval_batch(self) -> None:
+        if self._driver.evaluate and not self._region:
+            self._region = self._driver.enter_forward()
+
+    def _exit_eval_batch(self) -> None:
+        if self._region:
+            self._region = False
+            self._driver.exit_forward()
+
+    def on_validation_batch_start(self, trainer: Any, pl_module: Any, batch: Any,
+                                  batch_idx: int, dataloader_idx: int = 0) -> None:
+        """With ``evaluate=True`` the batch is one forward of the module (see train batches)."""
+        self._enter_eval_batch()
+
+    def on_validation_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any,
+                                batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Close the batch's forward region."""
+        self._exit_eval_batch()
+
+    def on_test_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int,
+                            dataloader_idx: int = 0) -> None:
+        """With ``evaluate=True`` the batch is one forward of the module (see train batches)."""
+        self._enter_eval_batch()
+
+    def on_test_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any,
+                          batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Close the batch's forward region."""
+        self._exit_eval_batch()
+
+    def on_predict_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int,
+                               dataloader_idx: int = 0) -> None:
+        """With ``evaluate=True`` the batch is one forward of the module (see train batches)."""
+        self._enter_eval_batch()
+
+    def on_predict_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any,
+                             batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Close the batch's forward region."""
+        self._exit_eval_batch()
 
     def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
         """``trainer.validate`` with ``evaluate=True``: start recording."""

@@ -154,7 +154,8 @@ def test_bad_options_fail_when_the_callback_is_made(tmp_path):
         DropspyCallback(tmp_path / "run.h5", sites=[1])
 
 
-def test_the_same_callback_drives_a_pytorch_lightning_trainer(tmp_path):
+def test_the_same_callback_drives_a_pytorch_lightning_trainer_and_a_step_without_forward(
+        tmp_path):
     ptl = pytest.importorskip("pytorch_lightning")
 
     class Module(ptl.LightningModule):
@@ -163,7 +164,7 @@ def test_the_same_callback_drives_a_pytorch_lightning_trainer(tmp_path):
             self.drop = torch.nn.Dropout(0.3)
             self.head = torch.nn.Linear(3, 1)
 
-        def training_step(self, batch, i):
+        def training_step(self, batch, i):   # submodules called, never self(x)
             x, y = batch
             return F.mse_loss(self.head(self.drop(x[:, -1])), y)
 

@@ -257,6 +257,21 @@ class TorchAdapter:
                 f"(not called in a sampled training step), so they have no site in this file: "
                 f"{', '.join(unseen)}")
 
+    def enter_forward(self) -> None:
+        """Treat what runs until :meth:`exit_forward` as one forward of the model.
+
+        For loops that call the model's submodules without calling the model itself, e.g. a
+        LightningModule whose ``training_step`` calls ``self.encoder(x)``: the Lightning
+        integration opens one around each batch. Calls of the model inside nest in it.
+        """
+        if self._capture is not None and not self._detached:
+            self._root_pre_hook(self.model, ())
+
+    def exit_forward(self) -> None:
+        """End what :meth:`enter_forward` began."""
+        if self._capture is not None and not self._detached:
+            self._root_post_hook(self.model, (), None)
+
     def mark_step(self, step: int | None = None) -> None:
         """End the current step here; the next records belong to ``step`` (default: next).
 
