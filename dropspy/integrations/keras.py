@@ -189,8 +189,9 @@ class DropspyCallback(_Callback):  # type: ignore[misc]
         def function(*args: Any, **kwargs: Any) -> Any:
             try:
                 return fn(*args, **kwargs)
-            except BaseException:
-                self._driver.stop()
+            except BaseException as exc:
+                if not _ends_epoch(exc):
+                    self._driver.stop()
                 raise
 
         # The adapters recognise their own functions by these (tf_keras rebuilds otherwise).
@@ -259,3 +260,9 @@ def _called_by(frame: FrameType | None, names: tuple[str, ...], callback: Any) -
         return False
     callbacks = getattr(frame.f_locals.get("callbacks"), "callbacks", None)
     return callbacks is None or any(c is callback for c in callbacks)
+
+
+def _ends_epoch(exc: BaseException) -> bool:
+    """Whether ``exc`` is how a dataset of unknown length ends an epoch: ``fit`` catches it
+    (``catch_stop_iteration``) and goes on training, so the recording goes on too."""
+    return isinstance(exc, StopIteration) or type(exc).__name__ == "OutOfRangeError"

@@ -108,6 +108,7 @@ def test_callback_records_the_same_masks_as_record_around_fit(tmp_path):
     assert "integration" not in rb.attrs
 
 
+@pytest.mark.slow
 def test_validation_is_recorded_only_if_asked(tmp_path):
     x, y = _data()
     for evaluate in (False, True):
@@ -139,6 +140,7 @@ def test_evaluate_alone_is_recorded_when_asked_and_left_alone_otherwise(tmp_path
     assert "make_test_function" not in model.__dict__
 
 
+@pytest.mark.slow
 def test_model_is_restored_and_file_closed_after_fit(tmp_path):
     model = _seed_model()
     cb = DropspyCallback(tmp_path / "run.h5")
@@ -150,21 +152,56 @@ def test_model_is_restored_and_file_closed_after_fit(tmp_path):
     _fit(model, epochs=1)
 
 
-def test_an_exception_in_a_step_ends_the_recording_before_it_leaves_fit(tmp_path):
+def test_a_dataset_of_unknown_length_ending_an_epoch_does_not_end_the_recording(tmp_path):
+    x, y = _data()
+    data = tf.data.Dataset.from_tensor_slices((x, y)).batch(4).filter(lambda a, b: True)
+    assert data.cardinality() == tf.data.UNKNOWN_CARDINALITY   # the epoch ends by exception
     model = _seed_model()
+    model.fit(data, epochs=2, verbose=0, callbacks=[DropspyCallback(tmp_path / "run.h5")])
+    run = dropspy.load(tmp_path / "run.h5")
+    assert run["spatial_dropout1d"].steps.tolist() == list(range(6))
 
-    class Boom(keras.callbacks.Callback):
+
+def test_an_exception_in_a_step_ends_the_recording_before_it_leaves_fit(tmp_path):
+    class Boom(L.Layer):   # raises in the third training step
+        calls = 0
+
+        def call(self, x, training=None):
+            if training:
+                Boom.calls += 1
+                if Boom.calls == 3:
+                    raise KeyboardInterrupt
+            return x
+
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(1)
+    model = keras.Sequential([keras.Input((T, F)), L.SpatialDropout1D(0.3), Boom(), L.Flatten(),
+                              L.Dense(1)])
+    model.compile(optimizer="adam", loss="mse", run_eagerly=True)
+    with pytest.raises(KeyboardInterrupt):
+        _fit(model, [DropspyCallback(tmp_path / "run.h5")])
+    run = dropspy.load(tmp_path / "run.h5")   # closed without close(): complete
+    assert run.complete
+    assert run["spatial_dropout1d"].steps.tolist() == [0, 1]
+    assert "make_train_function" not in model.__dict__ and "train_step" not in model.__dict__
+
+
+@pytest.mark.slow
+def test_close_ends_a_recording_that_another_callback_broke_off(tmp_path):
+    class Stop(keras.callbacks.Callback):
         def on_train_batch_end(self, batch, logs=None):
             if batch == 1:
-                raise KeyboardInterrupt
+                raise RuntimeError("stop")
 
+    model = _seed_model()
     cb = DropspyCallback(tmp_path / "run.h5")
-    with pytest.raises(KeyboardInterrupt):
-        _fit(model, [cb, Boom()])
+    with pytest.raises(RuntimeError, match="stop"):
+        _fit(model, [cb, Stop()])
     cb.close()
     run = dropspy.load(tmp_path / "run.h5")
     assert run.complete
     assert run["spatial_dropout1d"].steps.tolist() == [0, 1]
+    assert "train_step" not in model.__dict__
 
 
 def test_a_callback_used_twice_fails_at_train_start_with_records_message(tmp_path):

@@ -104,7 +104,7 @@ def test_trainer_callback_records_the_masks_of_the_equivalent_hand_written_loop(
     assert not model._forward_pre_hooks and not model.transformer.drop._forward_hooks
 
 
-@pytest.mark.parametrize("evaluate", [False, True])
+@pytest.mark.parametrize("evaluate", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_evaluation_during_training_is_recorded_only_if_asked(evaluate, tmp_path):
     class Evaluations(TrainerCallback):
         def __init__(self):
