@@ -28,6 +28,7 @@ from dropspy.analysis import (
     analyze_run,
     diff,
 )
+from dropspy.analysis.rules import FINDINGS
 from dropspy.errors import DropspyError
 from dropspy.records import site_matches
 
@@ -283,8 +284,7 @@ def check(
 
 # Findings that say the analysis saw less than the run recorded: `check` fails on them
 # unless --allow-incomplete (a CI gate must not pass on evidence it could not see).
-_INCOMPLETE = frozenset({"run-incomplete", "records-unreadable", "file-damaged",
-                         "rank-unreadable", "rank-missing"})
+_INCOMPLETE = frozenset(row.code for row in FINDINGS if row.incomplete)
 
 
 @app.command(name="diff")

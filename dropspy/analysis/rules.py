@@ -295,6 +295,8 @@ class FindingRule:
         scope: ``site``, ``run`` or ``set`` (the files of a run set).
         rule: The function that makes the finding from the evidence.
         when: One line: when the finding is made (the docs table says the same).
+        incomplete: The finding says the analysis saw less than the run recorded;
+            ``dropspy check`` fails on it unless ``--allow-incomplete``.
     """
 
     code: str
@@ -302,6 +304,7 @@ class FindingRule:
     scope: str
     rule: Callable[[Any], list[Finding]]
     when: str
+    incomplete: bool = False
 
 
 #: Every finding dropspy makes, in report order. docs/analysis.md and the report schema are
@@ -329,22 +332,24 @@ FINDINGS: tuple[FindingRule, ...] = (
                 "records of different ranks/replicas are identical at the same step and call "
                 "beyond chance"),
     FindingRule("rank-unreadable", Severity.ERROR, "set", _rank_unreadable,
-                "a file of a run set could not be read; the others are reported"),
+                "a file of a run set could not be read; the others are reported",
+                incomplete=True),
     FindingRule("rank-missing", Severity.WARNING, "set", _rank_missing,
-                "the files say the run had more ranks than the set holds"),
+                "the files say the run had more ranks than the set holds", incomplete=True),
     FindingRule("rank-sites-differ", Severity.WARNING, "set", _rank_sites_differ,
                 "a rank's file has sites the others lack, or lacks some they have"),
     FindingRule("ranks-from-different-runs", Severity.ERROR, "set", _ranks_from_different_runs,
                 "files of different runs merged with --force"),
     FindingRule("run-incomplete", Severity.WARNING, "run", _run_incomplete,
-                "the writer did not close the file cleanly"),
+                "the writer did not close the file cleanly", incomplete=True),
     FindingRule("records-dropped", Severity.WARNING, "run", _records_dropped,
                 "records were not written; info when only the sampling policy left them out"),
     FindingRule("records-unreadable", Severity.WARNING, "run", _records_unreadable,
-                "the file holds fewer readable records than the writer reported"),
+                "the file holds fewer readable records than the writer reported",
+                incomplete=True),
     FindingRule("file-damaged", Severity.ERROR, "run", _file_damaged,
                 "the reader left out records whose index the file contradicts; the damage is "
-                "named"),
+                "named", incomplete=True),
     FindingRule("note", Severity.INFO, "run", _note, "a message the recorder stored"),
 )
 
