@@ -494,7 +494,7 @@ class Run(Mapping[str, Site]):
         for key, kind in _ROOT_TYPES.items():
             value = self.attrs.get(key)
             if value is not None and (not isinstance(value, kind) or isinstance(value, bool)
-                                      or (kind is int and value < 0)):
+                                      or (isinstance(value, int) and value < 0)):
                 want = "an integer >= 0" if kind is int else "text"
                 raise _h5.fail(self.path, f"/ attribute {key!r}", f"expected {want}, found "
                                f"{type(value).__name__} {_h5.safe(repr(value), 60)}")
