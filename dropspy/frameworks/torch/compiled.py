@@ -33,19 +33,27 @@ from typing import Any
 
 import torch
 
-__all__ = ["CompiledTarget", "compiled_target", "set_listener", "TapPass", "PASS_VERSION"]
+__all__ = ["CompiledTarget", "CompiledRecording", "compiled_target", "add_listener",
+           "remove_listener", "TapPass", "PASS_VERSION"]
 
 #: Bumped whenever the pass inserts something else: part of inductor's cache key (uuid).
 PASS_VERSION = 1
 _OP_NAME = "dropspy::mask_tap"
 _op: Any = None
-_listener: Callable[[torch.Tensor, str], None] | None = None
+# The open compiled recordings' tap handlers. Each ignores a tap made outside its own
+# model's forward, so two compiled models recorded at once keep their masks apart.
+_listeners: list[Callable[[torch.Tensor, str], None]] = []
 
 
-def set_listener(fn: Callable[[torch.Tensor, str], None] | None) -> None:
-    """Where tapped masks go (one recording at a time; None: taps do nothing)."""
-    global _listener
-    _listener = fn
+def add_listener(fn: Callable[[torch.Tensor, str], None]) -> None:
+    """Hand tapped masks to ``fn`` too (until :func:`remove_listener`)."""
+    _listeners.append(fn)
+
+
+def remove_listener(fn: Callable[[torch.Tensor, str], None]) -> None:
+    """Stop handing tapped masks to ``fn``."""
+    if fn in _listeners:
+        _listeners.remove(fn)
 
 
 def tap_op() -> Any:
@@ -54,8 +62,7 @@ def tap_op() -> Any:
     if _op is None:
         @torch.library.custom_op(_OP_NAME, mutates_args=())
         def mask_tap(mask: torch.Tensor, site: str) -> None:
-            fn = _listener
-            if fn is not None:
+            for fn in tuple(_listeners):
                 fn(mask, site)
 
         @mask_tap.register_fake
@@ -348,7 +355,7 @@ class CompiledRecording:
             self._warn(f"dropspy records this torch.compile'd model's dropout sites as "
                        f"opaque: {self.reason}. Training runs untouched.")
             return
-        set_listener(self._on_tap)
+        add_listener(self._on_tap)
         self._listening = True
 
     def _warn(self, msg: str) -> None:
@@ -365,7 +372,7 @@ class CompiledRecording:
             self.target.restore()
         finally:
             if self._listening:
-                set_listener(None)
+                remove_listener(self._on_tap)
                 self._listening = False
 
     def _check_untapped(self) -> None:
@@ -464,6 +471,7 @@ class CompiledRecording:
             else:
                 cap.sites.learn(key, spec["facts"])
             cap.add(key, spec["training"](), tuple(int(s) for s in shape), noise)
+            self._tapped = True
         except Exception as exc:  # a tap must never break the compiled step
             if cap is not None:
                 cap.count_dropped("capture_error", 1)
