@@ -288,11 +288,14 @@ class Site:
         ix = self._index()
         shape = tuple(int(x) for x in ix.shape_table[ix.shape_idx[self._check_index(i)]])
         try:
+            if math.prod(shape) > MAX_MASK_ELEMENTS:
+                raise MemoryError  # asked of the file, not of the machine: refused up front
             return np.broadcast_to(noise, shape).copy()
         except MemoryError:
             raise RunFileError(
                 f"{self._path}: site {_h5.safe(self.name)!r} record {i}: the applied mask of "
-                f"shape {shape} ({math.prod(shape)} elements) does not fit in memory; "
+                f"shape {shape} ({math.prod(shape)} elements) does not fit in memory (at most "
+                f"{MAX_MASK_ELEMENTS}); "
                 f"noise({i}) gives the drawn noise it broadcasts from") from None
 
     def masks(self, step: int, call: int | None = None) -> list[np.ndarray | None]:
@@ -366,6 +369,11 @@ class Site:
                     flat = np.unpackbits(raw.reshape(k, width), axis=1, count=size)
                 yield idx[c:d], flat.view(np.bool_).reshape((k, *shape))
 
+
+#: Largest applied mask :meth:`Site.mask` builds (4 GiB of bools). A file may declare an
+#: applied shape of 2^20 x 2^20 over a (1, 1) noise; ``noise(i)`` and the analysis never
+#: broadcast, so only a copy asked for here could be that big.
+MAX_MASK_ELEMENTS = 1 << 32
 
 _INDEX_KINDS = {"step": "iu", "call": "iu", "training": "iub", "applied": "iub", "offset": "iu"}
 

@@ -143,6 +143,15 @@ def _huge_rows(f: h5py.File) -> None:
     g["step"].resize((1 << 40,))
 
 
+def _broadcast_bomb(f: h5py.File) -> None:
+    # A sound row: (1, 1) noise broadcast to 2^20 x 2^20 (a terabyte if ever copied).
+    g = _site(f)
+    for name, value in (("shape", [1 << 20, 1 << 20]), ("noise_shape", [1, 1])):
+        data = g[name][()]
+        data[0] = value
+        g[name][...] = data
+
+
 def _bits_group(f: h5py.File) -> None:
     g = _site(f)
     del g["bits"]
@@ -169,7 +178,7 @@ DAMAGES: dict[str, Callable[[Path], None]] = {
     "shape-negative": _row("shape", 1, [-4, 6]),
     "shape-zero-noise-nonzero": _row("shape", 1, [0, 6]),
     "shape-overflow": _row("shape", 0, [1 << 40, 1 << 40]),
-    "broadcast-bomb": _row("shape", 0, [1 << 20, 1 << 20]),
+    "broadcast-bomb": _edit(_broadcast_bomb),
     "noise-not-broadcasting": _row("noise_shape", 2, [4, 5]),
     "noise-2-40": _row("noise_shape", 0, [1 << 40, 1]),
     "offset-negative": _row("offset", 2, -7),
