@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import glob
 import json
 import math
 import os
@@ -250,6 +251,7 @@ class RunWriter:
             if key in _RESERVED:
                 raise ValueError(f"Root attribute {key!r} is set by the writer, not by an adapter")
         _check_replaceable(self.path)
+        _remove_stale_temporaries(self.path)
         # Created complete under a hidden name, then renamed: a process killed right after
         # entering record() left a 48-byte file that did not open (1 of 12 kills within 30 ms).
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
@@ -576,6 +578,21 @@ class RunWriter:
             status["notes"] = kept + [f"... {len(self._notes) - len(kept)} more notes not stored"]
             text = json.dumps(status, sort_keys=True).encode("utf-8")
         self._file["status"][0] = np.bytes_(text)
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Delete ``.<name>.<pid>.tmp`` files left by writers killed while creating ``path``."""
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        pid = tmp.name[len(path.name) + 2:-4]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        except OSError:
+            pass  # alive, or not ours to ask about: left alone
 
 
 def _check_replaceable(path: Path) -> None:

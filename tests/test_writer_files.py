@@ -89,6 +89,8 @@ def test_sigkill_while_creating_leaves_nothing_or_a_run_that_opens(tmp_path, del
     if path.exists():
         with load(path) as run:
             assert run.sites == () and not run.complete
+    _write(path)  # a later writer removes what a killed one left under a hidden name
+    assert _leftovers(tmp_path) == []
 
 
 def test_record_refuses_a_path_holding_another_file_and_leaves_it_alone(tmp_path):
@@ -115,3 +117,14 @@ def test_record_refuses_a_path_holding_another_file_and_leaves_it_alone(tmp_path
         assert dropspy.load(tmp_path / "run.h5").records_written == 4
     finally:
         _REGISTRY.remove(entry)
+
+
+def test_writer_removes_temporaries_of_dead_writers_only(tmp_path):
+    path = tmp_path / "run.h5"
+    dead = tmp_path / ".run.h5.4194303.tmp"  # above any pid this machine hands out
+    alive = tmp_path / f".run.h5.{os.getppid()}.tmp"
+    other = tmp_path / ".other.h5.4194303.tmp"
+    for p in (dead, alive, other):
+        p.write_bytes(b"\x89HDF")
+    _write(path)
+    assert not dead.exists() and alive.exists() and other.exists()
