@@ -179,3 +179,15 @@ def test_the_same_callback_drives_a_pytorch_lightning_trainer_and_a_step_without
     run = dropspy.load(tmp_path / "run.h5")
     assert run.attrs["integration"] == "lightning"
     assert run["drop"].steps.tolist() == list(range(STEPS)) == list(range(trainer.global_step))
+
+
+def test_a_resumed_fit_records_steps_from_the_trainers_global_step(tmp_path):
+    module = _module()
+    first = _trainer(accumulate_grad_batches=1, max_steps=2)
+    first.fit(module, _loader())
+    first.save_checkpoint(tmp_path / "two.ckpt")
+    resumed = _trainer(DropspyCallback(tmp_path / "run.h5"), accumulate_grad_batches=1,
+                       max_steps=4)
+    resumed.fit(_module(), _loader(), ckpt_path=tmp_path / "two.ckpt")
+    assert resumed.global_step == 4
+    assert dropspy.load(tmp_path / "run.h5")["drop"].steps.tolist() == [2, 3]
