@@ -122,6 +122,18 @@ def test_files_of_different_runs_are_refused_unless_forced(tmp_path):
     assert "ranks-from-different-runs" in _codes(forced)
 
 
+def test_ranks_started_far_apart_under_one_run_id_are_different_runs():
+    from dropspy.analysis.runset import different_runs
+
+    a = {"rank": 0, "world_size": 2, "run_id": "x", "started": "2026-11-29T09:00:00+0000"}
+    near = dict(a, rank=1, started="2026-11-29T09:00:40+0000")
+    far = dict(a, rank=1, started="2026-11-29T10:00:00+0000")
+    assert different_runs([("a", a), ("b", near)]) == []
+    assert different_runs([("a", a), ("b", far)]) == ["start times are 60 minutes apart"]
+    assert different_runs([("a", a), ("b", dict(near, world_size=4))]) == [
+        "world_size differs: 2, 4"]
+
+
 def test_two_files_of_one_rank_are_different_runs(tmp_path):
     write_run(tmp_path / "a.h5", [(info("drop"), records("drop", (4, 8), (4, 8), 0.3))])
     write_run(tmp_path / "b.h5", [(info("drop"), records("drop", (4, 8), (4, 8), 0.3))])

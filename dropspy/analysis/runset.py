@@ -34,9 +34,10 @@ from dropspy.records import select_sites, site_matches
 
 __all__ = ["summarize_run", "analyze_summaries", "different_runs", "RunSetError"]
 
-# Ranks of one run start within seconds of each other; files started further apart than this,
-# with no run id to say otherwise, are taken for different runs.
-_START_SPREAD_S = 3600.0
+# Ranks of one run start within seconds of each other (record() is entered after the process
+# group is up); files started further apart are taken for different runs, also under one run
+# id: the DDP run id (rendezvous address and port) repeats when a job is launched again.
+_START_SPREAD_S = 900.0
 
 
 def summarize_run(run: Any, *, sites: str | Sequence[str] | None = None,
@@ -103,9 +104,9 @@ def different_runs(members: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str
     Args:
         members: ``(path, root attributes)`` of each file.
 
-    Two files with the same rank; a run id that differs; otherwise (no run id) a world size,
-    framework or dropspy version, recording configuration or start time (over an hour apart)
-    that differs.
+    Two files with the same rank; a run id, world size, framework or dropspy version that
+    differs; start times more than 15 minutes apart; without a run id, recording
+    configurations that differ.
     """
     out = []
     by_rank: dict[int, list[str]] = {}
@@ -122,12 +123,13 @@ def different_runs(members: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str
         if len(values) > 1:
             out.append(f"{key} differs: " + ", ".join(sorted(values)))
     if not ids:
+        # Under one run id, ranks may record differently on purpose (every= per rank).
         configs = {str(a.get("config", "")) for _, a in members}
         if len(configs) > 1:
             out.append("recording configurations differ")
-        starts = [t for t in (_started(a.get("started")) for _, a in members) if t is not None]
-        if len(starts) > 1 and max(starts) - min(starts) > _START_SPREAD_S:
-            out.append(f"start times are {(max(starts) - min(starts)) / 3600:.1f} h apart")
+    starts = [t for t in (_started(a.get("started")) for _, a in members) if t is not None]
+    if len(starts) > 1 and max(starts) - min(starts) > _START_SPREAD_S:
+        out.append(f"start times are {(max(starts) - min(starts)) / 60:.0f} minutes apart")
     return out
 
 
