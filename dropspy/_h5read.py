@@ -101,6 +101,11 @@ def _hdf5_library() -> Any:
                     break
     except OSError:
         pass
+    # No /proc (macOS, Windows): the copy bundled in h5py's wheel.
+    pkg = Path(h5py.__file__).resolve().parent
+    for pattern in ("../h5py.libs/libhdf5-*.so*", ".dylibs/libhdf5.*dylib", "hdf5*.dll",
+                    "../h5py.libs/hdf5*.dll"):
+        candidates.extend(str(c) for c in sorted(pkg.glob(pattern)) if "hl" not in c.name)
     candidates.append(None)  # a statically linked or already global library
     for name in candidates:
         try:
