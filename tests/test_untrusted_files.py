@@ -236,3 +236,11 @@ def test_many_empty_site_groups_are_refused_and_validated_in_bounded_work(tmp_pa
     lines = validate.output.strip().splitlines()
     assert validate.exit_code == 1 and len(lines) < 120
     assert "stopped after" in lines[-2] and "site groups not checked" in lines[-2]
+
+
+@pytest.mark.parametrize("offset", [96, 300, 516, 700, 1024, 1500, 2048, 3000])
+def test_killed_run_with_a_flipped_metadata_byte_is_answered_in_time(worker, workdir, offset):
+    # Reopened in SWMR mode, HDF5 retried a bad checksum 100 times with backoff per read: 49
+    # of 50 such files hung every command, one past 15 minutes. The retries are bounded now.
+    out = flip_bytes(workdir / "killed.h5", [offset], workdir / f"killed-{offset}.h5")
+    _assert_contract(worker.run(out, workdir / "clean.h5"), f"killed, byte {offset}")
