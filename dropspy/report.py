@@ -47,7 +47,7 @@ REPORT_VERSION = 1
 
 
 def load_schema(name: str = "report") -> dict[str, Any]:
-    """A JSON Schema shipped with dropspy: ``report``, ``expectations`` or ``run``."""
+    """A JSON Schema shipped with dropspy: ``report``, ``expectations``, ``run`` or ``summary``."""
     text = resources.files("dropspy").joinpath(f"schemas/{name}.schema.json").read_text("utf-8")
     return json.loads(text)
 

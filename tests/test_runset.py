@@ -226,6 +226,10 @@ def test_cli_summary_files_combine_to_the_same_json_report(tmp_path):
         j = tmp_path / (p.stem + ".json")
         j.write_text(out.stdout)
         jsons.append(str(j))
+    import jsonschema
+
+    for j in jsons:
+        jsonschema.validate(json.loads(open(j).read()), load_schema("summary"))
     combined = runner.invoke(app, ["inspect", *jsons, "--json"])
     direct = runner.invoke(app, ["inspect", *map(str, paths), "--json", "-j", "2"])
     assert combined.exit_code == direct.exit_code == 0
