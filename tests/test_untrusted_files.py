@@ -244,3 +244,23 @@ def test_killed_run_with_a_flipped_metadata_byte_is_answered_in_time(worker, wor
     # of 50 such files hung every command, one past 15 minutes. The retries are bounded now.
     out = flip_bytes(workdir / "killed.h5", [offset], workdir / f"killed-{offset}.h5")
     _assert_contract(worker.run(out, workdir / "clean.h5"), f"killed, byte {offset}")
+
+
+@pytest.mark.parametrize("block", [2, 1 << 16])
+def test_validate_streams_the_index_and_names_the_first_bad_record(tmp_path, block):
+    import h5py
+
+    from dropspy._h5read import read_site_index
+
+    path = tiny_run(tmp_path / "v.h5", records=7)
+    with h5py.File(path, "r+") as f:
+        offsets = f["sites/000000/offset"]
+        offsets[2] = offsets[1]          # record 2 overlaps record 1
+        shape = f["sites/000000/shape"]
+        shape[5] = [-1, 6]               # record 5 is unsound
+    with h5py.File(path, "r") as f:
+        n, nbits, damage, overlap = read_site_index(f["sites/000000"], path, "/s", 2, True,
+                                                    block=block)
+    assert (n, nbits, overlap) == (5, 7 * 3, 2)
+    assert damage == ("record 5: applied shape (-1, 6) is negative or too large; "
+                      "records 5..6 not read")
