@@ -551,3 +551,49 @@ def test_a_reader_with_iter_batches_gives_the_same_analysis():
     batched = analyze_site(_BatchingSite("d", AXES3, noises, **kw))
     assert batched == plain
     assert batched.freshness.identical == 1 and batched.pattern == "time-shared"
+
+
+def _reference_pairs(steps, calls, replicas, noises):
+    """The pairing rule record by record: freshness (same call and replica, the latest earlier
+    step's last record) and calls within a step (vs that replica's latest call 0)."""
+    last, pending, call0 = {}, {}, {}
+    step_now = None
+    fresh = [0, 0]
+    within = [0, 0]
+    for i, (s, c, r) in enumerate(zip(steps, calls, replicas)):
+        if s != step_now:
+            last.update(pending)
+            pending, call0, step_now = {}, {}, s
+        prev = last.get((c, r))
+        if prev is not None and steps[prev] != s:
+            fresh[0] += 1
+            fresh[1] += bool(np.array_equal(noises[prev], noises[i]))
+        pending[(c, r)] = i
+        if c == 0:
+            call0[r] = i
+        elif r in call0:
+            within[0] += 1
+            within[1] += bool(np.array_equal(noises[call0[r]], noises[i]))
+    return fresh, within
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 40),
+       max_bytes=st.sampled_from([1, 5, 1 << 20]))
+def test_streamed_pairing_matches_the_record_by_record_rule(seed, n, max_bytes):
+    from dropspy.analysis._scan import scan_site
+
+    rng = np.random.default_rng(seed)
+    pool = [rng.random((3, 5)) >= 0.5 for _ in range(3)]  # few masks: repeats are common
+    steps = np.cumsum(rng.random(n) < 0.4).tolist()
+    if n > 3:
+        steps[n // 2] = max(0, steps[n // 2] - 2)  # a step back
+    calls = rng.integers(0, 3, n).tolist()
+    replicas = rng.integers(0, 2, n).tolist()
+    noises = [pool[k] for k in rng.integers(0, 3, n)]
+    site = MemorySite("d", ("batch", "feature"), noises, rate=0.5, steps=steps, calls=calls,
+                      replicas=replicas)
+    s = scan_site(site, max_bytes=max_bytes)
+    fresh, within = _reference_pairs(steps, calls, replicas, noises)
+    assert [s.fresh.pairs, s.fresh.identical] == fresh
+    assert [s.calls.pairs, s.calls.identical] == within
