@@ -28,7 +28,7 @@ import json
 import operator
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -37,20 +37,21 @@ __all__ = ["CompiledTarget", "CompiledRecording", "compiled_target", "add_listen
            "remove_listener", "TapPass", "PASS_VERSION"]
 
 #: Bumped whenever the pass inserts something else: part of inductor's cache key (uuid).
-PASS_VERSION = 1
+PASS_VERSION = 3
 _OP_NAME = "dropspy::mask_tap"
 _op: Any = None
 # The open compiled recordings' tap handlers. Each ignores a tap made outside its own
 # model's forward, so two compiled models recorded at once keep their masks apart.
-_listeners: list[Callable[[torch.Tensor, str], None]] = []
+_Listener = Callable[[torch.Tensor, Sequence[int], str], None]
+_listeners: list[_Listener] = []
 
 
-def add_listener(fn: Callable[[torch.Tensor, str], None]) -> None:
+def add_listener(fn: _Listener) -> None:
     """Hand tapped masks to ``fn`` too (until :func:`remove_listener`)."""
     _listeners.append(fn)
 
 
-def remove_listener(fn: Callable[[torch.Tensor, str], None]) -> None:
+def remove_listener(fn: _Listener) -> None:
     """Stop handing tapped masks to ``fn``."""
     if fn in _listeners:
         _listeners.remove(fn)
@@ -61,12 +62,12 @@ def tap_op() -> Any:
     global _op
     if _op is None:
         @torch.library.custom_op(_OP_NAME, mutates_args=())
-        def mask_tap(mask: torch.Tensor, site: str) -> None:
+        def mask_tap(mask: torch.Tensor, shape: Sequence[int], site: str) -> None:
             for fn in tuple(_listeners):
-                fn(mask, site)
+                fn(mask, shape, site)
 
         @mask_tap.register_fake
-        def _(mask: torch.Tensor, site: str) -> None:
+        def _(mask: torch.Tensor, shape: Sequence[int], site: str) -> None:
             return None
 
         _op = torch.ops.dropspy.mask_tap.default
@@ -89,7 +90,7 @@ class TapPass(_custom_pass_base()):  # type: ignore[misc]
             found = list(_mask_nodes(graph))
         except Exception:  # a graph the pass does not understand is compiled as it is
             return
-        for node, site in found:
+        for node, site, applied in found:
             if node.target is torch.ops.aten.native_dropout.default:
                 # fallback_random: eager's kernel in the graph; its mask is output 1.
                 mask = next((u for u in node.users if u.target is operator.getitem
@@ -98,11 +99,31 @@ class TapPass(_custom_pass_base()):  # type: ignore[misc]
                     with graph.inserting_after(node):
                         mask = graph.call_function(operator.getitem, (node, 1))
                 node = mask
-            with graph.inserting_after(node):
-                graph.call_function(op, (node, site))
+            shape: list[Any] = []
+            cursor = node
+            if applied is not None:
+                # The shape the noise is applied to, read at run time: under dynamic shapes
+                # it is symbolic, and int() of it would specialize the graph (a guard, a
+                # recompile). sym_size reads a size, never the data: nothing is materialized.
+                cursor = applied
+                for i, size in enumerate(applied.meta["val"].shape):
+                    if type(size) is int:
+                        shape.append(size)
+                        continue
+                    with graph.inserting_after(cursor):
+                        cursor = graph.call_function(torch.ops.aten.sym_size.int, (applied, i))
+                    cursor.meta["val"] = size
+                    shape.append(cursor)
+            with graph.inserting_after(cursor):
+                graph.call_function(op, (node, shape, site))
 
     def uuid(self) -> str:
-        return f"dropspy-mask-tap-v{PASS_VERSION}"
+        # Inductor caches compiled graphs keyed on this: the pass's own source is in it, so
+        # a changed pass never meets a graph an older one made.
+        from torch._inductor.custom_graph_pass import get_hash_for_files
+
+        digest = get_hash_for_files((os.path.abspath(__file__),)).hex()[:16]
+        return f"dropspy-mask-tap-v{PASS_VERSION}-{digest}"
 
 
 def _mask_nodes(graph: torch.fx.Graph) -> Any:
@@ -115,29 +136,26 @@ def _mask_nodes(graph: torch.fx.Graph) -> Any:
             p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p")
             train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train", True)
             if isinstance(p, (int, float)) and train is not False:
-                yield node, _site(node, float(p), "dropout", None, "x * mask * (1 / (1 - p))")
+                yield node, _site(node, float(p), "dropout", "x * mask * (1 / (1 - p))"), None
         elif node.target is aten.gt.Scalar:
             src, p = node.args[0], node.args[1]
             if (isinstance(src, torch.fx.Node) and src.target in rand
                     and isinstance(p, (int, float))):
-                yield node, _site(node, float(p), "dropout", None, _INDUCTOR)
+                yield node, _site(node, float(p), "dropout", _INDUCTOR), None
         elif node.target is aten.bernoulli.p:
             q = node.args[1] if len(node.args) > 1 else node.kwargs.get("p")
-            if isinstance(q, (int, float)):
-                yield node, _site(node, 1.0 - float(q), "feature_dropout", _applied_shape(node),
-                                  "x * (noise / (1 - p))")
+            applied = _applied(node)
+            if isinstance(q, (int, float)) and applied is not None:
+                yield (node, _site(node, 1.0 - float(q), "feature_dropout",
+                                   "x * (noise / (1 - p))"), applied)
 
 
-def _applied_shape(node: torch.fx.Node) -> list[int] | None:
-    """Shape of the tensor a feature-dropout noise is applied to (None when symbolic)."""
+def _applied(node: torch.fx.Node) -> torch.fx.Node | None:
+    """The product ``x * (noise / q)`` of a feature-dropout noise: it has the applied shape."""
     for scaled in node.users:
         for use in scaled.users:
-            val = use.meta.get("val")
-            if use.target is torch.ops.aten.mul.Tensor and val is not None:
-                try:
-                    return [int(s) for s in val.shape]
-                except (TypeError, ValueError):
-                    return None
+            if use.target is torch.ops.aten.mul.Tensor and use.meta.get("val") is not None:
+                return use
     return None
 
 
@@ -156,8 +174,7 @@ def module_path(fqn: str) -> str:
 _INDUCTOR = "(x * mask) * (1 / (1 - p))"
 
 
-def _site(node: torch.fx.Node, p: float, kind: str, shape: list[int] | None,
-          formula: str) -> str:
+def _site(node: torch.fx.Node, p: float, kind: str, formula: str) -> str:
     stack = node.meta.get("nn_module_stack") or {}
     path, cls, qual = "", "", ""
     if stack:
@@ -171,7 +188,7 @@ def _site(node: torch.fx.Node, p: float, kind: str, shape: list[int] | None,
     if hits:
         where = f"{os.path.basename(hits[-1][0])}:{hits[-1][1]}"
     return json.dumps({"path": path, "cls": cls, "module": qual, "p": p, "kind": kind,
-                       "where": where, "shape": shape, "formula": formula}, sort_keys=True)
+                       "where": where, "formula": formula}, sort_keys=True)
 
 
 class CompiledTarget:
@@ -443,7 +460,7 @@ class CompiledRecording:
                 scale=dropout_scale(kind, p), opaque=reason, extra={"compiled": "inductor"}))
             reg.resolve(key, _KIND_RANK.get(kind, 2))
 
-    def _on_tap(self, mask: torch.Tensor, site: str) -> None:
+    def _on_tap(self, mask: torch.Tensor, applied: Sequence[int], site: str) -> None:
         """A compiled graph drew ``mask`` at ``site``; never raises into the compiled step."""
         adapter = self.adapter
         cap = adapter._capture
@@ -457,11 +474,7 @@ class CompiledRecording:
             spec = self._specs.get(site)
             if spec is None:
                 spec = self._specs[site] = self._resolve(site)
-            shape = spec["applied"] if spec["feature"] else tuple(mask.shape)
-            if shape is None:
-                cap.unexpected(spec["key"], "a feature dropout's input shape is symbolic in "
-                               "the compiled graph (dynamic=True)")
-                return
+            shape = tuple(applied) if applied else tuple(mask.shape)
             noise = mask.detach().clone() if mask.dtype == torch.bool else mask.detach() != 0
             key = spec["key"]
             if spec["gaps"]:
@@ -498,14 +511,12 @@ class CompiledRecording:
                              scale=dropout_scale(kind, p),
                              extra={"compiled": "inductor", "formula": spec["formula"]})
 
-        shape = spec.get("shape")
         gaps: list[SiteKey] = []
         if isinstance(module, torch.nn.RNNBase):  # traced under allow_rnn: declared at attach
             n = module.num_layers - 1
             gaps = [SiteKey(path, "between_layers" if n == 1 else f"between_layers/{g}", None)
                     for g in range(n)]
         return {"key": key, "facts": facts, "gaps": gaps, "feature": kind in FEATURE,
-                "applied": None if shape is None else tuple(shape),
                 "training": (lambda: bool(module.training)) if module is not None else (
                     lambda: True)}
 
