@@ -468,6 +468,15 @@ def read_status(f: h5py.File, path: Path) -> dict[str, Any]:
 # -- index rows -----------------------------------------------------------------------------
 
 
+def _bad_rates(rates: np.ndarray | None, n: int) -> np.ndarray:
+    """Per-record rates that are not NaN (the site's rate) and not in [0, 1] (inf, -1...)."""
+    if rates is None:
+        return np.zeros(n, bool)
+    r = np.asarray(rates, np.float64)
+    with np.errstate(invalid="ignore"):
+        return ~np.isnan(r) & ~((r >= 0) & (r <= 1))
+
+
 def check_rows(cols: dict[str, np.ndarray], nbits: int) -> tuple[int, np.ndarray, str | None]:
     """How many leading index rows are sound, their packed sizes, and what the first bad is.
 
@@ -500,6 +509,7 @@ def check_rows(cols: dict[str, np.ndarray], nbits: int) -> tuple[int, np.ndarray
                                "{shape}"),
         (cols["call"] < 0, "call index {call} is negative"),
         (applied & (offsets < 0), "offset {offset} is negative"),
+        (_bad_rates(cols.get("rate"), n), "rate {rate} is not a drop rate in [0, 1]"),
         (applied & ((offsets > nbits) | (sizes > nbits - np.minimum(np.maximum(offsets, 0),
                                                                     nbits))),
          "packed bits [{offset}, +{size}) lie past the end of bits ({nbits} bytes)"),
@@ -515,7 +525,8 @@ def check_rows(cols: dict[str, np.ndarray], nbits: int) -> tuple[int, np.ndarray
     k = first
     problem = f"record {k}: " + what.format(
         shape=tuple(int(x) for x in shape[k]), nshape=tuple(int(x) for x in nshape[k]),
-        call=int(cols["call"][k]), offset=int(offsets[k]), size=int(sizes[k]), nbits=nbits)
+        call=int(cols["call"][k]), offset=int(offsets[k]), size=int(sizes[k]), nbits=nbits,
+        rate=float(cols["rate"][k]) if "rate" in cols else None)
     return k, sizes[:k], problem
 
 

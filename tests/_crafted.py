@@ -185,6 +185,8 @@ DAMAGES: dict[str, Callable[[Path], None]] = {
     "offset-int64-max": _row("offset", 3, (1 << 63) - 1),
     "offset-past-end": _row("offset", 1, 10_000),
     "call-negative": _row("call", 0, -1),
+    "record-rate-infinite": _edit(lambda f: _site(f).create_dataset(
+        "rate", data=np.array([0.5, 0.5, np.inf, 0.5], np.float32))),
     "step-nan": _column("step", [0.0, np.nan, 2.0, 3.0]),
     "step-text": _column("step", np.array([b"a", b"b", b"c", b"d"])),
     "step-2d": _column("step", np.zeros((4, 2), np.int64)),

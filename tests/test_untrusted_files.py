@@ -45,7 +45,8 @@ EXPECT = {
     **dict.fromkeys([
         "rows-2-40", "shape-negative", "shape-zero-noise-nonzero", "shape-overflow",
         "noise-not-broadcasting", "noise-2-40", "offset-negative",
-        "offset-int64-max", "offset-past-end", "call-negative", "duplicate-site-name"],
+        "offset-int64-max", "offset-past-end", "call-negative", "duplicate-site-name",
+        "record-rate-infinite"],
         "named"),
     **dict.fromkeys(["name-markup", "stop-reason-escape"], "read-text"),
     "broadcast-bomb": "read",
