@@ -63,6 +63,10 @@ __all__ = ["TorchAdapter"]
 # step: gradient accumulation) or until this many pass without one (then each is a step).
 AUTO_MAX_FORWARDS = 16
 AUTO_MAX_BYTES = 64 << 20
+# A CPU step's masks up to this many bytes go to the writer thread as the noise torch drew
+# (packed there); a bigger step is packed here, so the queue never holds much unpacked noise.
+HANDOFF_BYTES = 16 << 20
+_NUMPY_DTYPES = (torch.bool, torch.float16, torch.float32, torch.float64)  # not bfloat16
 # Eval forwards without masks do not end a step; past this many held records they do, so a
 # long inference loop does not hold its not-applied records until the recording ends.
 EVAL_MAX_ENTRIES = 10_000
@@ -354,7 +358,9 @@ class TorchAdapter:
                     cap.rnn_done(frame, output)
                 else:
                     cap.end_module(frame)
-                if frame.pushed and not cap.taint:
+                if cap.mode_pushed and not cap.taint:
+                    # Every hand-made mask met its multiplication: the mode has nothing left
+                    # to follow, and every torch call under it pays a Python round trip.
                     self._pop_mode()
             except Exception as exc:
                 cap.failed(f"the post-hook of {path}", exc, path)
@@ -490,8 +496,15 @@ class TorchAdapter:
             self._inflight = (DeviceCopy([m for _, m in masked]), records,
                               [r for r, _ in masked], step)
             return
+        unpacked = sum(m.numel() * m.element_size() for _, m in masked if m.dtype != torch.uint8)
         for rec, mask in masked:
-            rec.packed = pack_host(mask.cpu())
+            mask = mask.detach().cpu()
+            if mask.dtype in _NUMPY_DTYPES and unpacked <= HANDOFF_BYTES:
+                # The writer thread compares and packs (numpy releases the GIL there): the
+                # training thread hands over the noise it already holds, no copy.
+                rec.noise = mask.numpy()
+            else:
+                rec.packed = pack_host(mask)
         self.session.submit(step, records)
 
     def _collect_inflight(self) -> None:

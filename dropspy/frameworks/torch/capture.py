@@ -94,9 +94,9 @@ class Entry:
         self.rate = rate
 
     def pack_early(self) -> int:
-        """Pack the mask in place; returns the bool bytes freed."""
+        """Pack the mask in place; returns the mask bytes freed (counted one per element)."""
         noise = self.noise
-        if noise is None or noise.dtype != torch.bool:
+        if noise is None or noise.dtype == torch.uint8:
             return 0
         self.noise = pack_early(noise)
         return noise.numel()
@@ -355,7 +355,8 @@ class Capture:
             return
         noise = self._noise(mask, kind, shape, p, x)
         if noise is not None:
-            self.log([Draw(kind, noise, 1 - p, x.dtype)])
+            if self.draw_log is not None:
+                self.log([Draw(kind, noise != 0, 1 - p, x.dtype)])
             if heads and noise.dim() == 3 and noise.shape[0] % heads == 0:
                 # The need_weights path drops on (batch * heads, query, key): same elements,
                 # same order, recorded with heads split out so every call has one layout.
@@ -395,7 +396,10 @@ class Capture:
             nshape = shape if kind not in FEATURE else shape[:2] + (1,) * (len(shape) - 2)
             return torch.full(nshape, mask is kernels.ALL_KEPT, dtype=torch.bool,
                               device=x.device)
-        return mask if mask.dtype == torch.bool else mask != 0
+        # The noise ATen drew and scaled (kept: 1/(1-p), dropped: 0), held as it is: nothing
+        # touches it after the multiplication, and it is compared and packed off the
+        # training thread (see the adapter's _flush).
+        return mask
 
     def _on_rnn_gap(self, loc: Loc, module: torch.nn.RNNBase, shape: tuple[int, ...], p: float,
                     train: bool, mask: Any) -> None:
@@ -409,7 +413,8 @@ class Capture:
         self.sites.learn(key, lambda: _gap_facts(module, p, g))
         noise = self._noise(mask, "dropout", shape, p, torch.empty(0))
         if noise is not None:
-            self.log([Draw("dropout", noise, 1 - p, torch.float32)])
+            if self.draw_log is not None:
+                self.log([Draw("dropout", noise != 0, 1 - p, torch.float32)])
             for f in self.stack:
                 if f.module is module:
                     f.drew = True

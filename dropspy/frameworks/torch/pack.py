@@ -31,6 +31,8 @@ def pack_torch(masks: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
         _BIT_WEIGHTS[device] = weights
     parts, offsets, at = [], [0], 0
     for m in masks:
+        if m.dtype != torch.bool and m.dtype != torch.uint8:
+            m = m != 0  # dropout noise as torch draws it: kept elements are nonzero
         if m.dtype == torch.uint8:
             parts.append(m)
             at += m.numel()
@@ -55,6 +57,8 @@ def pack_host(mask: torch.Tensor) -> np.ndarray:
     """Pack one CPU mask with numpy (the store's bit order); uint8 is already packed."""
     if mask.dtype == torch.uint8:
         return mask.numpy().copy()
+    if mask.dtype != torch.bool:
+        mask = mask != 0  # dropout noise as torch draws it: kept elements are nonzero
     return np.packbits(mask.reshape(-1).numpy())
 
 

@@ -688,7 +688,8 @@ def test_a_step_holding_many_mask_bytes_packs_them_early(tmp_path, monkeypatch):
         torch.manual_seed(0)
         model(x)
         held = [e.noise.dtype for group in rec.adapter._held for e in group]
-    assert held == [torch.uint8, torch.bool]  # the first exceeded the budget: packed
+    # The first exceeded the budget: packed; the second is still the noise torch drew.
+    assert held[0] == torch.uint8 and held[1] != torch.uint8
     early = dropspy.load(tmp_path / "run.h5")
     monkeypatch.setattr(capture_module, "PACK_EARLY_BYTES", 1 << 30)
     with dropspy.record(model, tmp_path / "late.h5"):
