@@ -543,12 +543,18 @@ def read_site_attrs(g: h5py.Group, path: Path, where: str) -> dict[str, Any]:
         out[key] = text_attr(g, key, path, where, required=False) or None
     for key in ("rate", "scale"):
         out[key] = number_attr(g, key, path, where)
+    if out["rate"] is not None and not 0 <= out["rate"] <= 1:
+        raise fail(path, f"{where} attribute 'rate'",
+                   f"expected a drop rate in [0, 1] (or NaN: unknown), found {out['rate']!r}")
     axes = json_attr(g, "axes", path, where, [])
     if (not isinstance(axes, list) or len(axes) > MAX_RANK
             or not all(isinstance(a, str) for a in axes)):
         raise fail(path, f"{where} attribute 'axes'",
                    f"expected a list of at most {MAX_RANK} axis names, found "
                    f"{safe(repr(axes), 80)}")
+    if len(set(axes)) != len(axes):
+        raise fail(path, f"{where} attribute 'axes'",
+                   f"expected distinct axis names, found {safe(repr(axes), 80)}")
     out["axes"] = tuple(axes)
     ns = json_attr(g, "noise_shape", path, where)
     if ns is not None and (not isinstance(ns, list) or len(ns) != len(axes) or not all(

@@ -211,6 +211,8 @@ DAMAGES: dict[str, Callable[[Path], None]] = {
     "name-markup": _attr("name", _attr_value("[link=http://evil]x[/link][/bold]\x1b[2J")),
     "rate-infinite": _attr("rate", float("inf")),
     "rate-text": _attr("rate", _attr_value("0.5")),
+    "rate-1e308": _attr("rate", 1e308),
+    "axes-repeated": _attr("axes", _attr_value('["batch", "batch"]')),
     "axes-rank-mismatch": _attr("axes", _attr_value('["batch", "time", "feature"]')),
     "axes-not-list": _attr("axes", _attr_value('{"a": 1}')),
     "root-rank-text": _attr("rank", _attr_value("zero"), site=False),
