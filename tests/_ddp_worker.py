@@ -88,8 +88,7 @@ def _train(torch: Any, scenario: str, rank: int, path: str | None, seen: list | 
     return {"params": state, "rng": torch.get_rng_state().clone()}
 
 
-def main(rank: int, world: int, port: int, out: str, scenarios: list[str],
-         die_at: int | None = None) -> None:
+def main(rank: int, world: int, port: int, out: str, scenarios: list[str]) -> None:
     """One rank: init gloo, run ``scenarios``, save results under ``out``."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank))
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -101,7 +100,7 @@ def main(rank: int, world: int, port: int, out: str, scenarios: list[str],
     try:
         for scenario in scenarios:
             if scenario == "kill":
-                _kill(torch, rank, out, die_at)
+                _kill(torch, rank, out)
                 continue
             path = (os.path.join(out, f"{scenario}-{{rank}}.h5") if scenario == "sampling"
                     else os.path.join(out, f"{scenario}.h5"))
@@ -121,7 +120,7 @@ def main(rank: int, world: int, port: int, out: str, scenarios: list[str],
             dist.destroy_process_group()
 
 
-def _kill(torch: Any, rank: int, out: str, die_at: int | None) -> None:
+def _kill(torch: Any, rank: int, out: str) -> None:
     """Train 3 steps; rank 1 then dies (os._exit) inside a recorded forward, no cleanup."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
