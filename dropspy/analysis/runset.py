@@ -299,6 +299,9 @@ def _gates(members: Sequence[RunSummary], names: Sequence[str], confidence: floa
                     worst_w = max(worst_w, worst_keep_probability(lo, hi))
         gate_words = ", ".join(str(facts[g][2]) for g in group)
         source = f"masks of gates {gate_words} at the same step and call"
+        if any(m.sites[g].sample.keys_kept < m.sites[g].sample.keys_total
+               for m in members for g in group if g in m.sites):
+            source += " (a sample of the keys)"
         if pairs == 0:
             check = PairCheck("inconclusive", 0, 0, None, source + " (no common records)")
         elif identical < pairs:
