@@ -192,10 +192,41 @@ def test_killed_run_is_read_and_check_fails_unless_incomplete_is_allowed(worker,
     assert r["check -e"]["code"] == 1 and "evidence incomplete" in r["check -e"]["stdout"]
 
 
+_ATTRS = ["name", "layer", "layer_class", "role", "gate", "axes", "rate", "noise_shape", "scale",
+          "opaque", "extra"]
+_ROOT_ATTRS = ["format", "format_version", "framework", "framework_version", "rank",
+               "world_size", "devices", "host", "started", "run_id"]
+_VALUES = st.one_of(
+    st.integers(-(1 << 63), (1 << 63) - 1), st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=40), st.binary(max_size=40),
+    st.sampled_from(['[]', '{}', 'null', '[null, 1]', '["batch"]', '["a", "b", "c"]',
+                     '{"gates_share_mask": true, "masks_per_call": -1}', '1e999', '"x"',
+                     '[1, 2]', '[-1, 0]', '[4, 6]', '{"a": [[[[]]]]}', '[' * 40 + ']' * 40]),
+    st.lists(st.integers(-5, 5), min_size=0, max_size=4))
+
+
+def _set_attr(path: Path, site: bool, name: str, value: object) -> None:
+    import h5py
+    import numpy as np
+
+    with h5py.File(path, "r+") as f:
+        obj = f["sites/000000"] if site else f
+        try:
+            obj.attrs[name] = np.bytes_(value.encode()) if isinstance(value, str) else (
+                np.asarray(value) if isinstance(value, list) else value)
+        except (TypeError, ValueError):
+            obj.attrs[name] = np.bytes_(repr(value).encode())
+
+
 @st.composite
 def damaged(draw):
     base = draw(st.sampled_from(["clean", "killed"]))
-    how = draw(st.sampled_from(["flip", "flip", "truncate", "crafted-then-flip"]))
+    how = draw(st.sampled_from(["flip", "flip", "truncate", "crafted-then-flip", "attribute",
+                                "attribute"]))
+    if how == "attribute":
+        site = draw(st.booleans())
+        return {"base": "clean", "how": how, "site": site, "value": draw(_VALUES),
+                "attr": draw(st.sampled_from(_ATTRS if site else _ROOT_ATTRS))}
     size = 1 << 16
     return {"base": base, "how": how,
             "offsets": draw(st.lists(st.integers(0, size * 4), min_size=1, max_size=6)),
@@ -204,7 +235,7 @@ def damaged(draw):
 
 
 @pytest.mark.slow
-@settings(max_examples=100, deadline=None, derandomize=True, database=None,
+@settings(max_examples=80, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(case=damaged())
 def test_damaged_files_never_crash_hang_or_trace_back(worker, workdir, case):
@@ -213,7 +244,11 @@ def test_damaged_files_never_crash_hang_or_trace_back(worker, workdir, case):
     if case["how"] == "crafted-then-flip":
         base = workdir / "fuzz-base.h5"
         shutil.copyfile(DATA / f"{case['crafted']}.h5", base)
-    if case["how"] == "truncate":
+    if case["how"] == "attribute":
+        shutil.copyfile(base, out)
+        _set_attr(out, case["site"], case["attr"], case["value"])
+        case = {**case, "value": repr(case["value"])}
+    elif case["how"] == "truncate":
         truncate(base, case["cut"] % max(base.stat().st_size, 1), out)
     else:
         flip_bytes(base, case["offsets"], out)
