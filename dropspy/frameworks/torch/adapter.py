@@ -180,6 +180,7 @@ class TorchAdapter:
         self._capture = capture = Capture(registry, self.session.note, model, self.cudnn_rnn,
                                           self.session.count_dropped)
         capture.thread = self._thread
+        capture.capturing = self.session.want_step(self._step)
         self._mode = capture.mode = FunctionMode(capture)
         try:
             if self.compiled is not None:

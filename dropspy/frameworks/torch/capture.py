@@ -189,7 +189,7 @@ class Capture:
         self.root: torch.nn.Module | None = model
         self.thread: int | None = None
         self.depth = 0  # top-level forwards of the model running (re-entrant calls count)
-        self.capturing = True
+        self._capturing = True
         self.entries: list[Entry] = []
         self.applied_in_group = False
         self.draws_seen = 0
@@ -205,6 +205,17 @@ class Capture:
         self._unpacked: list[Entry] = []
         self._noted: set[str] = set()
         self._rnn_gap: tuple[Any, int] = (None, 0)  # (an RNN module's frame, gaps drawn)
+
+    @property
+    def capturing(self) -> bool:
+        """Whether the current step is sampled (its masks are taken)."""
+        return self._capturing
+
+    @capturing.setter
+    def capturing(self, value: bool) -> None:
+        if value != self._capturing:
+            self._capturing = value
+            kernels.sync()  # torch's own kernels run the steps nobody samples
 
     # -- helpers -----------------------------------------------------------------------------
 

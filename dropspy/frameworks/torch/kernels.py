@@ -62,10 +62,12 @@ ORIGINAL: dict[str, Callable] = {
     "alpha_dropout": F.alpha_dropout,
     "feature_alpha_dropout": F.feature_alpha_dropout,
     "sdpa": F.scaled_dot_product_attention,
+    "F.dropout": F.dropout,
 }
 _FUSED_DEVICES = ("cuda", "xpu", "lazy", "privateuseone")
 #: A mask value that stands for "every element dropped" (p == 1 draws nothing).
 ALL_DROPPED = object()
+_KERNELS: dict[bool, Callable] = {}  # F.dropout's kernels by ``inplace``
 #: A mask value that stands for "every element kept" (p == 0 while training draws nothing).
 ALL_KEPT = object()
 
@@ -117,6 +119,9 @@ def _kernel(kind: str, feature: bool, inplace: bool) -> Callable:
         return out
     kernel.__name__ = f"dropspy_{kind}{'_' if inplace else ''}"
     return kernel
+
+
+_KERNELS.update({False: _kernel("dropout", False, False), True: _kernel("dropout", False, True)})
 
 
 def _observe(fn: Callable[[Capture], None]) -> None:
@@ -206,6 +211,25 @@ def _alpha(kind: str) -> Callable:
     return wrapper
 
 
+def _f_dropout(input: torch.Tensor, p: float = 0.5, training: bool = True,
+               inplace: bool = False) -> torch.Tensor:
+    """``F.dropout`` straight into dropspy's kernel, skipping the dispatcher's round trip.
+
+    The same kernel the dispatcher would call, with the same arguments, so the same ops and
+    autograd graph; called from Python it saves ~25 us of boxing per call. Anything unusual
+    (a tensor subclass or function mode, functorch transforms, a bad ``p``) takes
+    ``F.dropout`` itself, which reaches the kernel through the dispatcher.
+    """
+    if (_STATE["lib"] is None or type(input) not in _PLAIN or not 0.0 <= p <= 1.0
+            or torch.overrides.has_torch_function_unary(input)
+            or torch._C._are_functorch_transforms_active()):
+        return ORIGINAL["F.dropout"](input, p, training, inplace)
+    return _KERNELS[inplace](input, p, training)
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
 def _torch_alpha(name: str, kind: str) -> Callable:
     """``torch.alpha_dropout(input, p, train)`` and its in-place and feature forms."""
     original = getattr(torch, name)
@@ -255,6 +279,7 @@ _PATCHES: list[tuple[Any, str, Callable]] = [
     (F, "alpha_dropout", _alpha("alpha_dropout")),
     (F, "feature_alpha_dropout", _alpha("feature_alpha_dropout")),
     (F, "scaled_dot_product_attention", _sdpa),
+    (F, "dropout", _f_dropout),
     (torch, "alpha_dropout", _torch_alpha("alpha_dropout", "alpha_dropout")),
     (torch, "alpha_dropout_", _torch_alpha("alpha_dropout_", "alpha_dropout")),
     (torch, "feature_alpha_dropout", _torch_alpha("feature_alpha_dropout",
@@ -265,9 +290,28 @@ _PATCHES: list[tuple[Any, str, Callable]] = [
 
 
 def install(cap: Capture) -> None:
-    """Put the kernels and wrappers in place (once for every open recording)."""
+    """Put the wrappers in place (once for every open recording), the kernels when sampling."""
     with _LOCK:
         if not ACTIVE:
+            saved = []
+            for owner, name, fn in _PATCHES:
+                saved.append((owner, name, owner.__dict__.get(name, _MISSING)))
+                setattr(owner, name, fn)
+            _STATE["patches"] = saved
+        ACTIVE.append(cap)
+    sync()
+
+
+def sync() -> None:
+    """The kernels are in place exactly while some open recording samples its current step.
+
+    A step the sampling policy leaves out runs torch's own C++ kernels: the Python kernel
+    costs ~25 us per call in the dispatcher's boxing alone, and ``record(steps=[])`` must cost
+    nothing. Registering and removing the four kernels takes ~0.35 ms, at step ends only.
+    """
+    with _LOCK:
+        want = any(cap.capturing for cap in ACTIVE)
+        if want and _STATE["lib"] is None:
             lib = torch.library.Library("aten", "IMPL")
             with warnings.catch_warnings():
                 # torch warns once that an existing kernel is overridden: that is the point.
@@ -279,12 +323,9 @@ def install(cap: Capture) -> None:
                         ("feature_dropout_", "feature_dropout", True, True)):
                     lib.impl(op, _kernel(kind, feature, inplace), "CompositeImplicitAutograd")
             _STATE["lib"] = lib
-            saved = []
-            for owner, name, fn in _PATCHES:
-                saved.append((owner, name, owner.__dict__.get(name, _MISSING)))
-                setattr(owner, name, fn)
-            _STATE["patches"] = saved
-        ACTIVE.append(cap)
+        elif not want and _STATE["lib"] is not None:
+            lib, _STATE["lib"] = _STATE["lib"], None
+            lib._destroy()
 
 
 _MISSING = object()
@@ -295,18 +336,21 @@ def uninstall(cap: Capture) -> None:
     with _LOCK:
         if cap in ACTIVE:
             ACTIVE.remove(cap)
-        if ACTIVE or _STATE["lib"] is None:
-            return
-        for owner, name, original in reversed(_STATE["patches"]):
-            if original is _MISSING:
-                delattr(owner, name)
-            else:
-                setattr(owner, name, original)
-        _STATE["patches"] = []
-        lib, _STATE["lib"] = _STATE["lib"], None
-        lib._destroy()
+        if not ACTIVE:
+            for owner, name, original in reversed(_STATE["patches"]):
+                if original is _MISSING:
+                    delattr(owner, name)
+                else:
+                    setattr(owner, name, original)
+            _STATE["patches"] = []
+    sync()
 
 
 def installed() -> bool:
-    """Whether dropspy's kernels are in place (tests)."""
+    """Whether dropspy's wrappers are in place (tests)."""
+    return bool(_STATE["patches"])
+
+
+def kernels_in_place() -> bool:
+    """Whether dropspy's dropout kernels are registered now (tests)."""
     return _STATE["lib"] is not None

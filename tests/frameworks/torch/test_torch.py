@@ -81,7 +81,20 @@ def test_kernels_are_in_place_only_while_recording(tmp_path):
     original = (torch.Tensor.bernoulli_, F.scaled_dot_product_attention, torch.bernoulli)
     with dropspy.record(_mlp(), tmp_path / "run.h5"):
         assert kernels.installed() and torch.Tensor.bernoulli_ is not original[0]
-    assert not kernels.installed()
+        assert kernels.kernels_in_place()
+    assert not kernels.installed() and not kernels.kernels_in_place()
+    # Steps nobody samples run torch's own kernels.
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    seen = []
+    with dropspy.record(model, tmp_path / "every2.h5", every=2):
+        for _ in range(4):
+            seen.append(kernels.kernels_in_place())
+            model(torch.randn(2, 4)).sum().backward()
+            opt.step()
+    assert seen == [True, False, True, False]
+    with dropspy.record(_mlp(), tmp_path / "none.h5", steps=[]):
+        assert kernels.installed() and not kernels.kernels_in_place()
     assert (torch.Tensor.bernoulli_, F.scaled_dot_product_attention, torch.bernoulli) == original
     x = torch.randn(4, 4)
     torch.manual_seed(0)
