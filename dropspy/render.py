@@ -307,25 +307,51 @@ def _across_word(s: SiteAnalysis) -> Text:
     return Text(f"{c.verdict} ({c.identical}/{c.pairs} same)", style=style)
 
 
+def _ranks_cells(s: SiteAnalysis) -> tuple[str, str, str, str, Text]:
+    """ranks, replicas, records per rank, rate per rank, same masks (in words)."""
+    ranks = ",".join(str(r.rank) for r in s.ranks) or "-"
+    replicas = ",".join(str(r) for r in s.replicas) or "-"
+    records = " ".join(str(r.records) for r in s.ranks) or str(s.records)
+    rates = " ".join("-" if r.rate_observed is None else f"{r.rate_observed:.3f}"
+                     for r in s.ranks) or "-"
+    return ranks, replicas, records, rates, _across_word(s)
+
+
+def _ranks_title(result: RunAnalysis) -> Text:
+    files = ", ".join(f"rank {m.rank}" if m.error is None else f"{safe(m.path)} unreadable"
+                      for m in result.members)
+    return Text(f"Ranks: {files}" if files else "Replicas", style="bold")
+
+
 def _ranks_table(result: RunAnalysis) -> Table:
     """Per site: the ranks and replicas present, records and drop rate per rank, and whether
     ranks/replicas drew the same masks."""
-    files = ", ".join(f"rank {m.rank}" if m.error is None else f"{safe(m.path)} unreadable"
-                      for m in result.members)
-    table = Table(title=Text(f"Ranks: {files}" if files else "Replicas", style="bold"),
-                  title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False,
-                  padding=(0, 1), collapse_padding=True)
-    for col in ("site", "ranks", "replicas", "records per rank", "rate per rank",
-                "same masks across ranks/replicas"):
+    table = Table(title=_ranks_title(result), title_justify="left", box=box.SIMPLE_HEAD,
+                  pad_edge=False, show_edge=False, padding=(0, 1), collapse_padding=True)
+    for col in ("site", "ranks", "replicas", "records/rank", "rate/rank", "same masks"):
         table.add_column(col, no_wrap=True)
     for s in result.sites:
-        ranks = ",".join(str(r.rank) for r in s.ranks) or "-"
-        replicas = ",".join(str(r) for r in s.replicas) or "-"
-        records = " ".join(str(r.records) for r in s.ranks) or str(s.records)
-        rates = " ".join("-" if r.rate_observed is None else f"{r.rate_observed:.3f}"
-                         for r in s.ranks) or "-"
-        table.add_row(text(s.site), ranks, replicas, records, rates, _across_word(s))
+        table.add_row(text(s.site), *_ranks_cells(s))
     return table
+
+
+def _print_ranks(result: RunAnalysis, console: Console) -> None:
+    table = _ranks_table(result)
+    if _natural_width(console, table) <= console.width:
+        console.print(table)
+        return
+    # Too narrow: one block per site, broken only between items.
+    console.print(_ranks_title(result))
+    for s in result.sites:
+        ranks, replicas, records, rates, same = _ranks_cells(s)
+        items = [Text.assemble(("ranks ", "dim"), ranks),
+                 Text.assemble(("replicas ", "dim"), replicas),
+                 Text.assemble(("records/rank ", "dim"), records),
+                 Text.assemble(("rate/rank ", "dim"), rates),
+                 Text.assemble(("same masks ", "dim"), same)]
+        console.print(text(s.site, style="bold"))
+        for line in _pack(items, console.width - 2):
+            console.print(Padding(line, (0, 0, 0, 2)))
 
 
 def render_inspect(result: RunAnalysis, console: Console, *, verbose: bool = False) -> None:
@@ -356,7 +382,7 @@ def render_inspect(result: RunAnalysis, console: Console, *, verbose: bool = Fal
             console.print(Text(LEGEND, style="dim"))
     if result.members or any(site.across is not None for site in result.sites):
         console.print()
-        console.print(_ranks_table(result))
+        _print_ranks(result, console)
     for f in result.all_findings:
         if f.severity == Severity.INFO and not (verbose or empty):
             continue

@@ -214,7 +214,16 @@ def test_cli_inspect_of_a_set_shows_ranks_and_passes_the_schema(tmp_path):
     assert data["sites"][0]["across"]["verdict"] == "identical"
     text = runner.invoke(app, ["inspect", str(tmp_path), "-j", "1"])
     assert text.exit_code == 0 and "identical-across-ranks" in text.stdout
-    assert "records per rank" in text.stdout
+    assert "records/rank" in text.stdout and "identical (6/6 same)" in text.stdout
+
+
+def test_cli_narrow_terminal_gets_one_ranks_block_per_site(tmp_path, monkeypatch):
+    rank_files(tmp_path, [3, 4])
+    monkeypatch.setenv("COLUMNS", "50")
+    out = runner.invoke(app, ["inspect", str(tmp_path), "-j", "1"])
+    assert out.exit_code == 0, out.output
+    assert "same masks independent (0/6 same)" in out.stdout
+    assert max(len(line.rstrip()) for line in out.stdout.splitlines()) <= 50
 
 
 def test_cli_summary_files_combine_to_the_same_json_report(tmp_path):
