@@ -96,6 +96,7 @@ def assert_mask_structure(
     gates: str | None = None,
     over_time: str | None = None,
     fresh: bool | None = None,
+    ranks: str | None = None,
 ) -> SiteAnalysis:
     """Assert the recorded masks of ``site`` have the given structure.
 
@@ -103,7 +104,8 @@ def assert_mask_structure(
     must satisfy the expectation.
 
     Args:
-        run: A :class:`dropspy.store.Run`, a path to a run file, or a :class:`RunAnalysis`.
+        run: A :class:`dropspy.store.Run`, a run set, a path to either, or a
+            :class:`RunAnalysis`.
         site: Site name or glob.
         shared: Exactly the shared axes (every other axis of size > 1 must be independent).
         independent: Axes that must be independent.
@@ -114,6 +116,8 @@ def assert_mask_structure(
         gates: ``"identical"`` or ``"distinct"``.
         over_time: ``"constant"`` or ``"resampled"``.
         fresh: True: a new mask every step; False: stale.
+        ranks: ``"independent"`` or ``"identical"``: masks of different ranks/replicas at
+            the same step and call (a run set, or replicas in one file).
 
     Returns:
         The :class:`SiteAnalysis` of the (first) matching site, for further checks.
@@ -127,7 +131,7 @@ def assert_mask_structure(
     exp = Expectation(site=site, shared=None if shared is None else tuple(shared),
                       independent=None if independent is None else tuple(independent),
                       pattern=pattern, rate=rate, tol=tol, gates=gates, over_time=over_time,
-                      fresh=fresh)
+                      fresh=fresh, ranks=ranks)
     _, matched = _sites(run, site)
     lines = []
     for s in matched:

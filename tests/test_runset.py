@@ -45,7 +45,10 @@ def test_testing_helpers_take_a_run_set(tmp_path):
     from dropspy.testing import assert_mask_structure
 
     rank_files(tmp_path, [1, 2])
-    assert_mask_structure(tmp_path / "run.h5", "spatial", shared=["time"], rate=0.3)
+    assert_mask_structure(tmp_path / "run.h5", "spatial", shared=["time"], rate=0.3,
+                          ranks="independent")
+    with pytest.raises(AssertionError, match="ranks: expected identical, observed independent"):
+        assert_mask_structure(tmp_path / "run.h5", "drop", ranks="identical")
     with dropspy.load(tmp_path / "run.h5") as s:
         assert analyze_run(s) == s.report()
 
