@@ -155,3 +155,18 @@ def test_scale_smoke_reports_ddp_per_rank_and_compiled_ratios(tmp_path):
         assert r["ddp"][rank]["n"] == 4 and _finite_positive(r["ddp"][rank]["median"])
     assert r["compiled"]["step"]["n"] == 4 and _finite_positive(r["compiled"]["step"]["median"])
     assert all(_finite_positive(t) for t in r["compiled"]["first_step_s"].values())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _has("torch", "transformers"), reason="needs torch and transformers")
+def test_torch_models_smoke_reports_ratios_and_cost_per_call(tmp_path):
+    r = _run("bench_torch_models.py", tmp_path, "--smoke", "--models",
+             "transformer_encoder,awd_lstm")
+    assert r["benchmark"] == "torch_models" and set(r["models"]) == {"transformer_encoder",
+                                                                     "awd_lstm"}
+    for m in r["models"].values():
+        assert m["calls_per_step"] > 0 and m["sites"] > 0
+        every = m["variants"]["every_step"]
+        assert _finite_positive(every["ratio"]["median"]) and "us_per_call" in every
+        assert isinstance(every["meets_target"], bool)
+        assert m["variants"]["nothing_sampled"]["target"] == 1.01

@@ -331,6 +331,9 @@ class TorchAdapter:
     def _pre_hook(self, path: str, module: torch.nn.Module | None = None) -> Callable:
         cudnn_off = self.cudnn_rnn == "exact"
 
+        target = module if module is not None else self.model.get_submodule(path)
+        leaf = looks_like_dropout(target) and next(target.children(), None) is None
+
         def hook(module: torch.nn.Module, args: Any) -> None:
             cap = self._cap
             try:
@@ -339,8 +342,11 @@ class TorchAdapter:
                 if cudnn_off and isinstance(module, torch.nn.RNNBase):
                     frame.cudnn = torch.backends.cudnn.flags(enabled=False)
                     frame.cudnn.__enter__()
-                if looks_like_dropout(module) and cap.active() and not cap.mode_pushed:
-                    cap.push_mode()  # sees its random draws; popped when the call ends
+                if leaf and not cap.mode_pushed and cap.active():
+                    # Sees a leaf dropout module's random draws (an untracked rand_like
+                    # mask); popped when the call ends. Not around a wrapper (AWD's
+                    # WeightDrop around an LSTM): every torch call under the mode pays.
+                    cap.push_mode()
                     frame.pushed = True
             except Exception as exc:
                 cap.failed(f"the pre-hook of {path}", exc, path)
