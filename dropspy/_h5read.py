@@ -299,7 +299,10 @@ def _plain(value: Any, path: Path, where: str) -> Any:
         return [_plain(v, path, where) for v in value.tolist()]
     if isinstance(value, np.generic):
         return _plain(value.item(), path, where)
-    if isinstance(value, (str, int, float, bool)) or value is None:
+    if isinstance(value, str):
+        # h5py decodes non-UTF-8 bytes of variable-length strings to lone surrogates.
+        return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    if isinstance(value, (int, float, bool)) or value is None:
         return value
     raise fail(path, where, f"expected text or a number, found {type(value).__name__}")
 

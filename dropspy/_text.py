@@ -19,7 +19,8 @@ __all__ = ["safe", "text"]
 # C0 and C1 controls, DEL, and the bidirectional overrides that reorder what a terminal shows
 # (a name that reads "ok" on screen while holding something else). Tab and newline too: every
 # value is printed on one line or in one table cell.
-_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+_UNSAFE = re.compile(
+    "[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
 
 
 def _escape(match: re.Match[str]) -> str:

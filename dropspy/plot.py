@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from dropspy._text import safe
 from dropspy.errors import RecordNotFoundError
 
 __all__ = ["plot_site", "site_figure", "mask_image", "find_record", "png_path", "CAPTION"]
@@ -90,6 +91,15 @@ def mask_image(mask: np.ndarray, axes: tuple[str, ...],
     return img, down, across, note
 
 
+def _label(value: Any) -> str:
+    """File text as a matplotlib label: control characters escaped, ``$`` not mathtext.
+
+    A raw ESC in a site name reached the terminal through matplotlib's missing-glyph warning,
+    and ``$...$`` in a name would be parsed as math (a parse error is an exception at draw).
+    """
+    return safe(value).replace("$", r"\$")
+
+
 def _applied(site: Any, i: int) -> np.ndarray:
     """Record ``i``'s applied mask as a read-only broadcast view of its noise (no copy).
 
@@ -140,7 +150,7 @@ def site_figure(run: Any, site: str, *, step: int | None = None, call: int | Non
     i = find_record(main, step, call)
     rec_step, rec_call = int(np.asarray(main.steps)[i]), int(np.asarray(main.calls)[i])
     columns = _siblings(run, main, site, rec_step, rec_call)
-    axes = tuple(main.axes)
+    axes = tuple(_label(a) for a in main.axes)
     mask0 = columns[0][1]
     batched = bool(axes) and axes[0] == "batch" and mask0.ndim >= 3
     rows = min(samples, mask0.shape[0]) if batched else 1
@@ -160,7 +170,7 @@ def site_figure(run: Any, site: str, *, step: int | None = None, call: int | Non
             cut = img[:_MAX_CELLS, :_MAX_CELLS]
             ax = fig.add_subplot(grid[0, r] if ncols == 1 else grid[r, c])
             ax.imshow(cut, cmap="gray", vmin=0, vmax=1, interpolation="nearest", aspect="auto")
-            title = f"gate {gate}, " if ncols > 1 else ""
+            title = f"gate {_label(gate)}, " if ncols > 1 else ""
             title += f"sample {r}" if batched else (
                 "all samples" if across == "batch" else "mask")
             if cut.shape != img.shape:
@@ -170,7 +180,7 @@ def site_figure(run: Any, site: str, *, step: int | None = None, call: int | Non
                           if across else "")
             ax.set_ylabel(f"{down} \u2193" if down else "")
     rate = main.rate
-    gate_note = f" (gate {main.gate})" if ncols > 1 else ""
+    gate_note = f" (gate {_label(main.gate)})" if ncols > 1 else ""
     for k, name in enumerate(axes):
         ax = fig.add_subplot(grid[grid_rows - 1, k])
         x, keep = _keep_along(main.noise(i), mask0.shape[k], k)
@@ -186,16 +196,16 @@ def site_figure(run: Any, site: str, *, step: int | None = None, call: int | Non
         ax.set_ylabel("kept fraction")
         ax.set_title(f"keep rate along {name}{gate_note}{reference}", fontsize=9)
     if ncols > 1:
-        gates = ", ".join(str(g) for g, _ in columns)
-        name = f"{main.layer}/{main.role}: gates {gates}"
+        gates = ", ".join(_label(g) for g, _ in columns)
+        name = f"{_label(main.layer)}/{_label(main.role)}: gates {gates}"
     else:
-        name = site
+        name = _label(site)
     rate_words = "?" if rate is None else f"{rate:g}"
     shown = "samples" if across == "batch" else across
     layout = f"; {down} down, {shown} across" if down and across else ""
-    fig.suptitle(f"{name} ({main.layer_class}), step {rec_step} call {rec_call}, configured "
-                 f"rate {rate_words}, applied shape {tuple(mask0.shape)}\n{CAPTION}{layout}",
-                 fontsize=10)
+    fig.suptitle(f"{name} ({_label(main.layer_class)}), step {rec_step} call {rec_call}, "
+                 f"configured rate {rate_words}, applied shape {tuple(mask0.shape)}\n"
+                 f"{CAPTION}{layout}", fontsize=10)
     return fig
 
 

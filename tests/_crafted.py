@@ -209,6 +209,8 @@ DAMAGES: dict[str, Callable[[Path], None]] = {
     "extra-nan": _attr("extra", _attr_value('{"a": NaN}')),
     "name-not-text": _attr("name", 5),
     "name-markup": _attr("name", _attr_value("[link=http://evil]x[/link][/bold]\x1b[2J")),
+    "name-not-utf8": _attr("name", b"\x80\xff\x1b[2J"),  # h5py: lone surrogates
+    "name-mathtext": _attr("name", _attr_value("$\\frac{1}{$^_\x1b")),
     "rate-infinite": _attr("rate", float("inf")),
     "rate-text": _attr("rate", _attr_value("0.5")),
     "rate-1e308": _attr("rate", 1e308),

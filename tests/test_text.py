@@ -8,7 +8,7 @@ from dropspy._text import safe, text
 
 
 def test_control_characters_and_bidi_overrides_are_escaped():
-    assert safe("a\x1b[31mb\x07\n\u202ec") == "a\\x1b[31mb\\x07\\x0a\\u202ec"
+    assert safe("a\x1b[31mb\x07\n\u202ec\udc80") == "a\\x1b[31mb\\x07\\x0a\\u202ec\\udc80"
 
 
 def test_plain_text_is_unchanged_and_limit_cuts_with_a_mark():

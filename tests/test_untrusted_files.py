@@ -48,7 +48,8 @@ EXPECT = {
         "offset-int64-max", "offset-past-end", "call-negative", "duplicate-site-name",
         "record-rate-infinite"],
         "named"),
-    **dict.fromkeys(["name-markup", "stop-reason-escape"], "read-text"),
+    **dict.fromkeys(["name-markup", "name-not-utf8", "name-mathtext", "stop-reason-escape"],
+                    "read-text"),
     "broadcast-bomb": "read",
 }
 
