@@ -54,7 +54,8 @@ class Verdict:
     evidence: str
 
 
-def parse_args(description: str, name: str) -> argparse.Namespace:
+def parse_args(description: str, name: str,
+               backends: tuple[str, ...] = ()) -> argparse.Namespace:
     """``--out DIR`` (default ``<repo>/out/<name>``, gitignored) and ``--small``.
 
     ``DROPSPY_EXAMPLES_SMALL=1`` in the environment also selects the small sizes (tests use it).
@@ -66,6 +67,9 @@ def parse_args(description: str, name: str) -> argparse.Namespace:
                         default=os.environ.get("DROPSPY_EXAMPLES_SMALL", "") not in ("", "0"),
                         help="fewer training steps (for tests); the verdicts stay the same")
     parser.add_argument("--no-pictures", action="store_true", help="skip the PNG pictures")
+    if backends:   # read once more before Keras is imported (see the script)
+        parser.add_argument("--backend", choices=backends, default=backends[0],
+                            help="Keras 3 backend (sets KERAS_BACKEND)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.no_pictures and importlib.util.find_spec("matplotlib") is None:

@@ -22,7 +22,10 @@ run file just recorded, so on another Keras/TensorFlow version (``TF_USE_LEGACY_
 Keras 2) the same script prints that version's truth.
 
 Run:
-    python examples/dropout_around_lstm.py [--out DIR] [--small]
+    python examples/dropout_around_lstm.py [--out DIR] [--small] [--backend jax]
+
+``--backend tensorflow|jax|torch`` picks Keras 3's backend (it sets ``KERAS_BACKEND`` before
+Keras is imported); the verdicts are the same on all three.
 
 It writes one run file per configuration, ``verdicts.json`` and PNG pictures into ``--out``
 (default ``out/dropout_around_lstm``); look at any run with ``dropspy inspect <file>``.
@@ -39,9 +42,27 @@ STARTED = time.perf_counter()
 # TensorFlow's own C++ log lines (oneDNN, CUDA probing) are not dropspy's: hide what can be
 # hidden (a few lines printed before TensorFlow reads this setting still show).
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+BACKENDS = ("tensorflow", "jax", "torch")
+
+
+def _backend_from_argv() -> str:
+    """``--backend`` read before Keras is imported: Keras fixes its backend at import."""
+    argv = sys.argv[1:]
+    for i, arg in enumerate(argv):
+        if arg.startswith("--backend="):
+            return arg.split("=", 1)[1]
+        if arg == "--backend" and i + 1 < len(argv):
+            return argv[i + 1]
+    return os.environ.get("KERAS_BACKEND", "tensorflow")
+
+
+BACKEND = _backend_from_argv()
+if BACKEND in BACKENDS:
+    os.environ["KERAS_BACKEND"] = BACKEND
+if BACKEND == "torch":
+    import torch  # noqa: F401  (torch before tensorflow in one process)
 
 import numpy as np
-import tensorflow as tf
 
 import dropspy
 from dropspy.analysis import RunAnalysis, analyze_run
@@ -60,8 +81,13 @@ from _evidence import (
     write_verdicts,
 )
 
-# tf.keras is Keras 3 by default and tf_keras (Keras 2) under TF_USE_LEGACY_KERAS=1.
-keras = tf.keras
+if BACKEND == "tensorflow":
+    import tensorflow as tf
+
+    # tf.keras is Keras 3 by default and tf_keras (Keras 2) under TF_USE_LEGACY_KERAS=1.
+    keras = tf.keras
+else:
+    import keras
 L = keras.layers
 
 STEPS, FEATURES, UNITS, RATE = 20, 8, 10, 0.5
@@ -212,13 +238,27 @@ def _version() -> str:
     return keras.__version__
 
 
+def _engine() -> tuple[str, str]:
+    """The backend with its version, and the device kind it trains on."""
+    if BACKEND == "jax":
+        import jax
+
+        return f"JAX {jax.__version__}", jax.devices()[0].platform.upper()
+    if BACKEND == "torch":
+        import torch
+
+        return f"torch {torch.__version__}", "GPU" if torch.cuda.is_available() else "CPU"
+    return (f"TensorFlow {tf.__version__}",
+            "GPU" if tf.config.list_physical_devices("GPU") else "CPU")
+
+
 def main() -> int:
-    args = parse_args(__doc__.splitlines()[0], "dropout_around_lstm")
+    args = parse_args(__doc__.splitlines()[0], "dropout_around_lstm", backends=BACKENDS)
     samples, batch = (64, 16) if args.small else (256, 32)
     version = _version()
-    device = "GPU" if tf.config.list_physical_devices("GPU") else "CPU"
+    engine, device = _engine()
     print(f"Dropout before or after an LSTM? Masks recorded by dropspy on Keras {version} "
-          f"(TensorFlow {tf.__version__}, {device}).")
+          f"({engine}, {device}).")
     print(f"Input (batch={batch}, steps={STEPS}, features={FEATURES}), LSTM({UNITS}), rate "
           f"{RATE}, {samples // batch} training steps per configuration.\n", flush=True)
     files = record_all(args.out, samples, batch)
@@ -229,7 +269,7 @@ def main() -> int:
     verdicts = judge(files, analyses)
     print_table(verdicts)
     write_verdicts(args.out, verdicts, {"framework": "keras", "keras_version": version,
-                                        "tensorflow_version": tf.__version__,
+                                        "backend": BACKEND, "engine": engine,
                                         "steps": STEPS, "features": FEATURES, "batch": batch,
                                         "training_steps": samples // batch})
     if not args.no_pictures:

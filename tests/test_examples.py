@@ -230,3 +230,26 @@ def test_readme_findings_table_is_what_the_seed_example_prints_here(keras_exampl
     if f"Keras {saved['keras_version']} / TensorFlow {saved['tensorflow_version']}" not in section:
         pytest.skip("the README's findings were recorded on other versions")
     assert _printed_verdicts(section) == _printed_verdicts(proc.stdout)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["torch", "jax"])
+def test_lstm_example_gives_the_same_verdicts_on_the_jax_and_torch_backends(
+        backend, keras_example, tmp_path):
+    if importlib.util.find_spec(backend) is None:
+        pytest.skip(f"{backend} is not installed")
+    env = dict(os.environ, DROPSPY_EXAMPLES_SMALL="1", TF_CPP_MIN_LOG_LEVEL="2",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, str(EXAMPLES / "dropout_around_lstm.py"), "--out",
+                           str(tmp_path), "--backend", backend, "--no-pictures"],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    theirs = json.loads((tmp_path / "verdicts.json").read_text())
+    ours = json.loads((keras_example[1] / "verdicts.json").read_text())
+    assert theirs["backend"] == backend and ours["backend"] == "tensorflow"
+
+    def claims(saved):
+        return [(v["claim"], v["verdict"]) for v in saved["verdicts"]]
+
+    assert len(claims(ours)) == 13
+    assert claims(theirs) == claims(ours)

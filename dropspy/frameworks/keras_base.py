@@ -333,7 +333,7 @@ class KerasAdapterBase:
         self._traces: dict[int, _TraceMeta] = {}
         self._step = 0
         self._calls_step = -1
-        self._calls: dict[str, int] = {}
+        self._calls: dict[tuple[str, int], int] = {}
         self._noted: set[str] = set()
 
     def attach(self, session: Session) -> None:
@@ -414,11 +414,17 @@ class KerasAdapterBase:
         strategy = getattr(model, "distribute_strategy", None)
         replicas = getattr(strategy, "num_replicas_in_sync", 1)
         if replicas and replicas > 1:
-            raise UnsupportedModelError(
-                f"dropspy cannot record a {label} model under a distribution strategy with "
-                f"{replicas} replicas yet (step outputs are reduced across replicas; masks must "
-                f"not be). Expected a single replica. Received: {type(strategy).__name__}."
-            )
+            why = self._replicas_refused(strategy)
+            if why:
+                raise UnsupportedModelError(
+                    f"dropspy cannot record a {label} model under a distribution strategy with "
+                    f"{replicas} replicas: {why} Received: {type(strategy).__name__}."
+                )
+
+    def _replicas_refused(self, strategy: Any) -> str | None:
+        """Why masks of ``strategy``'s replicas cannot be recorded (None: they can)."""
+        return ("step outputs are reduced across replicas, and masks must not be. Expected a "
+                "single replica.")
 
     def _declare(self, spec: Any, rank: int) -> bool:
         if not spec.declared:
@@ -523,8 +529,10 @@ class KerasAdapterBase:
                 step = self._step
                 if kind == "train":
                     self._step += 1
-                self._on_step(step, payload,
-                              wanted=kind == "train" or self.session.record_eval)
+                # Several replicas: one payload each, in replica order (see capture_tf).
+                for replica, part in enumerate(payload.get("replicas", [payload])):
+                    self._on_step(step, part, replica,
+                                  wanted=kind == "train" or self.session.record_eval)
                 out = (logs, *out[1:]) if pair else logs
             return out
 
@@ -532,7 +540,8 @@ class KerasAdapterBase:
         function.__wrapped__ = inner  # type: ignore[attr-defined]
         return function
 
-    def _on_step(self, step: int, payload: dict[str, Any], wanted: bool = True) -> None:
+    def _on_step(self, step: int, payload: dict[str, Any], replica: int = 0,
+                  wanted: bool = True) -> None:
         ops = self._payload_ops()
         dims = np.asarray(ops.to_numpy(payload["dims"]))
         tid = int(dims[0])
@@ -551,12 +560,15 @@ class KerasAdapterBase:
         records = decode_step(step, meta.draws, ops.to_numpy(payload["bits"]), dims[1:])
         # Evaluate/predict batches share the step of the next train step: number their calls
         # on from what this step already holds, so (step, call) stays unique per site.
+        # Calls are numbered per replica: (step, call, replica) is unique per site.
         if self._calls_step != step:
             self._calls_step, self._calls = step, {}
         for r in records:
-            r.call += self._calls.get(r.site, 0)
+            r.replica = replica
+            r.call += self._calls.get((r.site, replica), 0)
         for r in records:
-            self._calls[r.site] = max(self._calls.get(r.site, 0), r.call + 1)
+            key = (r.site, replica)
+            self._calls[key] = max(self._calls.get(key, 0), r.call + 1)
         self.session.submit(step, records)
 
 

@@ -262,6 +262,24 @@ class KerasAdapter(DrawRouter, KerasAdapterBase):
                     f"recording (keras.distribution.set_distribution(None))."
                 )
 
+    def _replicas_refused(self, strategy: Any) -> str | None:
+        """MirroredStrategy in one process is recorded per replica (TF backend); the rest not.
+
+        Each replica's masks stay apart (the ``replica`` of each record), see ``capture_tf``.
+        """
+        kind = type(strategy).__name__
+        if self._cap is not None and self._cap.name == "tensorflow" and kind == "MirroredStrategy":
+            return None
+        if kind.startswith("MultiWorkerMirroredStrategy") or kind.startswith("Collective"):
+            return ("each worker of a MultiWorkerMirroredStrategy is a process of its own and "
+                    "needs its own run file (one per rank, with the run set's rank attributes), "
+                    "which dropspy does not name for tf.distribute yet; its step outputs are "
+                    "also gathered across workers, not kept per replica. Expected "
+                    "MirroredStrategy on the devices of one process.")
+        return (f"dropspy keeps the masks of each replica apart for MirroredStrategy only (TF "
+                f"backend); {kind} reduces step outputs its own way. Expected MirroredStrategy "
+                f"or a single replica.")
+
     def _steps_per_execution(self) -> tuple[int, bool]:
         spe = getattr(self.model, "steps_per_execution", 1) or 1
         try:

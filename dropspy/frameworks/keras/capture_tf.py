@@ -28,6 +28,18 @@ class TFCapture(BackendCapture):
 
     name = "tensorflow"
 
+    def __init__(self, random_module: Any) -> None:
+        super().__init__(random_module)
+        self._trainer = _TrainerPatch()
+
+    def _apply(self) -> None:
+        super()._apply()
+        self._trainer.apply()
+
+    def _restore(self) -> None:
+        super()._restore()
+        self._trainer.restore()
+
     def exact_dropout(self, inputs: Any, rate: Any, noise_shape: Any = None,
                       seed: Any = None) -> tuple[Any, Any, Any]:
         return exact_dropout(inputs, rate, noise_shape, seed)
@@ -126,6 +138,53 @@ def exact_dropout(inputs: Any, rate: Any, noise_shape: Any = None,
 def _noise_shape_tensor(inputs: Any, noise_shape: Any) -> Any:
     concrete = _tf_random._get_concrete_noise_shape(inputs, noise_shape)
     return tf.cast(tf.stack(concrete) if isinstance(concrete, list) else concrete, tf.int32)
+
+
+def _replica_payloads(payload: Any, strategy: Any) -> Any:
+    """One step's payload as a list, one ``{"bits", "dims"}`` per replica, in replica order."""
+    bits = strategy.experimental_local_results(payload["bits"])
+    dims = strategy.experimental_local_results(payload["dims"])
+    return {"replicas": tuple({"bits": b, "dims": d} for b, d in zip(bits, dims))}
+
+
+def _make_reduce(original: Any) -> Any:
+    """Keras' ``reduce_per_replica``, leaving the masks per replica.
+
+    Keras averages every step output across replicas (``reduction="auto"`` is a mean off TPU):
+    masks must not be averaged, so the payload is taken out, the rest reduced as Keras does,
+    and each replica's own payload put back beside it.
+    """
+    from dropspy.frameworks.keras_base import OUTPUT_KEY
+
+    def reduce_per_replica(values: Any, strategy: Any, reduction: Any) -> Any:
+        if not isinstance(values, dict) or OUTPUT_KEY not in values \
+                or getattr(strategy, "num_replicas_in_sync", 1) <= 1:
+            return original(values, strategy, reduction)
+        rest = dict(values)
+        payload = rest.pop(OUTPUT_KEY)
+        out = dict(original(rest, strategy, reduction))
+        out[OUTPUT_KEY] = _replica_payloads(payload, strategy)
+        return out
+
+    reduce_per_replica.__wrapped__ = original  # type: ignore[attr-defined]
+    return reduce_per_replica
+
+
+class _TrainerPatch:
+    """Puts the per-replica ``reduce_per_replica`` into Keras' TF trainer while recording."""
+
+    def __init__(self) -> None:
+        from keras.src.backend.tensorflow import trainer as _trainer
+
+        self.module = _trainer
+        self.original = _trainer.reduce_per_replica
+        self.patched = _make_reduce(self.original)
+
+    def apply(self) -> None:
+        self.module.reduce_per_replica = self.patched
+
+    def restore(self) -> None:
+        self.module.reduce_per_replica = self.original
 
 
 CAPTURE = TFCapture(_tf_random)

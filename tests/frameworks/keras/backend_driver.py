@@ -11,6 +11,9 @@ Scenarios:
     exact: a probe whose train step returns each dropout's input and output; each recorded
            mask is checked against the backend's own dropout arithmetic, with exact zeros
            planted in the input.
+    mirrored: (TensorFlow) MirroredStrategy over 2 logical CPUs: fit bit-identical with and
+           without dropspy, masks per replica, and Monte Carlo dropout in predict checked
+           per replica against each replica's half of the batch.
 """
 
 from __future__ import annotations
@@ -23,6 +26,13 @@ import numpy as np
 
 if os.environ.get("KERAS_BACKEND") == "torch":
     import torch  # noqa: F401  (torch before tensorflow in one process)
+if "mirrored" in sys.argv[1]:
+    # Two logical CPUs, configured before TensorFlow initialises its devices.
+    import tensorflow as tf
+
+    _cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(
+        _cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 
 import keras
 
@@ -188,7 +198,82 @@ def exact(workdir):
     return result
 
 
+def _mirrored_model(strategy, seed=3):
+    with strategy.scope():
+        return _model(seed)
+
+
+def mirrored(workdir):
+    """2 replicas (2 logical CPUs): fit, bit-identical; masks per replica; MC predict exact."""
+    import tensorflow as tf
+
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(16, T, F)).astype(np.float32)
+    y = rng.normal(size=(16, 1)).astype(np.float32)
+
+    def train(model):
+        model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+
+    plain = _mirrored_model(strategy)
+    train(plain)
+    recorded = _mirrored_model(strategy)
+    path = os.path.join(workdir, "mirrored.h5")
+    with dropspy.record(recorded, path):
+        train(recorded)
+    weights = [bool(np.array_equal(_np(a.value).view(np.uint8), _np(b.value).view(np.uint8)))
+               for a, b in zip(plain.weights, recorded.weights)]
+    sa, sb = _seed_states(plain), _seed_states(recorded)
+    run = dropspy.load(path)
+    per_replica, identical, total = {}, 0, 0
+    for name, site in run.items():
+        reps = site.replicas.tolist()
+        per_replica[name] = {str(r): reps.count(r) for r in sorted(set(reps))}
+        for step in sorted(set(site.steps.tolist())):
+            idx = [i for i in range(len(site)) if site.steps[i] == step]
+            by_rep = {int(site.replicas[i]): site.mask(i) for i in idx}
+            if len(by_rep) == 2:
+                total += 1
+                identical += bool(np.array_equal(by_rep[0], by_rep[1]))
+
+    # Monte Carlo dropout in predict: outputs are concatenated in replica order, so each
+    # replica's half of the batch is checked against that replica's recorded mask.
+    class MCDropout(L.Dropout):
+        def call(self, inputs, training=None):
+            return super().call(inputs, training=True)
+
+    with strategy.scope():
+        inp = keras.Input((T, F))
+        mc = keras.Model(inp, MCDropout(0.5, name="mc")(inp))
+        mc.compile(optimizer="sgd", loss="mse")
+    xp = _planted((8, T, F), 5)
+    mc_path = os.path.join(workdir, "mirrored_mc.h5")
+    with dropspy.record(mc, mc_path):
+        yp = mc.predict(xp, batch_size=8, verbose=0)
+    mc_run = dropspy.load(mc_path)
+    site = mc_run["mc"]
+    exact, kept_zero = [], False
+    for i in range(len(site)):
+        r = int(site.replicas[i])
+        xs, ys = xp[4 * r:4 * r + 4], yp[4 * r:4 * r + 4]
+        m = site.mask(i)
+        want = np.where(m, xs * np.float32(site.scale), np.float32(0)).astype(np.float32)
+        exact.append(bool(np.array_equal(ys.view(np.uint32), want.view(np.uint32))))
+        kept_zero |= bool(np.any(m & (xs == 0)))
+    return {
+        "weights_equal": all(weights), "n_weights": len(weights),
+        "seed_states_equal": len(sa) == len(sb) and all(
+            np.array_equal(a, b) for a, b in zip(sa, sb)),
+        "n_seed_states": len(sa),
+        "per_replica": per_replica,
+        "identical_across_replicas": [identical, total],
+        "mc_replicas": sorted(site.replicas.tolist()),
+        "mc_exact": exact, "mc_kept_zeros": kept_zero,
+        "dropped": {k: v for k, v in run.records_dropped.items() if v},
+    }
+
+
 if __name__ == "__main__":
     scenarios, workdir = sys.argv[1].split(","), sys.argv[2]
-    table = {"fit": fit, "exact": exact}
+    table = {"fit": fit, "exact": exact, "mirrored": mirrored}
     print("DRIVER-RESULT " + json.dumps({name: table[name](workdir) for name in scenarios}))

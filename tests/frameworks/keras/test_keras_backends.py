@@ -84,3 +84,31 @@ def test_masks_match_the_backends_own_dropout_arithmetic_with_planted_zeros(back
     assert check["kept_zeros"]   # a mask guessed from output == 0 would fail here
     assert check["noise_shape"] == ([8, 1, 4] if site == "spatial" else [8, 6, 4])
     assert 0.3 < check["keep_fraction"] < 0.95
+
+
+@pytest.fixture(scope="module")
+def mirrored_result(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("keras_mirrored")
+    return run_driver("tensorflow", "mirrored", workdir)["mirrored"]
+
+
+def test_mirrored_two_replicas_fit_is_bit_identical_with_and_without_record(mirrored_result):
+    assert mirrored_result["n_weights"] == 5 and mirrored_result["weights_equal"]
+    assert mirrored_result["n_seed_states"] == 3 and mirrored_result["seed_states_equal"]
+    assert not mirrored_result["dropped"]
+
+
+def test_mirrored_masks_are_kept_per_replica_not_averaged(mirrored_result):
+    # 16 samples, global batch 8: 2 steps, each drawn once on each of the 2 replicas.
+    assert len(mirrored_result["per_replica"]) == 10
+    assert all(counts == {"0": 2, "1": 2} for counts in mirrored_result["per_replica"].values())
+    identical, pairs = mirrored_result["identical_across_replicas"]
+    assert pairs == 20
+    # What Keras 3 does (README findings): both replicas read one mirrored seed state.
+    assert identical == pairs
+
+
+def test_mirrored_predict_masks_are_exact_per_replica_with_planted_zeros(mirrored_result):
+    assert mirrored_result["mc_replicas"] == [0, 1]
+    assert mirrored_result["mc_exact"] == [True, True]
+    assert mirrored_result["mc_kept_zeros"]
