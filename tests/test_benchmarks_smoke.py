@@ -170,3 +170,16 @@ def test_torch_models_smoke_reports_ratios_and_cost_per_call(tmp_path):
         assert _finite_positive(every["ratio"]["median"]) and "us_per_call" in every
         assert isinstance(every["meets_target"], bool)
         assert m["variants"]["nothing_sampled"]["target"] == 1.01
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _has("tensorflow", "keras", "jax", "torch"),
+                    reason="needs tensorflow, jax and torch")
+def test_keras_backends_smoke_reports_a_ratio_for_every_backend_and_variant(tmp_path):
+    r = _run("bench_keras_backends.py", tmp_path, "--smoke", timeout=1500)
+    cases = {(c["backend"], c["variant"]) for c in r["results"]}
+    assert cases == {("tensorflow", "fit"), ("jax", "fit"), ("torch", "fit"),
+                     ("tensorflow", "spe4"), ("jax", "spe4"), ("tensorflow", "mirrored")}
+    for c in r["results"]:
+        assert _finite_positive(c["ratio"]["median"]) and c["ratio"]["n"] == r["rounds"]
+        assert _finite_positive(c["ms_per_step"])

@@ -330,6 +330,8 @@ class KerasAdapterBase:
         self._attached = False
         self._sites = None
         self._cap = None
+        # Per step kind, where inner steps of one execution leave their masks (TF, spe > 1).
+        self._inner_buffers: dict[str, Any] = {}
         self._traces: dict[int, _TraceMeta] = {}
         self._step = 0
         self._calls_step = -1
@@ -404,7 +406,7 @@ class KerasAdapterBase:
         model = self.model
         label = self._model_label
         spe, autotuned = self._steps_per_execution()
-        if spe > 1 or autotuned:
+        if (spe > 1 or autotuned) and not self._records_inner_steps():
             raise UnsupportedModelError(
                 f"dropspy cannot record a {label} model compiled with steps_per_execution={spe}: "
                 f"{label} returns only the last step's outputs of each execution, so the masks "
@@ -420,6 +422,10 @@ class KerasAdapterBase:
                     f"dropspy cannot record a {label} model under a distribution strategy with "
                     f"{replicas} replicas: {why} Received: {type(strategy).__name__}."
                 )
+
+    def _records_inner_steps(self) -> bool:
+        """Whether the masks of every inner step of one execution reach the host."""
+        return False
 
     def _replicas_refused(self, strategy: Any) -> str | None:
         """Why masks of ``strategy``'s replicas cannot be recorded (None: they can)."""
@@ -489,6 +495,9 @@ class KerasAdapterBase:
         else:
             logs = dict(logs)
             logs[OUTPUT_KEY] = self._payload(trace)
+        buffer = self._inner_buffers.get(kind)
+        if buffer is not None and isinstance(logs, dict) and OUTPUT_KEY in logs:
+            buffer.write(logs[OUTPUT_KEY])
         return (logs, *rest) if pair else logs
 
     def _payload(self, trace: Any) -> dict[str, Any]:
@@ -526,13 +535,18 @@ class KerasAdapterBase:
                 payload = logs.pop(OUTPUT_KEY)
                 if kind == "predict":
                     logs = logs[PREDICT_OUTPUTS_KEY]
-                step = self._step
-                if kind == "train":
-                    self._step += 1
-                # Several replicas: one payload each, in replica order (see capture_tf).
-                for replica, part in enumerate(payload.get("replicas", [payload])):
-                    self._on_step(step, part, replica,
-                                  wanted=kind == "train" or self.session.record_eval)
+                buffer = self._inner_buffers.get(kind)
+                # Several steps per execution: every inner step's payload, from the buffer
+                # (the one in the logs is the last step's, also in the buffer).
+                steps = buffer.drain() if buffer is not None else [payload]
+                for one in steps:
+                    step = self._step
+                    if kind == "train":
+                        self._step += 1
+                    # Several replicas: one payload each, in replica order (see capture_tf).
+                    for replica, part in enumerate(one.get("replicas", [one])):
+                        self._on_step(step, part, replica,
+                                      wanted=kind == "train" or self.session.record_eval)
                 out = (logs, *out[1:]) if pair else logs
             return out
 

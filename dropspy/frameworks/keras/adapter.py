@@ -88,6 +88,7 @@ class KerasAdapter(DrawRouter, KerasAdapterBase):
     def __init__(self, model: Any) -> None:
         _check_supported(model)
         super().__init__(model)
+        self._making: str | None = None   # the kind of step function being built (JAX)
 
     def meta(self) -> dict[str, Any]:
         """Framework, versions, backend and devices, for the run file's root attributes."""
@@ -208,6 +209,38 @@ class KerasAdapter(DrawRouter, KerasAdapterBase):
         for kind in ("train", "test", "predict"):
             self._wrap_step_kind(kind)
 
+    def _records_inner_steps(self) -> bool:
+        # JAX runs the inner steps of an execution in a Python loop: each jitted step's
+        # masks are taken out as it returns (see _wrap_jax_make_function). TF runs them in a
+        # tf.while_loop: each step appends its masks to an InnerStepBuffer (capture_tf), read
+        # after each execution; not under XLA (a variable whose length changes) nor with
+        # several replicas.
+        if self._cap is None:
+            return False
+        if self._cap.name == "jax":
+            return True
+        strategy = getattr(self.model, "distribute_strategy", None)
+        return (self._cap.name == "tensorflow" and getattr(self.model, "jit_compile", False)
+                is not True and getattr(strategy, "num_replicas_in_sync", 1) <= 1)
+
+    def _wrap_jax_make_function(self) -> None:
+        """Hand every jitted step to the host wrapper before Keras' Python loop sees it.
+
+        Keras' JAX ``_make_function`` calls the jitted step ``steps_per_execution`` times in
+        Python and keeps only the last outputs: wrapping the step itself (not the function
+        around the loop) takes each inner step's masks out as it returns, so several steps
+        per execution lose nothing.
+        """
+        model = self.model
+        original = model._make_function
+
+        def make_function(step_function: Any, concatenate_outputs: bool = False) -> Any:
+            kind = self._making or "train"
+            return original(self._host_wrapper(step_function, kind, pair=True),
+                            concatenate_outputs=concatenate_outputs)
+
+        self._set_attr(model, "_make_function", make_function)
+
     def _wrap_step_kind(self, kind: str) -> None:
         model = self.model
         original_step = getattr(model, f"{kind}_step")
@@ -215,6 +248,8 @@ class KerasAdapter(DrawRouter, KerasAdapterBase):
         attr = f"{kind}_function"
         # JAX steps are pure: (state, data) -> (logs, state); the masks ride in the logs.
         pair = self._cap.name == "jax"
+        if pair and "_make_function" not in model.__dict__:
+            self._wrap_jax_make_function()
 
         if pair:
             def step_fn(state: Any, data: Any) -> Any:
@@ -229,10 +264,22 @@ class KerasAdapter(DrawRouter, KerasAdapterBase):
             fn = model.__dict__.get(attr)
             if fn is not None and not force:
                 return fn
+            if pair:   # the jitted steps inside are wrapped (_wrap_jax_make_function)
+                self._making = kind
+                try:
+                    original_make(force=True)
+                finally:
+                    self._making = None
+                return getattr(model, attr)
             original_make(force=True)
-            setattr(model, attr, self._host_wrapper(getattr(model, attr), kind, pair=pair))
+            setattr(model, attr, self._host_wrapper(getattr(model, attr), kind))
             return getattr(model, attr)
 
+        if self._cap.name == "tensorflow" and self._steps_per_execution()[0] > 1 \
+                and kind not in self._inner_buffers:
+            from dropspy.frameworks.keras.capture_tf import InnerStepBuffer
+
+            self._inner_buffers[kind] = InnerStepBuffer()
         self._set_attr(model, f"{kind}_step", step_fn)
         self._set_attr(model, f"make_{kind}_function", make_function)
         # A function built before recording has no mask outputs: set it aside (restored on
@@ -241,8 +288,18 @@ class KerasAdapter(DrawRouter, KerasAdapterBase):
 
     def _check_compiled_options(self) -> None:
         """The base refusals, plus what only some backends can compile."""
-        super()._check_compiled_options()
         backend = self._cap.name if self._cap is not None else _capture().name
+        spe = self._steps_per_execution()[0]
+        if spe > 1 and backend == "tensorflow" and not self._records_inner_steps():
+            raise UnsupportedModelError(
+                f"dropspy cannot record a Keras model compiled with steps_per_execution={spe} "
+                f"together with jit_compile=True or several replicas on the TensorFlow backend "
+                f"yet: the inner steps' masks wait in a variable whose length changes, which "
+                f"XLA does not compile, and are not kept per replica. Expected "
+                f"jit_compile=False and one replica, or steps_per_execution=1. Received: "
+                f"jit_compile={getattr(self.model, 'jit_compile', None)}."
+            )
+        super()._check_compiled_options()
         if backend == "torch" and getattr(self.model, "jit_compile", False) is True:
             raise UnsupportedModelError(
                 "dropspy cannot record a Keras model compiled with jit_compile=True on the "

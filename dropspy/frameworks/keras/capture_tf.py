@@ -19,8 +19,8 @@ from keras.src.random.seed_generator import draw_seed
 
 from dropspy.frameworks.keras.tracing import BackendCapture, Draw, Frame, Trace
 
-__all__ = ["Frame", "Draw", "Trace", "TFCapture", "CAPTURE", "current_trace", "push_trace",
-           "pop_trace", "install", "uninstall", "installed", "exact_dropout"]
+__all__ = ["Frame", "Draw", "Trace", "TFCapture", "InnerStepBuffer", "CAPTURE", "current_trace",
+           "push_trace", "pop_trace", "install", "uninstall", "installed", "exact_dropout"]
 
 
 class TFCapture(BackendCapture):
@@ -185,6 +185,47 @@ class _TrainerPatch:
 
     def restore(self) -> None:
         self.module.reduce_per_replica = self.original
+
+
+class InnerStepBuffer:
+    """Where the masks of every inner step of one execution wait for the host
+    (``steps_per_execution > 1``).
+
+    Keras' TF loop keeps only the last step's outputs, so each step also appends its payload to
+    two dropspy-owned variables (never model variables: nothing the model saves or trains):
+    ``bits`` and ``dims``, the latter prefixed per step by ``[n_bits, n_dims]``. The host
+    drains them after each execution. Appending rather than writing row ``counter % spe`` of
+    a fixed buffer: the variables take any length, so no step can draw more than fits and no
+    rebuild is needed; an execution holds at most ``steps_per_execution`` payloads.
+    """
+
+    def __init__(self) -> None:
+        with tf.init_scope():
+            self.bits = tf.Variable(tf.zeros([0], tf.bool), shape=tf.TensorShape([None]),
+                                    trainable=False, name="dropspy_inner_bits")
+            self.dims = tf.Variable(tf.zeros([0], tf.int32), shape=tf.TensorShape([None]),
+                                    trainable=False, name="dropspy_inner_dims")
+
+    def write(self, payload: dict[str, Any]) -> None:
+        """Append one step's payload (inside the traced step)."""
+        bits, dims = payload["bits"], payload["dims"]
+        head = tf.stack([tf.size(bits, out_type=tf.int32), tf.size(dims, out_type=tf.int32)])
+        self.bits.assign(tf.concat([self.bits, bits], 0), read_value=False)
+        self.dims.assign(tf.concat([self.dims, head, dims], 0), read_value=False)
+
+    def drain(self) -> list[dict[str, Any]]:
+        """The payloads appended since the last drain, in step order (on the host)."""
+        import numpy as np
+
+        bits, dims = self.bits.numpy(), self.dims.numpy()
+        self.bits.assign(tf.zeros([0], tf.bool))
+        self.dims.assign(tf.zeros([0], tf.int32))
+        out, b, d = [], 0, 0
+        while d < len(dims):
+            nb, nd = int(dims[d]), int(dims[d + 1])
+            out.append({"bits": bits[b:b + nb], "dims": np.asarray(dims[d + 2:d + 2 + nd])})
+            b, d = b + nb, d + 2 + nd
+        return out
 
 
 CAPTURE = TFCapture(_tf_random)

@@ -33,6 +33,7 @@ from __future__ import annotations
 import functools
 import itertools
 import os
+import sys
 import threading
 import weakref
 from collections.abc import Callable
@@ -91,8 +92,13 @@ class TorchAdapter:
 
     @classmethod
     def claims(cls, model: Any) -> bool:
-        """Whether ``model`` is a ``torch.nn.Module``."""
-        return isinstance(model, torch.nn.Module)
+        """Whether ``model`` is a ``torch.nn.Module`` (and not a Keras layer: under Keras 3's
+        torch backend every Keras layer is a Module too, recorded by the Keras adapter)."""
+        if not isinstance(model, torch.nn.Module):
+            return False
+        keras = sys.modules.get("keras")
+        layer = getattr(getattr(keras, "layers", None), "Layer", None)
+        return not (isinstance(layer, type) and isinstance(model, layer))
 
     def __init__(self, model: torch.nn.Module, *, cudnn_rnn: str | None = None) -> None:
         if cudnn_rnn is None:

@@ -47,7 +47,7 @@ def _np(v):
     return np.asarray(keras.ops.convert_to_numpy(v))
 
 
-def _model(seed=3):
+def _model(seed=3, spe=1):
     keras.utils.set_random_seed(seed)
     model = keras.Sequential([
         keras.Input((T, F)),
@@ -56,7 +56,8 @@ def _model(seed=3):
         L.Dropout(0.4, name="out"),
         L.Dense(1),
     ])
-    model.compile(optimizer="adam", loss="mse", jit_compile=BACKEND == "jax")
+    model.compile(optimizer="adam", loss="mse", jit_compile=BACKEND == "jax",
+                  steps_per_execution=spe)
     return model
 
 
@@ -100,7 +101,16 @@ def fit(workdir):
                for a, b in zip(plain.weights, recorded.weights)]
     sa, sb = _seed_states(plain), _seed_states(recorded)
     run = dropspy.load(path)
+    from dropspy.frameworks import find_adapter
+
+    torch_claims = None
+    if BACKEND == "torch":   # every Keras layer is a torch.nn.Module here
+        from dropspy.frameworks.torch import TorchAdapter
+
+        torch_claims = TorchAdapter.claims(recorded)
     return {
+        "claimed_by": find_adapter(recorded).__name__,
+        "torch_adapter_claims": torch_claims,
         "backend": run.attrs["backend"],
         "n_weights": len(weights),
         "weights_equal": all(weights),
@@ -198,6 +208,44 @@ def exact(workdir):
     return result
 
 
+def spe(workdir):
+    """steps_per_execution=4: every inner step's masks equal the spe=1 run's, bit-identical."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(20, T, F)).astype(np.float32)
+    y = rng.normal(size=(20, 1)).astype(np.float32)
+
+    def train(model):   # 10 steps of 2: executions of 4, 4 and 2 steps
+        model.fit(x, y, batch_size=2, epochs=1, shuffle=False, verbose=0)
+
+    runs, models = {}, {}
+    for k in (1, 4):
+        models[k] = _model(spe=k)
+        path = os.path.join(workdir, f"spe{k}_{BACKEND}.h5")
+        with dropspy.record(models[k], path):
+            train(models[k])
+        runs[k] = dropspy.load(path)
+    plain = _model(spe=4)
+    train(plain)
+    same, total = 0, 0
+    for name in runs[1]:
+        a, b = runs[1][name], runs[4][name]
+        for i in range(min(len(a), len(b))):
+            total += 1
+            same += bool(a.steps[i] == b.steps[i] and np.array_equal(a.mask(i), b.mask(i)))
+    weights = [bool(np.array_equal(_np(p.value).view(np.uint8), _np(q.value).view(np.uint8)))
+               for p, q in zip(plain.weights, models[4].weights)]
+    sa, sb = _seed_states(plain), _seed_states(models[4])
+    return {
+        "records": {k: {n: len(s) for n, s in r.items()} for k, r in runs.items()},
+        "steps4": sorted(set(runs[4]["sd"].steps.tolist())),
+        "same_masks": [same, total],
+        "weights_equal": all(weights), "n_weights": len(weights),
+        "seed_states_equal": len(sa) == len(sb) and all(
+            np.array_equal(p, q) for p, q in zip(sa, sb)),
+        "dropped": {k: v for k, v in runs[4].records_dropped.items() if v},
+    }
+
+
 def _mirrored_model(strategy, seed=3):
     with strategy.scope():
         return _model(seed)
@@ -275,5 +323,5 @@ def mirrored(workdir):
 
 if __name__ == "__main__":
     scenarios, workdir = sys.argv[1].split(","), sys.argv[2]
-    table = {"fit": fit, "exact": exact, "mirrored": mirrored}
+    table = {"fit": fit, "exact": exact, "mirrored": mirrored, "spe": spe}
     print("DRIVER-RESULT " + json.dumps({name: table[name](workdir) for name in scenarios}))

@@ -42,7 +42,9 @@ def run_driver(backend: str, scenarios: str, workdir: Path, **env: str) -> dict:
 @pytest.fixture(scope="module", params=BACKENDS)
 def backend_result(request, tmp_path_factory):
     workdir = tmp_path_factory.mktemp(f"keras_{request.param}")
-    return request.param, run_driver(request.param, "fit,exact", workdir)
+    # Keras' torch backend has no steps_per_execution > 1 (Keras itself raises).
+    scenarios = "fit,exact,spe" if request.param == "jax" else "fit,exact"
+    return request.param, run_driver(request.param, scenarios, workdir)
 
 
 def test_fit_weights_seed_states_and_global_rng_bit_identical_with_and_without_record(
@@ -53,6 +55,13 @@ def test_fit_weights_seed_states_and_global_rng_bit_identical_with_and_without_r
     assert fit["n_weights"] == 5 and fit["weights_equal"]
     assert fit["n_seed_states"] == 3 and fit["seed_states_equal"]
     assert fit["global_rng_equal"]
+
+
+def test_the_keras_adapter_claims_the_model_and_the_torch_adapter_does_not(backend_result):
+    backend, result = backend_result
+    assert result["fit"]["claimed_by"] == "KerasAdapter"
+    if backend == "torch":
+        assert result["fit"]["torch_adapter_claims"] is False
 
 
 def test_fit_and_train_on_batch_record_every_step_of_every_site(backend_result):
@@ -87,9 +96,14 @@ def test_masks_match_the_backends_own_dropout_arithmetic_with_planted_zeros(back
 
 
 @pytest.fixture(scope="module")
-def mirrored_result(tmp_path_factory):
+def tf_result(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("keras_mirrored")
-    return run_driver("tensorflow", "mirrored", workdir)["mirrored"]
+    return run_driver("tensorflow", "mirrored,spe", workdir)
+
+
+@pytest.fixture(scope="module")
+def mirrored_result(tf_result):
+    return tf_result["mirrored"]
 
 
 def test_mirrored_two_replicas_fit_is_bit_identical_with_and_without_record(mirrored_result):
@@ -112,3 +126,27 @@ def test_mirrored_predict_masks_are_exact_per_replica_with_planted_zeros(mirrore
     assert mirrored_result["mc_replicas"] == [0, 1]
     assert mirrored_result["mc_exact"] == [True, True]
     assert mirrored_result["mc_kept_zeros"]
+
+
+@pytest.fixture(params=["tensorflow", pytest.param("jax", marks=BACKENDS[0].marks)])
+def spe_result(request):
+    if request.param == "tensorflow":
+        return request.getfixturevalue("tf_result")["spe"]
+    backend_result = request.getfixturevalue("backend_result")
+    if backend_result[0] != "jax":
+        pytest.skip("steps_per_execution > 1 runs on the TensorFlow and JAX backends")
+    return backend_result[1]["spe"]
+
+
+def test_steps_per_execution_4_records_every_inner_step_equal_to_spe_1(spe_result):
+    # 10 steps in executions of 4, 4 and 2: every inner step's masks equal the spe=1 run's.
+    assert spe_result["records"]["4"] == spe_result["records"]["1"]
+    assert all(n == 10 for n in spe_result["records"]["4"].values())
+    assert spe_result["steps4"] == list(range(10))
+    assert spe_result["same_masks"] == [100, 100]
+    assert not spe_result["dropped"]
+
+
+def test_steps_per_execution_4_training_is_bit_identical_with_and_without_record(spe_result):
+    assert spe_result["n_weights"] == 5 and spe_result["weights_equal"]
+    assert spe_result["seed_states_equal"]

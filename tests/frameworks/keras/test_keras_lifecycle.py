@@ -127,12 +127,29 @@ def test_two_models_recorded_at_once_keep_their_own_masks(tmp_path):
     assert not keras_capture.installed()
 
 
-def test_steps_per_execution_above_one_is_refused_with_the_reason(tmp_path):
-    model = _model(steps_per_execution=2)
-    with pytest.raises(UnsupportedModelError, match="steps_per_execution=2"):
+def test_steps_per_execution_above_one_under_xla_is_refused_with_the_reason(tmp_path):
+    model = _model(steps_per_execution=2, jit_compile=True)
+    with pytest.raises(UnsupportedModelError, match="steps_per_execution=2") as info:
         with dropspy.record(model, tmp_path / "run.h5"):
             pass
+    assert "jit_compile=True" in str(info.value)
     assert _patched_state(model) == []
+
+
+def test_steps_per_execution_above_one_records_every_inner_step(tmp_path):
+    # Exactness and zero perturbation at spe=4: test_keras_backends (all backends' driver).
+    model = _model(steps_per_execution=3)
+    x, y = _data(10)
+    with dropspy.record(model, tmp_path / "run.h5"):
+        model.fit(x, y, batch_size=2, verbose=0)       # executions of 3, 2 steps
+        model.evaluate(x, y, batch_size=5, verbose=0)  # one execution of 2 steps
+    run = dropspy.load(tmp_path / "run.h5")
+    for name, site in run.items():
+        train = site.training
+        assert site.steps[train].tolist() == list(range(5)), name
+    lstm = run[next(n for n in run if n.endswith("/input/i"))]
+    assert (lstm.steps[~lstm.training] == 5).all() and (~lstm.training).sum() == 2
+    assert lstm.calls[~lstm.training].tolist() == [0, 1]
 
 
 def test_a_layer_that_is_not_a_model_is_refused(tmp_path):
