@@ -284,7 +284,13 @@ class KerasAdapter(DrawRouter, KerasAdapterBase):
         self._set_attr(model, f"make_{kind}_function", make_function)
         # A function built before recording has no mask outputs: set it aside (restored on
         # detach) so fit/evaluate/predict build one with the wrapped step.
+        existing = model.__dict__.get(attr)
         self._set_attr(model, attr, None)
+        if existing is not None:
+            # Built already: build the recording variant now (lazily traced at its first
+            # call), so a caller that holds the model mid-fit - a callback entering record()
+            # in on_train_begin, after fit built its function - finds one to call.
+            make_function(force=True)
 
     def _check_compiled_options(self) -> None:
         """The base refusals, plus what only some backends can compile."""

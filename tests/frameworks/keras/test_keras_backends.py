@@ -39,12 +39,22 @@ def run_driver(backend: str, scenarios: str, workdir: Path, **env: str) -> dict:
     return json.loads(lines[-1][len("DRIVER-RESULT "):])
 
 
+# What each backend's one subprocess runs (Keras' torch backend has no steps_per_execution > 1).
+SCENARIOS = {"jax": "fit,exact,spe", "torch": "fit,exact", "tensorflow": "mirrored,spe"}
+_RESULTS: dict[str, dict] = {}
+
+
+def _result(backend: str, tmp_path_factory) -> dict:
+    """The backend's driver output, run once per test session."""
+    if backend not in _RESULTS:
+        workdir = tmp_path_factory.mktemp(f"keras_{backend}")
+        _RESULTS[backend] = run_driver(backend, SCENARIOS[backend], workdir)
+    return _RESULTS[backend]
+
+
 @pytest.fixture(scope="module", params=BACKENDS)
 def backend_result(request, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp(f"keras_{request.param}")
-    # Keras' torch backend has no steps_per_execution > 1 (Keras itself raises).
-    scenarios = "fit,exact,spe" if request.param == "jax" else "fit,exact"
-    return request.param, run_driver(request.param, scenarios, workdir)
+    return request.param, _result(request.param, tmp_path_factory)
 
 
 def test_fit_weights_seed_states_and_global_rng_bit_identical_with_and_without_record(
@@ -96,14 +106,8 @@ def test_masks_match_the_backends_own_dropout_arithmetic_with_planted_zeros(back
 
 
 @pytest.fixture(scope="module")
-def tf_result(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("keras_mirrored")
-    return run_driver("tensorflow", "mirrored,spe", workdir)
-
-
-@pytest.fixture(scope="module")
-def mirrored_result(tf_result):
-    return tf_result["mirrored"]
+def mirrored_result(tmp_path_factory):
+    return _result("tensorflow", tmp_path_factory)["mirrored"]
 
 
 def test_mirrored_two_replicas_fit_is_bit_identical_with_and_without_record(mirrored_result):
@@ -129,13 +133,8 @@ def test_mirrored_predict_masks_are_exact_per_replica_with_planted_zeros(mirrore
 
 
 @pytest.fixture(params=["tensorflow", pytest.param("jax", marks=BACKENDS[0].marks)])
-def spe_result(request):
-    if request.param == "tensorflow":
-        return request.getfixturevalue("tf_result")["spe"]
-    backend_result = request.getfixturevalue("backend_result")
-    if backend_result[0] != "jax":
-        pytest.skip("steps_per_execution > 1 runs on the TensorFlow and JAX backends")
-    return backend_result[1]["spe"]
+def spe_result(request, tmp_path_factory):
+    return _result(request.param, tmp_path_factory)["spe"]
 
 
 def test_steps_per_execution_4_records_every_inner_step_equal_to_spe_1(spe_result):

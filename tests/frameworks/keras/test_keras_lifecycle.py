@@ -350,3 +350,24 @@ def test_a_single_replica_strategy_is_recorded(tmp_path):
         model.fit(x, y, batch_size=4, verbose=0)
     run = dropspy.load(tmp_path / "run.h5")
     assert len(run) == 10 and all(len(s) == 2 for s in run.values())
+
+
+def test_record_entered_in_on_train_begin_records_every_step_of_that_fit(tmp_path):
+    # fit has built its train function before on_train_begin: attach must build the
+    # recording one at once (fit looks model.train_function up at every step).
+    class Record(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            self.rec = dropspy.record(self.model, tmp_path / "run.h5")
+            self.rec.__enter__()
+
+        def on_train_end(self, logs=None):
+            self.rec.__exit__(None, None, None)
+
+    model = _model()
+    x, y = _data(8)
+    model.fit(x, y, batch_size=4, verbose=0)          # the train function exists
+    model.fit(x, y, batch_size=4, verbose=0, callbacks=[Record()])
+    run = dropspy.load(tmp_path / "run.h5")
+    assert run.complete and len(run) >= 3
+    assert all(site.steps.tolist() == [0, 1] for site in run.values())
+    assert _patched_state(model) == []
