@@ -1,8 +1,9 @@
 """Framework-free pieces both Keras adapters need: axis names, scales, the step payload, and
 :class:`KerasAdapterBase`, the lifecycle both adapter classes share.
 
-Nothing here imports Keras or tf_keras, and TensorFlow only inside the methods that build the
-step payload (run only by an adapter, whose framework is imported), so the Keras 2 adapter can
+Nothing here imports Keras or tf_keras. The step payload is built with the adapter's capture
+(each Keras 3 backend's capture brings its tensor operations; the Keras 2 capture module uses
+:class:`_TFOps`, which imports TensorFlow inside its methods only), so the Keras 2 adapter can
 use it without importing Keras 3 (``keras_sites`` imports ``keras`` at module level). The
 naming rules are the Keras 3 adapter's (``keras_sites.axes_for``), so that both adapters name a
 model's sites and axes the same way and ``dropspy diff`` lines the two runs up site by site.

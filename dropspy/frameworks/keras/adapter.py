@@ -1,17 +1,19 @@
-"""The Keras 3 adapter (TensorFlow backend): record the exact masks ``model.fit`` applies.
+"""The Keras 3 adapter (TensorFlow, JAX, torch backends): record the masks ``fit`` applies.
 
-How it works, in one paragraph: while recording, Keras' TF-backend ``random.dropout`` is
-replaced by an op-for-op identical version that also returns the keep-mask
-(:mod:`dropspy.frameworks.keras.capture`); every layer's ``call`` and every RNN cell's mask
-getters push a frame on a small stack so a draw knows its layer, role, gate and training flag;
-``model.train_step`` is wrapped so the masks drawn in a step become extra outputs of the
-(compiled, possibly XLA) train step, and ``model.train_function`` is wrapped so those outputs are
-taken out of the logs before any callback sees them and handed to the session once per step.
+How it works, in one paragraph: while recording, the active backend's ``random.dropout`` is
+replaced by an op-for-op identical version that also returns the keep-mask (one capture per
+backend: ``capture_tf``, ``capture_jax``, ``capture_torch``); every layer's ``call`` and
+every RNN cell's mask getters push a frame on a small stack so a draw knows its layer, role,
+gate and training flag; ``model.train_step`` is wrapped so the masks drawn in a step become
+extra outputs of the (compiled: TF graph or XLA, JAX jit; eager on torch) train step, and the
+step function is wrapped so those outputs are taken out of the logs before any callback sees
+them and handed to the session once per step.
 ``test_step``/``predict_step`` get the same treatment, so masks drawn in evaluate and predict
 are recorded with the training flag the layers saw (RNN masks drawn but not applied; Monte
 Carlo dropout applied at inference); they belong to the step after the last train step.
-No variable, no ``numpy_function``, no extra random op: the trained weights and the seed
-generators end exactly where they would without dropspy.
+No model variable, no ``numpy_function``, no extra random op: the trained weights and the
+seed generators end exactly where they would without dropspy. Several replicas
+(MirroredStrategy) and several steps per execution: see ``capture_tf`` and the README.
 """
 
 from __future__ import annotations
@@ -57,7 +59,8 @@ def _is_tf_keras_model(model: Any) -> bool:
 
 
 class KerasAdapter(DrawRouter, KerasAdapterBase):
-    """Records a Keras 3 model (TensorFlow backend): ``fit``, ``train_on_batch``, ``evaluate``,
+    """Records a Keras 3 model (TensorFlow, JAX or torch backend): ``fit``, ``train_on_batch``,
+    ``evaluate``,
     ``predict``, and eager custom loops (each ``model(x, training=True)`` is one step).
 
     Args:
@@ -65,8 +68,10 @@ class KerasAdapter(DrawRouter, KerasAdapterBase):
 
     Raises:
         UnsupportedModelError: A tf_keras (Keras 2) model (recorded by ``TfKerasAdapter``), a
-            backend other than TensorFlow, a layer that is not a model,
-            ``steps_per_execution > 1``, or several replicas.
+            backend without a capture (numpy, openvino), a layer that is not a model, torch's
+            ``jit_compile=True``, JAX ``keras.distribution``, a strategy with several replicas
+            other than MirroredStrategy, or ``steps_per_execution > 1`` with XLA or replicas
+            on TensorFlow.
 
     Example:
         >>> with dropspy.record(model, "run.h5"):   # doctest: +SKIP
