@@ -42,7 +42,7 @@ from dropspy.errors import RunFileError
 __all__ = ["open_file", "fail", "safe", "guard", "member", "dataset", "backed_rows", "read",
            "attr", "attrs", "text_attr", "number_attr", "json_attr", "loads", "parse_json",
            "read_status", "check_rows",
-           "MAX_DIM", "read_site_attrs", "read_site_index"]
+           "MAX_DIM", "INDEX_KINDS", "read_site_attrs", "read_site_index"]
 
 MAX_ATTR_BYTES = 1 << 20      # one attribute (the writer's largest is a site's `extra`, ~1 kB)
 MAX_ATTRS = 1024              # attributes read from one object
@@ -575,7 +575,8 @@ def read_site_attrs(g: h5py.Group, path: Path, where: str) -> dict[str, Any]:
     return out
 
 
-_INDEX_KINDS = {"step": "iu", "call": "iu", "training": "iub", "applied": "iub", "offset": "iu"}
+#: dtype kinds each per-record index dataset may have (the reader and validate agree).
+INDEX_KINDS = {"step": "iu", "call": "iu", "training": "iub", "applied": "iub", "offset": "iu"}
 
 
 def read_site_index(g: h5py.Group, path: Path, where: str, rank: int, complete: bool,
@@ -592,7 +593,7 @@ def read_site_index(g: h5py.Group, path: Path, where: str, rank: int, complete: 
         record whose packed bits overlap the previous record's (None when none do).
     """
     dsets = {name: dataset(g, name, path, f"{where}/{name}", kinds=kinds, ndim=1)
-             for name, kinds in _INDEX_KINDS.items()}
+             for name, kinds in INDEX_KINDS.items()}
     replica = dataset(g, "replica", path, f"{where}/replica", kinds="iu", ndim=1,
                       required=False)
     if replica is not None:

@@ -72,7 +72,7 @@ class Site:
         if self._ds is None:
             g, p, w = self._g, self._path, self._where
             ds = {k: _h5.dataset(g, k, p, f"{w}/{k}", kinds=kinds, ndim=1)
-                  for k, kinds in _INDEX_KINDS.items()}
+                  for k, kinds in _h5.INDEX_KINDS.items()}
             rep = _h5.dataset(g, "replica", p, f"{w}/replica", kinds="iu", ndim=1,
                               required=False)
             if rep is not None:
@@ -374,8 +374,6 @@ class Site:
 #: applied shape of 2^20 x 2^20 over a (1, 1) noise; ``noise(i)`` and the analysis never
 #: broadcast, so only a copy asked for here could be that big.
 MAX_MASK_ELEMENTS = 1 << 32
-
-_INDEX_KINDS = {"step": "iu", "call": "iu", "training": "iub", "applied": "iub", "offset": "iu"}
 
 # Index rows read per block when streaming (65536 rows of ~70 bytes: a few MiB at a time), and
 # rows looked at from the end when checking a possibly truncated tail.
