@@ -150,6 +150,7 @@ def check_run_layout(f: h5py.File, path: Path | None = None) -> list[str]:
                 site_problems.append(_problem(exc, path))
         problems += site_problems
         name = attrs.get("name")
+        name = name if isinstance(name, str) else repr(name)  # a list is not hashable
         if name in names:
             problems.append(f"{where}: site name {_h5.safe(repr(name))} declared twice")
         names.add(str(name))

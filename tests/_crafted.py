@@ -208,6 +208,7 @@ DAMAGES: dict[str, Callable[[Path], None]] = {
     "extra-deep": _attr("extra", _attr_value("[" * 5000 + "]" * 5000)),
     "extra-nan": _attr("extra", _attr_value('{"a": NaN}')),
     "name-not-text": _attr("name", 5),
+    "name-array": _attr("name", np.array([0, 0])),
     "name-markup": _attr("name", _attr_value("[link=http://evil]x[/link][/bold]\x1b[2J")),
     "name-not-utf8": _attr("name", b"\x80\xff\x1b[2J"),  # h5py: lone surrogates
     "name-mathtext": _attr("name", _attr_value("$\\frac{1}{$^_\x1b")),

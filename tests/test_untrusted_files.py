@@ -40,6 +40,7 @@ EXPECT = {
         "bits-int64", "bits-text", "bits-scalar", "bits-group", "sites-dataset",
         "status-empty", "status-list", "status-infinity", "status-deep", "status-int-2-40",
         "status-wrong-types", "extra-not-object", "extra-deep", "extra-nan", "name-not-text",
+        "name-array",
         "rate-infinite", "rate-text", "rate-1e308", "axes-repeated", "axes-rank-mismatch",
         "axes-not-list", "root-rank-text", "root-format-version-text"], "refused"),
     **dict.fromkeys([
