@@ -108,7 +108,18 @@ def fit(workdir):
         from dropspy.frameworks.torch import TorchAdapter
 
         torch_claims = TorchAdapter.claims(recorded)
+    refused = None
+    if BACKEND == "jax":   # keras.distribution: refused by name before anything is recorded
+        keras.distribution.set_distribution(keras.distribution.DataParallel())
+        try:
+            with dropspy.record(_model(), os.path.join(workdir, "dp.h5")):
+                pass
+        except dropspy.UnsupportedModelError as exc:
+            refused = str(exc)
+        finally:
+            keras.distribution.set_distribution(None)
     return {
+        "distribution_refused": refused,
         "claimed_by": find_adapter(recorded).__name__,
         "torch_adapter_claims": torch_claims,
         "backend": run.attrs["backend"],

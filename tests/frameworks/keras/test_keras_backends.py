@@ -74,6 +74,14 @@ def test_the_keras_adapter_claims_the_model_and_the_torch_adapter_does_not(backe
         assert result["fit"]["torch_adapter_claims"] is False
 
 
+def test_jax_keras_distribution_is_refused_naming_it(backend_result):
+    backend, result = backend_result
+    if backend != "jax":
+        pytest.skip("keras.distribution is the JAX backend's")
+    refused = result["fit"]["distribution_refused"]
+    assert refused and "keras.distribution" in refused and "DataParallel" in refused
+
+
 def test_fit_and_train_on_batch_record_every_step_of_every_site(backend_result):
     _, result = backend_result
     fit = result["fit"]
