@@ -43,6 +43,9 @@ class Session:
         # Whether evaluation and inference batches (Keras test/predict steps, torch forwards
         # of the model in eval mode) are recorded; the integrations record them only if asked.
         self.record_eval = True
+        # Whether any step was sampled: a run that sampled nothing (``steps=[]``) cannot tell
+        # whether the model has dropout, so it is not warned about finding none.
+        self.sampled = False
 
     def declare_site(self, info: SiteInfo) -> bool:
         """Declare a site; returns whether it is selected by the ``sites`` patterns.
@@ -67,10 +70,13 @@ class Session:
 
     def want_step(self, step: int) -> bool:
         """Whether records of ``step`` are wanted by the sampling policy."""
-        return self.options.wants(step)
+        wanted = self.options.wants(step)
+        self.sampled |= wanted
+        return wanted
 
     def submit(self, step: int, records: list[Record]) -> None:
         """Hand over the records of one step (call once per recorded step)."""
+        self.sampled = True
         if self.patterns is not None:
             kept = [r for r in records if self._selected.get(r.site, False)]
             if len(kept) != len(records):
@@ -250,7 +256,10 @@ class Recording:
         )
 
     def _warn_if_empty(self) -> None:
-        """Warn when the run holds nothing: no dropout found, or ``sites=`` matching nothing."""
+        """Warn when the run holds nothing: no dropout found, or ``sites=`` matching nothing.
+
+        "No dropout" is not said when ``steps=`` sampled no step: there was nothing to look at.
+        """
         session, writer = self.session, self.writer
         if session is None or writer is None:
             return
@@ -263,7 +272,11 @@ class Recording:
                 DropspyWarning,
                 stacklevel=4,
             )
-        if not session.declared:
+        # With steps= the policy may sample nothing (steps=[], or steps never reached): no step
+        # looked at, nothing to say about the model. Without steps=, step 0 is always sampled
+        # (an adapter may not ask when a step draws nothing, so `sampled` cannot decide).
+        sampled_nothing = session.options.steps is not None and not session.sampled
+        if not session.declared and not sampled_nothing:
             framework = self.adapter.framework if self.adapter is not None else ""
             kinds = _LOOKS_FOR.get(framework, "dropout calls")
             warnings.warn(

@@ -278,3 +278,20 @@ def test_a_torch_model_without_dropout_warns_naming_torch_dropout_kinds(tmp_path
             model(torch.ones(2, 4)).sum().backward()
             opt.step()
     assert dropspy.load(tmp_path / "plain.h5").sites == ()
+
+
+def test_a_run_that_samples_no_step_does_not_claim_the_model_has_no_dropout(tmp_path, recwarn):
+    torch = pytest.importorskip("torch")
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.5))
+    with dropspy.record(model, tmp_path / "nothing.h5", steps=[]):
+        model(torch.ones(2, 4))
+    assert not [w for w in recwarn if "found no dropout" in str(w.message)]
+    # The same model, sampled, has its dropout found: the silence above is not a blind spot...
+    with dropspy.record(model, tmp_path / "one.h5", steps=[0]):
+        model(torch.ones(2, 4))
+    assert [s.name for s in dropspy.load(tmp_path / "one.h5").values()] == ["1"]
+    # ...and a model without dropout, sampled through steps=, is still warned about.
+    plain = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    with pytest.warns(dropspy.DropspyWarning, match="found no dropout in Sequential"):
+        with dropspy.record(plain, tmp_path / "plain.h5", steps=[0]):
+            plain(torch.ones(2, 4))
