@@ -717,6 +717,13 @@ def _refuse_wrappers(model: torch.nn.Module) -> None:
             "hooks. Record the eager nn.Module it was made from.")
     for name, module in model.named_modules():
         where = f" (at {name!r})" if name else ""
+        if name and isinstance(module, torch.jit.ScriptModule):
+            # Refused rather than skipped: its dropout would go unseen, and torch refuses the
+            # hooks dropspy puts on every module (a raw RuntimeError from attach otherwise).
+            raise UnsupportedModelError(
+                f"dropspy cannot record a model holding a TorchScript submodule{where}: its "
+                f"dropout runs inside the TorchScript interpreter, out of dropspy's sight, and "
+                f"it takes no hooks. Keep that submodule an eager nn.Module while recording.")
         if isinstance(module, (DataParallel, DistributedDataParallel)):
             # Top-level wrappers are unwrapped; one nested inside a model is not a layout
             # torch documents, and its forward would run under the outer one's hooks.

@@ -293,6 +293,14 @@ def test_torchscript_module_is_refused_by_name(tmp_path):
         dropspy.record(scripted, tmp_path / "run.h5").__enter__()
 
 
+def test_a_torchscript_submodule_is_refused_by_name_before_anything_is_hooked(tmp_path):
+    model = nn.Sequential(nn.Linear(4, 8), torch.jit.script(_mlp()))
+    with pytest.raises(UnsupportedModelError, match=r"TorchScript submodule \(at '1'\)"):
+        dropspy.record(model, tmp_path / "run.h5").__enter__()
+    # Refused before attach: no hook is left behind, the model runs as before.
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.children())
+
+
 def test_invalid_cudnn_rnn_option_says_what_it_got(monkeypatch):
     monkeypatch.setenv("DROPSPY_TORCH_CUDNN_RNN", "fast")
     with pytest.raises(ValueError, match="Received: cudnn_rnn='fast'"):
