@@ -43,6 +43,9 @@ class Session:
         # Whether evaluation and inference batches (Keras test/predict steps, torch forwards
         # of the model in eval mode) are recorded; the integrations record them only if asked.
         self.record_eval = True
+        # Who marks the steps when an integration drives the clock through mark_step(): the
+        # adapter's note says this instead of "marked explicitly with mark_step()".
+        self.step_clock: str | None = None
         # Whether any step was sampled: a run that sampled nothing (``steps=[]``) cannot tell
         # whether the model has dropout, so it is not warned about finding none.
         self.sampled = False

@@ -65,10 +65,12 @@ class RecordingDriver:
         path: The run file (per-rank files follow :func:`dropspy.record`'s rule).
         options: :func:`dropspy.record`'s options, already checked (:func:`check_options`).
         evaluate: Record evaluation and prediction batches too.
+        step_clock: What the steps are, when this callback marks them (torch integrations):
+            the note the run prints and stores instead of "marked explicitly with mark_step()".
     """
 
     def __init__(self, integration: str, path: str | os.PathLike[str], options: RecordOptions,
-                 evaluate: bool) -> None:
+                 evaluate: bool, step_clock: str | None = None) -> None:
         if not isinstance(evaluate, bool):
             raise OptionError(f"Invalid value received for argument `evaluate`. Expected a "
                               f"bool. Received: evaluate={evaluate!r}")
@@ -76,6 +78,7 @@ class RecordingDriver:
         self.path = os.fspath(path)
         self.options = options
         self.evaluate = evaluate
+        self.step_clock = step_clock
         self.recording: Recording | None = None
         self.kind: str | None = None   # what started the recording: train, eval, predict
 
@@ -121,6 +124,7 @@ class RecordingDriver:
         _OPEN.add(self)
         if recording.session is not None:
             recording.session.record_eval = self.evaluate or kind != "train"
+            recording.session.step_clock = self.step_clock
         return recording
 
     def stop(self) -> None:

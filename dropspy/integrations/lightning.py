@@ -61,7 +61,10 @@ class DropspyCallback(_Callback):  # type: ignore[misc]
     def __init__(self, path: str | os.PathLike[str], *, evaluate: bool = False,
                  **options: Any) -> None:
         super().__init__()
-        self._driver = RecordingDriver("lightning", path, check_options(options), evaluate)
+        self._driver = RecordingDriver(
+            "lightning", path, check_options(options), evaluate,
+            step_clock="steps are Lightning's trainer.global_step, marked by the Lightning "
+                       "DropspyCallback")
         self._step = 0
         self._region = False   # a forward region is open around the running batch
 

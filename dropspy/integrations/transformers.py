@@ -57,7 +57,10 @@ class DropspyCallback(_TrainerCallback):  # type: ignore[misc]
 
     def __init__(self, path: str | os.PathLike[str], *, evaluate: bool = False,
                  **options: Any) -> None:
-        self._driver = RecordingDriver("transformers", path, check_options(options), evaluate)
+        self._driver = RecordingDriver(
+            "transformers", path, check_options(options), evaluate,
+            step_clock="steps are the Trainer's optimizer steps (state.global_step), marked by "
+                       "the transformers DropspyCallback")
 
     @property
     def path(self) -> str:

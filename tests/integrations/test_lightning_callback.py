@@ -65,12 +65,16 @@ def _trainer(*callbacks, **kw):
     return pl.Trainer(callbacks=list(callbacks), **kw)
 
 
-def test_lightning_callback_records_the_masks_of_the_equivalent_hand_written_loop(tmp_path):
+def test_lightning_callback_records_the_masks_of_the_equivalent_hand_written_loop(tmp_path,
+                                                                               capsys):
     module = _module()
     pl.seed_everything(7)
     trainer = _trainer(DropspyCallback(tmp_path / "cb.h5"))
     trainer.fit(module, _loader())
     assert trainer.global_step == STEPS
+    # The step clock is named truthfully: the user never called mark_step().
+    err = capsys.readouterr().err
+    assert "steps are Lightning's trainer.global_step" in err and "mark_step()" not in err
 
     hand = _module()
     pl.seed_everything(7)
@@ -87,6 +91,7 @@ def test_lightning_callback_records_the_masks_of_the_equivalent_hand_written_loo
 
     cb, ref = dropspy.load(tmp_path / "cb.h5"), dropspy.load(tmp_path / "hand.h5")
     assert cb.attrs["integration"] == "lightning"
+    assert any(n.startswith("steps are Lightning's trainer.global_step") for n in cb.notes)
     assert cb.complete
     assert sorted(cb) == sorted(ref) == ["drop", "lstm/between_layers"]
     for name in cb:

@@ -61,7 +61,8 @@ def _masks(site):
     return [site.mask(i) for i in range(len(site))]
 
 
-def test_trainer_callback_records_the_masks_of_the_equivalent_hand_written_loop(tmp_path):
+def test_trainer_callback_records_the_masks_of_the_equivalent_hand_written_loop(tmp_path,
+                                                                                capsys):
     model = _gpt2()
 
     class Seen(TrainerCallback):   # another callback next to dropspy's sees every step
@@ -74,6 +75,9 @@ def test_trainer_callback_records_the_masks_of_the_equivalent_hand_written_loop(
                       callbacks=[Seen(), DropspyCallback(tmp_path / "cb.h5"), PrinterCallback])
     trainer.train()
     assert Seen.steps == [1, 2, 3]
+    # The step clock is named truthfully: the user never called mark_step().
+    err = capsys.readouterr().err
+    assert "steps are the Trainer's optimizer steps" in err and "mark_step()" not in err
 
     hand = _gpt2()
     set_seed(42)   # what Trainer.__init__ does
@@ -90,6 +94,9 @@ def test_trainer_callback_records_the_masks_of_the_equivalent_hand_written_loop(
 
     cb, ref = dropspy.load(tmp_path / "cb.h5"), dropspy.load(tmp_path / "hand.h5")
     assert cb.attrs["integration"] == "transformers"
+    assert [n for n in cb.notes if n.startswith("steps are")] == [
+        "steps are the Trainer's optimizer steps (state.global_step), marked by the "
+        "transformers DropspyCallback"]
     assert cb.complete
     assert sorted(cb) == sorted(ref)
     assert len(cb) >= 5
