@@ -33,9 +33,13 @@ class Session(Protocol):
     ``record_eval``: whether evaluation batches (Keras test/predict steps, torch forwards of
     the model in eval mode) are recorded; True for :func:`dropspy.record`, the integrations'
     ``evaluate=`` otherwise.
+
+    ``step_clock``: what the steps are when an integration marks them through ``mark_step()``
+    (said once in the run's notes); None when the user calls ``mark_step()`` themselves.
     """
 
     record_eval: bool
+    step_clock: str | None
 
     def declare_site(self, info: SiteInfo) -> bool:
         """Declare a site; returns whether the ``sites=`` patterns select it."""

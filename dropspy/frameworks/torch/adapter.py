@@ -292,7 +292,8 @@ class TorchAdapter:
         if cap is None or self._detached:
             raise RecordingError("mark_step() called on a recording that is not running")
         if self._clock != "manual":
-            self.session.note(self.session.step_clock
+            # getattr: a session made outside the recorder (tests, tools) may not carry it.
+            self.session.note(getattr(self.session, "step_clock", None)
                               or "steps are marked explicitly with mark_step()")
             self._clock = "manual"
         entries = [e for group in self._held for e in group] + cap.entries
