@@ -7,8 +7,11 @@ run in order in one folder shared by all documents (README first), so a later bl
 the ``run.h5`` an earlier one wrote, exactly as a reader following the page would.
 
 The only thing added to a block is placeholder data that the block names without defining
-(``batches``, ``model``, ``x``, ``y``): each placeholder below says what it stands for. A block
-using any other undefined name fails, so the docs cannot lean on something the reader lacks.
+(``batches``, ``model``, ``x``, ``y``; in a block that imports transformers or Lightning, that
+framework's own objects, see ``FRAMEWORK_PLACEHOLDERS``): each placeholder below says what it
+stands for. A block using any other undefined name fails, so the docs cannot lean on something
+the reader lacks; the block imports every class and module it calls itself. A block that reads
+``MASTER_PORT`` gets a free port in its environment, so concurrent runs cannot collide.
 A block preceded by ``<!-- sketch -->`` is an interface sketch (signatures without bodies) and
 is not run.
 """
@@ -19,6 +22,7 @@ import ast
 import builtins
 import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -46,6 +50,85 @@ PLACEHOLDERS = {
     "y": "import numpy as np\ny = np.random.default_rng(1).random((64, 1))\n",
 }
 _NEEDS = {"batches": "torch", "model": "keras", "x": "numpy", "y": "numpy"}
+
+# In a block that imports one of these frameworks, the user's objects are that framework's: the
+# same name (``model``) stands for a different object than in a Keras block. All tiny, on CPU.
+FRAMEWORK_PLACEHOLDERS = {
+    "transformers": {
+        # A tiny GPT-2 from a config (random weights: nothing downloaded).
+        "model": (
+            "import torch\n"
+            "from transformers import GPT2Config, GPT2LMHeadModel\n"
+            "torch.manual_seed(0)\n"
+            "model = GPT2LMHeadModel(GPT2Config(vocab_size=32, n_positions=16, n_embd=16,\n"
+            "                                   n_layer=1, n_head=2))\n"
+        ),
+        "args": (
+            "from transformers import TrainingArguments\n"
+            "args = TrainingArguments(output_dir='hf-out', max_steps=2, report_to='none',\n"
+            "                         per_device_train_batch_size=4, use_cpu=True,\n"
+            "                         save_strategy='no')\n"
+        ),
+        "train_ds": (
+            "import torch\n"
+            "_ids = torch.randint(0, 32, (8, 12), generator=torch.Generator().manual_seed(1))\n"
+            "train_ds = [{'input_ids': t, 'labels': t} for t in _ids]\n"
+        ),
+    },
+    "lightning": {
+        # A tiny LightningModule with dropout, trained and validated on 4 batches of 8.
+        "module": (
+            "import lightning\n"
+            "import torch\n"
+            "from torch import nn\n"
+            "class _Module(lightning.LightningModule):\n"
+            "    def __init__(self):\n"
+            "        super().__init__()\n"
+            "        self.net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Dropout(0.3),\n"
+            "                                 nn.Linear(16, 1))\n"
+            "    def training_step(self, batch, _):\n"
+            "        return nn.functional.mse_loss(self.net(batch[0]), batch[1])\n"
+            "    def validation_step(self, batch, _):\n"
+            "        self.log('val_loss', nn.functional.mse_loss(self.net(batch[0]), batch[1]))\n"
+            "    def configure_optimizers(self):\n"
+            "        return torch.optim.SGD(self.parameters(), lr=0.1)\n"
+            "torch.manual_seed(0)\n"
+            "module = _Module()\n"
+        ),
+        "train_loader": (
+            "import torch\n"
+            "from torch.utils.data import DataLoader, TensorDataset\n"
+            "train_loader = DataLoader(TensorDataset(torch.randn(32, 8), torch.randn(32, 1)),\n"
+            "                          batch_size=8)\n"
+        ),
+        "val_loader": (
+            "import torch\n"
+            "from torch.utils.data import DataLoader, TensorDataset\n"
+            "val_loader = DataLoader(TensorDataset(torch.randn(16, 8), torch.randn(16, 1)),\n"
+            "                        batch_size=8)\n"
+        ),
+    },
+}
+
+
+def _placeholders(tree: ast.Module) -> tuple[dict[str, str], str | None]:
+    """The placeholders for a block, and the framework they come from (None: the defaults)."""
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            imported.add(node.module.split(".")[0])
+    for framework, names in FRAMEWORK_PLACEHOLDERS.items():
+        if framework in imported:
+            return names, framework
+    return PLACEHOLDERS, None
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def _blocks(doc: Path) -> list[tuple[int, str, bool]]:
@@ -102,11 +185,12 @@ def test_python_block_runs_as_written(case, workdir):
         pytest.skip("an interface sketch (<!-- sketch -->), not a program")
     tree = ast.parse(code)
     free = _free_names(code)
-    unknown = free - set(PLACEHOLDERS)
+    placeholders, framework = _placeholders(tree)
+    unknown = free - set(placeholders)
     assert not unknown, f"{where}: the block uses {sorted(unknown)}, which it never defines"
-    for name in free:
-        pytest.importorskip(_NEEDS[name])
-    prelude = "".join(PLACEHOLDERS[n] for n in sorted(free))
+    for needed in ({framework} if framework else {_NEEDS[n] for n in free}):
+        pytest.importorskip(needed)
+    prelude = "".join(placeholders[n] for n in sorted(free))
     defines_tests = any(isinstance(n, ast.FunctionDef) and n.name.startswith("test_")
                         for n in tree.body)
     name = re.sub(r"\W", "_", f"{doc.stem}_{line}")
@@ -114,6 +198,9 @@ def test_python_block_runs_as_written(case, workdir):
     script.write_text(prelude + code, encoding="utf-8")
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3",
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    if "MASTER_PORT" in code:
+        # The block's setdefault keeps a free port: a fixed one collides across parallel runs.
+        env["MASTER_PORT"] = str(_free_port())
     if defines_tests:
         cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(script)]
     else:
