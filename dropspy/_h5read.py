@@ -18,6 +18,8 @@ raised ``RecursionError``. The rules here:
   and what was wrong, never a raw h5py/numpy error.
 
 The reader (:mod:`dropspy.store`) and the validator (:mod:`dropspy._schema`) both use it.
+Over 600 lines for one concept: each rule above is a few small functions, kept together so
+that no read can bypass them.
 """
 
 from __future__ import annotations

@@ -3,6 +3,10 @@
 :func:`dropspy.load` (in :mod:`dropspy.runset`, which also opens run sets) gives one.
 
 The file layout is documented in ``schemas/run.schema.json`` and in :mod:`dropspy.writer`.
+
+Over 600 lines for one concept, the reader of one file: :class:`Site` (lazy index, streamed
+blocks, masks) and :class:`Run` (root attributes, status, damage); every read goes through
+:mod:`dropspy._h5read`.
 """
 
 from __future__ import annotations

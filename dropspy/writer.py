@@ -22,6 +22,11 @@ Layout (documented in ``schemas/run.schema.json``)::
 Site groups are numbered, not named after sites, because site names contain ``/``. The file is
 written in HDF5 SWMR mode, so a writer killed at any moment leaves a file that opens and holds
 every record appended before the last flush.
+
+Over 600 lines for one concept, getting records into the file and nothing lost: the queue and
+thread, the appends, the free-space reserve (measured: HDF5 does not survive a failed write),
+the drop accounting and the atomic creation of the file with its refusal to replace what is
+not a run.
 """
 
 from __future__ import annotations

@@ -4,9 +4,14 @@
 Nothing here imports Keras or tf_keras. The step payload is built with the adapter's capture
 (each Keras 3 backend's capture brings its tensor operations; the Keras 2 capture module uses
 :class:`_TFOps`, which imports TensorFlow inside its methods only), so the Keras 2 adapter can
-use it without importing Keras 3 (``keras_sites`` imports ``keras`` at module level). The
-naming rules are the Keras 3 adapter's (``keras_sites.axes_for``), so that both adapters name a
-model's sites and axes the same way and ``dropspy diff`` lines the two runs up site by site.
+use it without importing Keras 3 (``dropspy.frameworks.keras.sites`` imports ``keras`` at
+module level). The naming rules are the Keras 3 adapter's (``dropspy.frameworks.keras.sites``),
+so that both adapters name a model's sites and axes the same way and ``dropspy diff`` lines
+the two runs up site by site.
+
+Over 600 lines because it holds two things both adapters share: site naming (axes, noise
+shapes, scales) and :class:`KerasAdapterBase` (the lifecycle); a split into
+``keras_naming.py`` and ``keras_base.py`` is the next step when either grows.
 """
 
 from __future__ import annotations

@@ -1,10 +1,17 @@
 """The PyTorch adapter: records the exact dropout masks an ``nn.Module`` applies.
 
-How it works (details in ``capture``): a ``TorchFunctionMode`` catches the dropout entry
-points (``F.dropout`` and family, ``torch.dropout``, ``bernoulli``, the RNN layer stacks,
-attention) while a forward of the recorded module runs; inside such a call a short-lived
-``TorchDispatchMode`` copies the mask ATen draws. Module hooks keep the stack of running
-modules so each mask is attributed to its qualified module name.
+How it works: while a sampled step runs, dropspy's own kernels for ``aten::dropout`` and
+``aten::feature_dropout`` (``kernels``) do ATen's arithmetic and keep the mask they draw; the
+capture (``capture``) reads the Python stack once per dropout call to name the module and the
+use; a function mode is on the stack only from a hand-made ``bernoulli_`` mask to the end of
+that forward, to follow the mask to the multiply that applies it. Hooks sit only on the
+recorded model (the step clock), user dropout modules and stacked RNNs. ``torch.compile``d
+models are recorded by a post-grad pass instead (``compiled``).
+
+Why this module is over 600 lines: it is the one lifecycle of a torch recording (attach and
+detach, the three step clocks, eval forwards held until a step ends, GradScaler-skipped steps,
+the refusals), each a few methods of :class:`TorchAdapter` that share its state; what can
+stand alone (capture, kernels, sites, packing, distributed, compiled) already does.
 
 Steps: one optimizer step (global optimizer step hook) of the first optimizer that steps the
 recorded module's parameters; with no optimizer in sight, one top-level training-mode

@@ -17,6 +17,10 @@ applies them, which gives the applied shape (a locked mask ``(1, B, H)`` applied
 (``Variable(m)``, ``m.data``, ``torch.Tensor(m)``), so the mask is followed by its memory
 (``data_ptr``), held alive until the forward ends so the address cannot be reused, through a
 function mode that is on the stack only from the draw to the end of that forward.
+
+Why this module is over 600 lines: :class:`Capture` is one state machine (entries of the
+step, the stack walk, following hand-made masks, the per-use site names) whose parts read and
+write the same per-step state; the kernels and the site registry live apart.
 """
 
 from __future__ import annotations
