@@ -16,7 +16,7 @@ from dropspy.errors import DropspyWarning, OptionError, RecordingError
 from dropspy.options import RecordOptions
 from dropspy.recorder import Recording
 
-__all__ = ["RecordingDriver", "check_options", "missing_framework", "warn_once"]
+__all__ = ["DriverFacade", "RecordingDriver", "check_options", "missing_framework", "warn_once"]
 
 OPTION_NAMES = ("every", "steps", "sites", "max_bytes", "on_full")
 
@@ -153,6 +153,22 @@ class RecordingDriver:
         """Start step ``step`` (torch): the framework's own step counter drives the file's."""
         if self.recording is not None and self in _OPEN:
             self.recording.mark_step(step)
+
+
+class DriverFacade:
+    """What every integration callback shows of its :class:`RecordingDriver`."""
+
+    _driver: RecordingDriver
+
+    @property
+    def path(self) -> str:
+        """The run file (before the per-rank suffix, under a multi-process launch)."""
+        return self._driver.path
+
+    @property
+    def recording(self) -> Any:
+        """The :class:`dropspy.recorder.Recording` once training started, else None."""
+        return self._driver.recording
 
 
 @atexit.register

@@ -27,6 +27,7 @@ from types import FrameType
 from typing import Any
 
 from dropspy.integrations._base import (
+    DriverFacade,
     RecordingDriver,
     check_options,
     missing_framework,
@@ -59,7 +60,7 @@ _CALLERS = {
 }
 
 
-class DropspyCallback(_Callback):  # type: ignore[misc]
+class DropspyCallback(DriverFacade, _Callback):  # type: ignore[misc]
     """Record the dropout masks ``model.fit`` applies, from the start of training to its end.
 
     One callback records one run into one file: reuse in a second ``fit`` fails at its start
@@ -97,16 +98,6 @@ class DropspyCallback(_Callback):  # type: ignore[misc]
         self._driver = RecordingDriver("keras", path, check_options(options), evaluate)
         self._target: Any = None   # the model, held apart from Keras' `model` property
         self._armed: dict[str, tuple[bool, Any]] = {}
-
-    @property
-    def path(self) -> str:
-        """The run file."""
-        return self._driver.path
-
-    @property
-    def recording(self) -> Any:
-        """The :class:`dropspy.recorder.Recording` once training started, else None."""
-        return self._driver.recording
 
     def close(self) -> None:
         """End the recording now (idempotent): the model is restored and the file closed."""

@@ -17,7 +17,12 @@ import importlib.util
 import os
 from typing import Any
 
-from dropspy.integrations._base import RecordingDriver, check_options, missing_framework
+from dropspy.integrations._base import (
+    DriverFacade,
+    RecordingDriver,
+    check_options,
+    missing_framework,
+)
 
 # Only a missing package gets the install line; an error inside an installed one surfaces as is.
 if importlib.util.find_spec("lightning") is not None:
@@ -31,7 +36,7 @@ else:
 __all__ = ["DropspyCallback"]
 
 
-class DropspyCallback(_Callback):  # type: ignore[misc]
+class DropspyCallback(DriverFacade, _Callback):  # type: ignore[misc]
     """Record the dropout masks a ``LightningModule`` applies while ``trainer.fit`` trains it.
 
     One callback records one run: a second ``fit`` with it fails at its start with
@@ -67,16 +72,6 @@ class DropspyCallback(_Callback):  # type: ignore[misc]
                        "DropspyCallback")
         self._step = 0
         self._region = False   # a forward region is open around the running batch
-
-    @property
-    def path(self) -> str:
-        """The run file (before the per-rank suffix)."""
-        return self._driver.path
-
-    @property
-    def recording(self) -> Any:
-        """The :class:`dropspy.recorder.Recording` once training started, else None."""
-        return self._driver.recording
 
     def close(self) -> None:
         """End the recording now (idempotent): the module is restored and the file closed."""

@@ -16,7 +16,12 @@ import importlib.util
 import os
 from typing import Any
 
-from dropspy.integrations._base import RecordingDriver, check_options, missing_framework
+from dropspy.integrations._base import (
+    DriverFacade,
+    RecordingDriver,
+    check_options,
+    missing_framework,
+)
 
 # Only a missing package gets the install line; an error inside an installed one surfaces as is.
 # The Trainer needs accelerate, so its absence is a missing framework too.
@@ -27,7 +32,7 @@ _TrainerCallback: Any = importlib.import_module("transformers").TrainerCallback
 __all__ = ["DropspyCallback"]
 
 
-class DropspyCallback(_TrainerCallback):  # type: ignore[misc]
+class DropspyCallback(DriverFacade, _TrainerCallback):  # type: ignore[misc]
     """Record the dropout masks the ``Trainer``'s model applies while it trains.
 
     Works with ``report_to="none"`` and next to any other callback. One callback records one
@@ -61,16 +66,6 @@ class DropspyCallback(_TrainerCallback):  # type: ignore[misc]
             "transformers", path, check_options(options), evaluate,
             step_clock="steps are the Trainer's optimizer steps (state.global_step), marked by "
                        "the transformers DropspyCallback")
-
-    @property
-    def path(self) -> str:
-        """The run file (before the per-rank suffix)."""
-        return self._driver.path
-
-    @property
-    def recording(self) -> Any:
-        """The :class:`dropspy.recorder.Recording` once training started, else None."""
-        return self._driver.recording
 
     def close(self) -> None:
         """End the recording now (idempotent): the model is restored and the file closed.
