@@ -1,6 +1,6 @@
 """Helpers for the Keras adapter tests: probe models and numpy reference forwards.
 
-Imported only by ``tests/frameworks/keras/test_keras*.py`` after
+Imported by the Keras 3 tests (``tests/frameworks/keras/``, ``tests/integrations/``) after
 ``pytest.importorskip("tensorflow")``.
 """
 
@@ -15,6 +15,18 @@ def keras():
     import keras as _keras
 
     return _keras
+
+
+def seed_states(model):
+    """Every SeedGenerator state of ``model`` (TF backend), in layer order."""
+    out = []
+    for layer in model._flatten_layers(include_self=True, recursive=True):
+        for gen in getattr(layer, "_seed_generators", []) or []:
+            out.append(gen.state.numpy())
+        gen = getattr(layer, "seed_generator", None)
+        if gen is not None:
+            out.append(gen.state.numpy())
+    return out
 
 
 def make_probe(layer, *, jit: bool = False, training: bool = True, extra=None):

@@ -14,6 +14,8 @@ keras = pytest.importorskip("keras")
 if keras.backend.backend() != "tensorflow":  # pragma: no cover
     pytest.skip("the Keras adapter records the TensorFlow backend", allow_module_level=True)
 
+from _keras_util import seed_states
+
 import dropspy
 from dropspy.errors import DropspyWarning, OptionError, RecordingError, UnsupportedModelError
 from dropspy.integrations.keras import DropspyCallback
@@ -40,17 +42,6 @@ def _seed_model(seed=1):
     ])
     model.compile(optimizer="adam", loss="mse")
     return model
-
-
-def _seed_states(model):
-    out = []
-    for layer in model._flatten_layers(include_self=True, recursive=True):
-        for gen in getattr(layer, "_seed_generators", []) or []:
-            out.append(gen.state.numpy())
-        gen = getattr(layer, "seed_generator", None)
-        if gen is not None:
-            out.append(gen.state.numpy())
-    return out
 
 
 def _fit(model, callbacks=(), **kw):
@@ -84,7 +75,7 @@ def test_fit_with_the_callback_is_bit_identical_to_fit_without(tmp_path):
     for a, b in zip(plain.weights, recorded.weights):
         np.testing.assert_array_equal(a.numpy().view(np.uint32), b.numpy().view(np.uint32),
                                       err_msg=a.path)
-    sa, sb = _seed_states(plain), _seed_states(recorded)
+    sa, sb = seed_states(plain), seed_states(recorded)
     assert len(sa) >= 2
     for a, b in zip(sa, sb):
         np.testing.assert_array_equal(a, b)

@@ -10,7 +10,7 @@ keras = pytest.importorskip("keras")
 if keras.backend.backend() != "tensorflow":  # pragma: no cover
     pytest.skip("the Keras adapter tests need the TensorFlow backend", allow_module_level=True)
 
-from _keras_util import assert_dropout_exact, make_probe, planted
+from _keras_util import assert_dropout_exact, make_probe, planted, seed_states
 
 import dropspy
 
@@ -45,17 +45,6 @@ def _model(jit, seed=3, rnn=True):
     return model
 
 
-def _seed_states(model):
-    out = []
-    for layer in model._flatten_layers(include_self=True, recursive=True):
-        for gen in getattr(layer, "_seed_generators", []) or []:
-            out.append(gen.state.numpy())
-        gen = getattr(layer, "seed_generator", None)
-        if gen is not None:
-            out.append(gen.state.numpy())
-    return out
-
-
 def _bits(a):
     return np.asarray(a).view(np.uint32)
 
@@ -72,7 +61,7 @@ def test_fit_weights_and_seed_states_bit_identical_with_and_without_record(jit, 
         recorded.fit(x, y, batch_size=4, epochs=1, shuffle=False, verbose=0)
     for a, b in zip(plain.weights, recorded.weights):
         np.testing.assert_array_equal(_bits(a.numpy()), _bits(b.numpy()), err_msg=a.path)
-    sa, sb = _seed_states(plain), _seed_states(recorded)
+    sa, sb = seed_states(plain), seed_states(recorded)
     assert len(sa) == len(sb) and len(sa) >= 5
     for a, b in zip(sa, sb):
         np.testing.assert_array_equal(a, b)
