@@ -521,9 +521,14 @@ class KerasAdapterBase:
         self._traces[tid] = _TraceMeta(draws=metas, eager=trace.eager, lost=dict(trace.lost))
         # The trace id and every shape in one small int32 vector (read every step: it says
         # which trace ran); the keep-bits in one bool vector, copied to the host only for
-        # sampled steps.
+        # sampled steps. A step sharded over devices keeps each mask apart at its own shape
+        # and sharding instead: joining them would make the compiler gather every shard.
+        if getattr(ops, "keeps_apart", _never)():
+            bits: Any = tuple(d.keep for d in trace.draws if d.applied)
+        else:
+            bits = ops.concat(keeps) if keeps else ops.empty_bits()
         return {
-            "bits": ops.concat(keeps) if keeps else ops.empty_bits(),
+            "bits": bits,
             "dims": ops.concat([ops.int_vector([tid]), *dims]),
         }
 
@@ -577,7 +582,13 @@ class KerasAdapterBase:
         if not wanted or not self.session.want_step(step):
             self.session.count_dropped("sampling", len(meta.draws))
             return
-        records = decode_step(step, meta.draws, ops.to_numpy(payload["bits"]), dims[1:])
+        bits = payload["bits"]
+        if isinstance(bits, (tuple, list)):   # masks kept apart (sharded step): join on the host
+            bits = np.concatenate([np.reshape(ops.to_numpy(b), -1) for b in bits]) if bits \
+                else np.zeros(0, bool)
+        else:
+            bits = ops.to_numpy(bits)
+        records = decode_step(step, meta.draws, bits, dims[1:])
         # Evaluate/predict batches share the step of the next train step: number their calls
         # on from what this step already holds, so (step, call) stays unique per site.
         # Calls are numbered per replica: (step, call, replica) is unique per site.
@@ -590,6 +601,10 @@ class KerasAdapterBase:
             key = (r.site, replica)
             self._calls[key] = max(self._calls.get(key, 0), r.call + 1)
         self.session.submit(step, records)
+
+
+def _never() -> bool:
+    return False
 
 
 class _TFOps:

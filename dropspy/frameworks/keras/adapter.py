@@ -69,9 +69,10 @@ class KerasAdapter(DrawRouter, KerasAdapterBase):
     Raises:
         UnsupportedModelError: A tf_keras (Keras 2) model (recorded by ``TfKerasAdapter``), a
             backend without a capture (numpy, openvino), a layer that is not a model, torch's
-            ``jit_compile=True``, JAX ``keras.distribution``, a strategy with several replicas
-            other than MirroredStrategy, or ``steps_per_execution > 1`` with XLA or replicas
-            on TensorFlow.
+            ``jit_compile=True``, a strategy with several replicas other than
+            MirroredStrategy, ``steps_per_execution > 1`` with XLA or replicas
+            on TensorFlow, or a JAX ``keras.distribution`` other than ``DataParallel`` in one
+            process.
 
     Example:
         >>> with dropspy.record(model, "run.h5"):   # doctest: +SKIP
@@ -116,6 +117,9 @@ class KerasAdapter(DrawRouter, KerasAdapterBase):
 
             meta["jax_version"] = jax.__version__
             meta["devices"] = [str(d) for d in jax.devices()]
+            sharding = _jax_batch_sharding()
+            if sharding is not None:
+                meta["distribution"] = sharding
         elif backend == "torch":
             import torch
 
@@ -319,16 +323,9 @@ class KerasAdapter(DrawRouter, KerasAdapterBase):
                 "default) while recording."
             )
         if backend == "jax":
-            from keras import distribution
-
-            dist = distribution.distribution()
-            if dist is not None:
-                raise UnsupportedModelError(
-                    f"dropspy cannot record a Keras model under keras.distribution "
-                    f"({type(dist).__name__}) on the JAX backend yet: the masks of each "
-                    f"device shard are not taken apart. Expected no distribution while "
-                    f"recording (keras.distribution.set_distribution(None))."
-                )
+            why = _jax_distribution_refused()
+            if why:
+                raise UnsupportedModelError(why)
 
     def _replicas_refused(self, strategy: Any) -> str | None:
         """MirroredStrategy in one process is recorded per replica (TF backend); the rest not.
@@ -435,3 +432,50 @@ def _check_supported(model: Any) -> None:
             f"that is not a model: {type(model).__qualname__} {getattr(model, 'name', '')!r}; "
             f"wrap it in a keras.Model."
         )
+
+
+def _jax_distribution_refused() -> str | None:
+    """Why the active ``keras.distribution`` cannot be recorded on JAX (None: it can).
+
+    ``DataParallel`` in one process is recorded: the step is one SPMD program over global
+    arrays, so each mask is one global draw (the single-device draw, split by batch rows over
+    the devices, see ``capture_jax``) and reaches the host whole, with no collective added.
+    """
+    from keras import distribution
+
+    dist = distribution.distribution()
+    if dist is None:
+        return None
+    kind = type(dist).__name__
+    if not isinstance(dist, distribution.DataParallel):
+        return (f"dropspy cannot record a Keras model under keras.distribution.{kind} on the "
+                f"JAX backend yet: its layout map may shard activations along axes other "
+                f"than the batch, and that dropspy's extra step outputs leave the partitioning "
+                f"of such a step unchanged is not proved. Expected "
+                f"keras.distribution.DataParallel or no distribution while recording.")
+    import jax
+
+    if jax.process_count() > 1:
+        return (f"dropspy cannot record keras.distribution.DataParallel across "
+                f"{jax.process_count()} processes yet: each process sees only its own rows of "
+                f"a mask and would need its own run file (one per rank), which dropspy does not "
+                f"name for JAX yet. Expected DataParallel over the devices of one process.")
+    return None
+
+
+def _jax_batch_sharding() -> dict[str, Any] | None:
+    """How ``DataParallel`` splits a batch over its devices (the ``distribution`` root attr)."""
+    from keras import distribution
+
+    dist = distribution.distribution()
+    if dist is None:
+        return None
+    mesh = dist.device_mesh
+    devices = [str(d) for d in mesh.devices.reshape(-1).tolist()]
+    return {
+        "kind": type(dist).__name__,
+        "batch_axis": str(dist.batch_dim_name),
+        "devices": devices,
+        "records": "global: one record per draw holds the whole batch; batch rows are split "
+                   f"into {len(devices)} equal contiguous blocks, block k on devices[k]",
+    }

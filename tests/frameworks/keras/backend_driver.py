@@ -11,6 +11,10 @@ Scenarios:
     exact: a probe whose train step returns each dropout's input and output; each recorded
            mask is checked against the backend's own dropout arithmetic, with exact zeros
            planted in the input.
+    dataparallel: (JAX, 2 host devices via XLA_FLAGS) keras.distribution.DataParallel: fit
+           bit-identical with and without dropspy and no collective added to the compiled
+           step; masks equal to a single-device run's, batch-sharded as the root attribute
+           says, exact against the outputs with planted zeros; ModelParallel refused.
     mirrored: (TensorFlow) MirroredStrategy over 2 logical CPUs: fit bit-identical with and
            without dropspy, masks per replica, and Monte Carlo dropout in predict checked
            per replica against each replica's half of the batch.
@@ -108,18 +112,7 @@ def fit(workdir):
         from dropspy.frameworks.torch import TorchAdapter
 
         torch_claims = TorchAdapter.claims(recorded)
-    refused = None
-    if BACKEND == "jax":   # keras.distribution: refused by name before anything is recorded
-        keras.distribution.set_distribution(keras.distribution.DataParallel())
-        try:
-            with dropspy.record(_model(), os.path.join(workdir, "dp.h5")):
-                pass
-        except dropspy.UnsupportedModelError as exc:
-            refused = str(exc)
-        finally:
-            keras.distribution.set_distribution(None)
     return {
-        "distribution_refused": refused,
         "claimed_by": find_adapter(recorded).__name__,
         "torch_adapter_claims": torch_claims,
         "backend": run.attrs["backend"],
@@ -257,6 +250,149 @@ def spe(workdir):
     }
 
 
+_COLLECTIVES = ("all-gather", "all-reduce", "collective-permute", "all-to-all",
+                "reduce-scatter")
+
+
+def _collectives(dump, name):
+    """Collective ops in each optimized step module named ``jit_<name>`` of the XLA dump."""
+    import glob
+    import re
+
+    out = []
+    for f in sorted(glob.glob(os.path.join(dump, f"*.jit_{name}.cpu_after_optimizations.txt"))):
+        text = open(f).read()
+        out.append({c: len(re.findall(rf"(?<![\w-]){c}(?:-start)?\(", text))
+                    for c in _COLLECTIVES})
+    return out
+
+
+def _row_blocks(arrays, n):
+    """Per batch-sharded payload array: whether device k of the mesh holds rows block k."""
+    import jax
+
+    devices = list(jax.devices())[:n]
+    ok = []
+    for a in arrays:
+        if a.shape[0] < n:
+            continue   # a batch axis of 1 (a noise shape without the batch): on every device
+        rows = a.shape[0] // n
+        idx = a.sharding.devices_indices_map(a.shape)
+        ok.append(all(idx[d][0] == slice(k * rows, (k + 1) * rows) or
+                      (k * rows, (k + 1) * rows) == idx[d][0].indices(a.shape[0])[:2]
+                      for k, d in enumerate(devices)))
+    return ok
+
+
+def dataparallel(workdir):
+    """keras.distribution.DataParallel over 2 host devices (XLA_FLAGS set by the test)."""
+    import jax
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(N, T, F)).astype(np.float32)
+    y = rng.normal(size=(N, 1)).astype(np.float32)
+    dump = os.path.join(workdir, "hlo")
+    dist = keras.distribution.DataParallel()
+    keras.distribution.set_distribution(dist)
+    plain = _model()
+    _train(plain, x, y)
+    recorded = _model()
+    path = os.path.join(workdir, "dp.h5")
+    blocks = []
+    with dropspy.record(recorded, path) as rec:
+        on_step = rec.adapter._on_step
+
+        def spy(step, payload, *args, **kwargs):
+            blocks.extend(_row_blocks(payload["bits"], 2))
+            return on_step(step, payload, *args, **kwargs)
+
+        rec.adapter._on_step = spy
+        _train(recorded, x, y)
+    weights = [bool(np.array_equal(_np(a.value).view(np.uint8), _np(b.value).view(np.uint8)))
+               for a, b in zip(plain.weights, recorded.weights)]
+    sa, sb = _seed_states(plain), _seed_states(recorded)
+    collectives = {"plain": _collectives(dump, "train_step"),
+                   "recorded": _collectives(dump, "step_fn")}
+    run = dropspy.load(path)
+
+    # The same model, seed and data on one device: the masks a single device draws.
+    keras.distribution.set_distribution(None)
+    single = _model()
+    single_path = os.path.join(workdir, "single.h5")
+    with dropspy.record(single, single_path):
+        _train(single, x, y)
+    one = dropspy.load(single_path)
+    same, total, halves, pairs = 0, 0, 0, 0
+    for name, site in run.items():
+        for i in range(len(site)):
+            total += 1
+            same += bool(one[name].steps[i] == site.steps[i]
+                         and np.array_equal(one[name].mask(i), site.mask(i)))
+            m = site.mask(i)
+            if m.shape[0] >= 2:
+                pairs += 1
+                half = m.shape[0] // 2
+                halves += bool(np.array_equal(m[:half], m[half:2 * half]))
+    single_weights_equal = all(
+        np.array_equal(_np(a.value), _np(b.value)) for a, b in zip(plain.weights, single.weights))
+
+    # Exactness: a probe returns each dropout's input and output from the sharded step.
+    keras.distribution.set_distribution(dist)
+    model = _probe()
+    probe_path = os.path.join(workdir, "dp_exact.h5")
+    xs = [_planted((8, T, F), s) for s in range(3)]
+    logs = []
+    with dropspy.record(model, probe_path):
+        for xb in xs:
+            out = model.train_on_batch(xb, np.zeros((8, 1), np.float32), return_dict=True)
+            logs.append({k: np.asarray(v) for k, v in out.items()})
+    prun = dropspy.load(probe_path)
+    exact = {}
+    for i, name in enumerate(("plain", "spatial", "seeded")):
+        site = prun[name]
+        ok, kept_zero = [], False
+        for step, (xb, lg) in enumerate(zip(xs, logs)):
+            mask = site.mask(step)
+            want = _expected(xb, site.noise(step), site.rate, "")
+            got = lg[f"y{i}"].astype(np.float32)
+            ok.append(bool(np.array_equal(lg["x"], xb)
+                           and np.array_equal(got.view(np.uint32), want.view(np.uint32))))
+            kept_zero |= bool(np.any(mask & (xb == 0)))
+        exact[name] = {"exact": ok, "kept_zeros": kept_zero}
+
+    # A layout that may shard other axes than the batch: refused by name before recording.
+    mesh = keras.distribution.DeviceMesh((1, 2), ["batch", "model"],
+                                         keras.distribution.list_devices())
+    keras.distribution.set_distribution(keras.distribution.ModelParallel(
+        layout_map=keras.distribution.LayoutMap(mesh), batch_dim_name="batch"))
+    refused = None
+    try:
+        with dropspy.record(_model(), os.path.join(workdir, "mp.h5")):
+            pass
+    except dropspy.UnsupportedModelError as exc:
+        refused = str(exc)
+    finally:
+        keras.distribution.set_distribution(None)
+    return {
+        "devices": len(jax.devices()),
+        "distribution": json.loads(run.attrs["distribution"]),
+        "n_weights": len(weights), "weights_equal": all(weights),
+        "n_seed_states": len(sa),
+        "seed_states_equal": len(sa) == len(sb) and all(
+            np.array_equal(a, b) for a, b in zip(sa, sb)),
+        "collectives": collectives,
+        "row_blocks": [sum(blocks), len(blocks)],
+        "records": {name: len(site) for name, site in run.items()},
+        "replicas": sorted({int(r) for site in run.values() for r in site.replicas}),
+        "same_as_single_device": [same, total],
+        "single_device_weights_equal": single_weights_equal,
+        "halves_identical": [halves, pairs],
+        "exact": exact,
+        "dropped": {k: v for k, v in run.records_dropped.items() if v},
+        "model_parallel_refused": refused,
+    }
+
+
 def _mirrored_model(strategy, seed=3):
     with strategy.scope():
         return _model(seed)
@@ -334,5 +470,6 @@ def mirrored(workdir):
 
 if __name__ == "__main__":
     scenarios, workdir = sys.argv[1].split(","), sys.argv[2]
-    table = {"fit": fit, "exact": exact, "mirrored": mirrored, "spe": spe}
+    table = {"fit": fit, "exact": exact, "mirrored": mirrored, "spe": spe,
+             "dataparallel": dataparallel}
     print("DRIVER-RESULT " + json.dumps({name: table[name](workdir) for name in scenarios}))

@@ -39,17 +39,25 @@ def run_driver(backend: str, scenarios: str, workdir: Path, **env: str) -> dict:
     return json.loads(lines[-1][len("DRIVER-RESULT "):])
 
 
-# What each backend's one subprocess runs (Keras' torch backend has no steps_per_execution > 1).
-SCENARIOS = {"jax": "fit,exact,spe", "torch": "fit,exact", "tensorflow": "mirrored,spe"}
+# What each subprocess runs (Keras' torch backend has no steps_per_execution > 1).
+SCENARIOS = {"jax": "fit,exact,spe", "torch": "fit,exact", "tensorflow": "mirrored,spe",
+             "jax-dp": "dataparallel"}
 _RESULTS: dict[str, dict] = {}
 
 
-def _result(backend: str, tmp_path_factory) -> dict:
-    """The backend's driver output, run once per test session."""
-    if backend not in _RESULTS:
-        workdir = tmp_path_factory.mktemp(f"keras_{backend}")
-        _RESULTS[backend] = run_driver(backend, SCENARIOS[backend], workdir)
-    return _RESULTS[backend]
+def _result(key: str, tmp_path_factory) -> dict:
+    """The driver output of one subprocess (a backend, or ``jax-dp``), run once per session."""
+    if key not in _RESULTS:
+        workdir = tmp_path_factory.mktemp(f"keras_{key}")
+        env = {}
+        if key == "jax-dp":
+            # Two host devices, and the optimized HLO of each step written where the driver
+            # counts its collectives; both read by XLA when jax starts in the subprocess.
+            env["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count=2 "
+                                f"--xla_dump_to={workdir / 'hlo'} --xla_dump_hlo_as_text "
+                                f"--xla_dump_hlo_module_re=.*(train_step|step_fn).*")
+        _RESULTS[key] = run_driver(key.split("-")[0], SCENARIOS[key], workdir, **env)
+    return _RESULTS[key]
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
@@ -72,14 +80,6 @@ def test_the_keras_adapter_claims_the_model_and_the_torch_adapter_does_not(backe
     assert result["fit"]["claimed_by"] == "KerasAdapter"
     if backend == "torch":
         assert result["fit"]["torch_adapter_claims"] is False
-
-
-def test_jax_keras_distribution_is_refused_naming_it(backend_result):
-    backend, result = backend_result
-    if backend != "jax":
-        pytest.skip("keras.distribution is the JAX backend's")
-    refused = result["fit"]["distribution_refused"]
-    assert refused and "keras.distribution" in refused and "DataParallel" in refused
 
 
 def test_fit_and_train_on_batch_record_every_step_of_every_site(backend_result):
@@ -157,3 +157,63 @@ def test_steps_per_execution_4_records_every_inner_step_equal_to_spe_1(spe_resul
 def test_steps_per_execution_4_training_is_bit_identical_with_and_without_record(spe_result):
     assert spe_result["n_weights"] == 5 and spe_result["weights_equal"]
     assert spe_result["seed_states_equal"]
+
+
+@pytest.fixture(scope="module")
+def dp_result(tmp_path_factory):
+    if importlib.util.find_spec("jax") is None:
+        pytest.skip("needs jax")
+    return _result("jax-dp", tmp_path_factory)["dataparallel"]
+
+
+def test_jax_dataparallel_fit_is_bit_identical_with_and_without_record(dp_result):
+    assert dp_result["devices"] == 2
+    assert dp_result["n_weights"] == 5 and dp_result["weights_equal"]
+    assert dp_result["n_seed_states"] == 3 and dp_result["seed_states_equal"]
+    assert not dp_result["dropped"]
+
+
+def test_jax_dataparallel_recording_adds_no_collective_to_the_compiled_step(dp_result):
+    # fit's full and partial batch and train_on_batch: 3 compiled steps each, and each
+    # recorded step has exactly the plain step's collectives (the gradient all-reduce).
+    plain, recorded = dp_result["collectives"]["plain"], dp_result["collectives"]["recorded"]
+    assert len(plain) == len(recorded) == 3
+    assert recorded == plain
+    assert all(c["all-reduce"] >= 1 for c in plain)
+
+
+def test_jax_dataparallel_records_the_global_mask_equal_to_a_single_device_run(dp_result):
+    # One record per draw (replica 0) holding the whole batch: the same 60 masks, bit for bit,
+    # as the same model, seed and data drew on one device.
+    assert all(n == 6 for n in dp_result["records"].values()) and len(dp_result["records"]) == 10
+    assert dp_result["replicas"] == [0]
+    assert dp_result["same_as_single_device"] == [60, 60]
+    # ...while the training itself differs from one device's (the gradients are summed in
+    # another order): the masks agree because they do not depend on the sharding.
+    assert dp_result["single_device_weights_equal"] is False
+    # The devices' rows are slices of one draw, not one mask repeated (MirroredStrategy's
+    # replicas draw identical masks): equal halves only where few bits coincide by chance.
+    same, pairs = dp_result["halves_identical"]
+    assert pairs == 60 and same <= pairs // 10
+
+
+def test_jax_dataparallel_masks_stay_sharded_as_the_distribution_attribute_says(dp_result):
+    dist = dp_result["distribution"]
+    assert dist["kind"] == "DataParallel" and dist["batch_axis"] == "batch"
+    assert dist["devices"] == ["cpu:0", "cpu:1"]
+    # Every batch-sharded mask left the step with rows block k on device k.
+    ok, checked = dp_result["row_blocks"]
+    assert checked == 60 and ok == checked
+
+
+@pytest.mark.parametrize("site", ["plain", "spatial", "seeded"])
+def test_jax_dataparallel_masks_match_the_sharded_steps_outputs_with_planted_zeros(dp_result,
+                                                                                    site):
+    check = dp_result["exact"][site]
+    assert check["exact"] == [True, True, True]
+    assert check["kept_zeros"]
+
+
+def test_jax_model_parallel_is_refused_naming_it(dp_result):
+    refused = dp_result["model_parallel_refused"]
+    assert refused and "ModelParallel" in refused and "DataParallel" in refused
