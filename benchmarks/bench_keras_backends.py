@@ -1,4 +1,5 @@
-"""dropspy's step overhead on Keras 3's three backends, steps_per_execution=4 and 2 replicas.
+"""dropspy's step overhead on Keras 3's three backends, steps_per_execution=4, 2 replicas
+(TF MirroredStrategy) and 2 devices (JAX keras.distribution.DataParallel).
 
 The model is issue 14's: ``Input(40, 32) -> SpatialDropout1D(0.2) -> LSTM(32, dropout=0.2,
 recurrent_dropout=0.2) -> Dropout(0.2) -> Dense(1)``, batch 64, Adam, ``model.fit``. Each
@@ -9,8 +10,12 @@ ratio; the table shows their median and quartiles. A ``record()`` entered on a m
 train function exists rebuilds (retraces) it: the first fitted steps' extra time is reported
 as ``attach_s``.
 
+The JAX ``dataparallel`` case runs over 2 host devices
+(``XLA_FLAGS=--xla_force_host_platform_device_count=2``, set for its child process only).
+
 Run:
     python benchmarks/bench_keras_backends.py [--rounds 7] [--steps 10] [--smoke]
+        [--only jax:fit,jax:dataparallel]
 """
 
 from __future__ import annotations
@@ -47,6 +52,8 @@ def _child(variant: str, rounds: int, steps: int, workdir: str) -> dict:
     import dropspy
 
     backend = keras.backend.backend()
+    if variant == "dataparallel":   # set before the models are built: their variables follow
+        keras.distribution.set_distribution(keras.distribution.DataParallel())
     spe = 4 if variant == "spe4" else 1
 
     def build(seed: int) -> keras.Model:
@@ -102,6 +109,8 @@ def main() -> int:
     parser.add_argument("--smoke", action="store_true", help="1 round of 2 steps")
     parser.add_argument("--out", type=Path, default=ROOT / "out" / "bench_keras_backends.json")
     parser.add_argument("--dir", type=Path, default=None, help="folder for the run files")
+    parser.add_argument("--only", default=None,
+                        help="comma-separated backend:variant cases, e.g. jax:dataparallel")
     parser.add_argument("--child", nargs=2, metavar=("VARIANT", "WORKDIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     rounds, steps = (1, 2) if args.smoke else (args.rounds, args.steps)
@@ -110,12 +119,18 @@ def main() -> int:
         print("BENCH-RESULT " + json.dumps(result))
         return 0
     cases = [("tensorflow", "fit"), ("jax", "fit"), ("torch", "fit"), ("tensorflow", "spe4"),
-             ("jax", "spe4"), ("tensorflow", "mirrored")]
+             ("jax", "spe4"), ("tensorflow", "mirrored"), ("jax", "dataparallel")]
+    if args.only:
+        wanted = {tuple(c.split(":", 1)) for c in args.only.split(",")}
+        cases = [c for c in cases if c in wanted]
     workdir = args.dir or Path(tempfile.mkdtemp(prefix="dropspy_bench_"))
     results = []
     for backend, variant in cases:
         env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3",
                    PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+        if variant == "dataparallel":   # read by XLA when jax starts in the child
+            env["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""),
+                                         "--xla_force_host_platform_device_count=2"]).strip()
         cmd = [sys.executable, str(Path(__file__).resolve()), "--rounds", str(rounds),
                "--steps", str(steps), "--child", variant, str(workdir)]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)

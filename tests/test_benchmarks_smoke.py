@@ -179,7 +179,8 @@ def test_keras_backends_smoke_reports_a_ratio_for_every_backend_and_variant(tmp_
     r = _run("bench_keras_backends.py", tmp_path, "--smoke", timeout=1500)
     cases = {(c["backend"], c["variant"]) for c in r["results"]}
     assert cases == {("tensorflow", "fit"), ("jax", "fit"), ("torch", "fit"),
-                     ("tensorflow", "spe4"), ("jax", "spe4"), ("tensorflow", "mirrored")}
+                     ("tensorflow", "spe4"), ("jax", "spe4"), ("tensorflow", "mirrored"),
+                     ("jax", "dataparallel")}
     for c in r["results"]:
         assert _finite_positive(c["ratio"]["median"]) and c["ratio"]["n"] == r["rounds"]
         assert _finite_positive(c["ms_per_step"])

@@ -288,6 +288,8 @@ def dataparallel(workdir):
     """keras.distribution.DataParallel over 2 host devices (XLA_FLAGS set by the test)."""
     import jax
 
+    from dropspy.store import validate_file
+
     rng = np.random.default_rng(0)
     x = rng.normal(size=(N, T, F)).astype(np.float32)
     y = rng.normal(size=(N, 1)).astype(np.float32)
@@ -376,6 +378,7 @@ def dataparallel(workdir):
     return {
         "devices": len(jax.devices()),
         "distribution": json.loads(run.attrs["distribution"]),
+        "problems": validate_file(path),
         "n_weights": len(weights), "weights_equal": all(weights),
         "n_seed_states": len(sa),
         "seed_states_equal": len(sa) == len(sb) and all(

@@ -201,6 +201,7 @@ def test_jax_dataparallel_masks_stay_sharded_as_the_distribution_attribute_says(
     dist = dp_result["distribution"]
     assert dist["kind"] == "DataParallel" and dist["batch_axis"] == "batch"
     assert dist["devices"] == ["cpu:0", "cpu:1"]
+    assert dp_result["problems"] == []   # the attribute as schemas/run.schema.json lays it out
     # Every batch-sharded mask left the step with rows block k on device k.
     ok, checked = dp_result["row_blocks"]
     assert checked == 60 and ok == checked
