@@ -346,9 +346,6 @@ class TorchAdapter:
     def _pre_hook(self, path: str, module: torch.nn.Module | None = None) -> Callable:
         cudnn_off = self.cudnn_rnn == "exact"
 
-        target = module if module is not None else self.model.get_submodule(path)
-        leaf = looks_like_dropout(target) and next(target.children(), None) is None
-
         def hook(module: torch.nn.Module, args: Any) -> None:
             cap = self._cap
             try:
@@ -357,12 +354,10 @@ class TorchAdapter:
                 if cudnn_off and isinstance(module, torch.nn.RNNBase):
                     frame.cudnn = torch.backends.cudnn.flags(enabled=False)
                     frame.cudnn.__enter__()
-                if leaf and not cap.mode_pushed and cap.active():
-                    # Sees a leaf dropout module's random draws (an untracked rand_like
-                    # mask); popped when the call ends. Not around a wrapper (AWD's
-                    # WeightDrop around an LSTM): every torch call under the mode pays.
-                    cap.push_mode()
-                    frame.pushed = True
+                if cap.mode_pushed and not cap.taint:
+                    # Every hand-made mask met its multiplication before this call: nothing
+                    # left to follow (AWD's embedded_dropout, drawn in the model's forward).
+                    self._pop_mode()
             except Exception as exc:
                 cap.failed(f"the pre-hook of {path}", exc, path)
         return hook
@@ -505,11 +500,11 @@ class TorchAdapter:
                 continue
             call = calls.get(name, 0)
             calls[name] = call + 1
-            rec = Record(site=name, step=step, call=call, training=bool(e.training),
-                         shape=tuple(int(s) for s in e.shape), rate=e.rate)
+            rec = Record(name, step, call, bool(e.training), tuple(map(int, e.shape)),
+                         rate=e.rate)
             records.append(rec)
             if e.noise is not None and e.noise_shape is not None:
-                rec.noise_shape = tuple(int(s) for s in e.noise_shape)
+                rec.noise_shape = tuple(map(int, e.noise_shape))
                 masked.append((rec, e.noise))
         if filtered:
             self.session.count_dropped("site_filter", filtered)
@@ -520,7 +515,8 @@ class TorchAdapter:
             return
         unpacked = sum(m.numel() * m.element_size() for _, m in masked if m.dtype != torch.uint8)
         for rec, mask in masked:
-            mask = mask.detach().cpu()
+            if mask.device.type != "cpu" or mask.requires_grad:
+                mask = mask.detach().cpu()
             if mask.dtype in _NUMPY_DTYPES and unpacked <= HANDOFF_BYTES:
                 # The writer thread compares and packs (numpy releases the GIL there): the
                 # training thread hands over the noise it already holds, no copy.
@@ -601,27 +597,34 @@ class TorchAdapter:
         mode = self._mode
         if mode is None or threading.get_ident() != self._thread:
             return
-        from torch.overrides import (
-            _get_current_function_mode_stack,
-            _pop_mode,
-            _push_mode,
-        )
-
-        if self._capture is not None:
-            self._capture.mode_pushed = False
-        stack = _get_current_function_mode_stack()
-        if not any(m is mode for m in stack):
+        depth = torch._C._len_torch_function_stack()
+        if depth and torch._C._get_function_stack_at(depth - 1) is mode:
+            torch._C._pop_torch_function_stack()  # the usual case: ours is on top
+            self._mark_popped()
             return
+        stack = [torch._C._get_function_stack_at(i) for i in range(depth)]
+        if not any(m is mode for m in stack):
+            # Not pushed, or taken off for the moment because this runs inside the mode's
+            # own call (a module called from a torch function): torch puts it back.
+            if not mode.inside:
+                self._mark_popped()
+            return
+        self._mark_popped()
         # Pop down to our mode and put back any mode pushed after it (a forward that left a
         # mode behind, e.g. it raised inside someone's mode context).
         above = []
         while True:
-            top = _pop_mode()
+            top = torch._C._pop_torch_function_stack()
             if top is mode:
                 break
             above.append(top)
         for other in reversed(above):
-            _push_mode(other)
+            torch._C._push_on_torch_function_stack(other)
+
+
+    def _mark_popped(self) -> None:
+        if self._capture is not None:
+            self._capture.mode_pushed = False
 
 
 class _ScalerWatch:

@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import warnings
-from collections.abc import Callable, Iterable
+import weakref
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -58,13 +60,6 @@ _DROPSPY_DIR += os.sep
 # accumulation) must not double the activation memory dropout already keeps.
 PACK_EARLY_BYTES = 256 << 20
 
-_RANDOM = {
-    _VF.rand, _VF.rand_like, _VF.randn, _VF.randn_like, _VF.randint, _VF.randint_like,
-    _VF.normal, _VF.multinomial, _VF.poisson, _VF.randperm,
-    torch.Tensor.uniform_, torch.Tensor.normal_, torch.Tensor.random_,
-    torch.Tensor.exponential_, torch.Tensor.geometric_, torch.Tensor.cauchy_,
-    torch.Tensor.log_normal_, torch.Tensor.multinomial,
-}
 _MUL = {torch.Tensor.mul, torch.Tensor.mul_, _VF.mul, torch.Tensor.multiply,
         torch.Tensor.multiply_, _VF.multiply, torch.Tensor.__mul__, torch.Tensor.__rmul__,
         torch.Tensor.__imul__, torch.Tensor.where, _VF.where, torch.Tensor.masked_fill,
@@ -123,32 +118,43 @@ class Loc:
 class Frame:
     """A hooked module's running call (dropout-looking user modules and stacked RNNs)."""
 
-    __slots__ = ("path", "module", "drew", "pushed", "cudnn")
+    __slots__ = ("path", "module", "drew", "cudnn")
 
     def __init__(self, path: str, module: torch.nn.Module) -> None:
         self.path = path
         self.module = module
         self.drew = False
-        self.pushed = False
         self.cudnn: Any = None  # cudnn.flags(enabled=False) held for this call
 
 
 def looks_like_dropout(module: torch.nn.Module) -> bool:
     """A dropout module of torch's, or a user's class whose name says dropout."""
-    return isinstance(module, torch.nn.modules.dropout._DropoutNd) or (
-        "drop" in type(module).__name__.lower())
+    cls = type(module)
+    like = _DROPOUT_LIKE.get(cls)
+    if like is None:
+        like = _DROPOUT_LIKE[cls] = issubclass(cls, torch.nn.modules.dropout._DropoutNd) or (
+            "drop" in cls.__name__.lower())
+    return like
+
+
+# By class (asked at every hand-made draw); weak keys: classes made at run time can go.
+_DROPOUT_LIKE: weakref.WeakKeyDictionary[type, bool] = weakref.WeakKeyDictionary()
 
 
 def forward_codes(named: Iterable[tuple[str, torch.nn.Module]]
-                  ) -> tuple[dict[Any, tuple[str, torch.nn.Module] | None],
-                             dict[int, tuple[str, torch.nn.Module]]]:
-    """Code objects of the model's ``forward`` methods, and (path, module) by ``id``.
+                  ) -> tuple[dict[int, tuple[str, torch.nn.Module] | None],
+                             dict[int, tuple[str, torch.nn.Module]], list[Any]]:
+    """The model's ``forward`` code objects by ``id``, (path, module) by module ``id``, and
+    the code objects themselves (held, so their ids stay theirs).
 
-    A code maps to None when the module is found from the frame's ``self``; an instance's own
-    ``forward`` (a lambda, a function set on the instance) maps to its module.
+    Keyed by ``id``: hashing a code object hashes its bytecode and constants at every lookup,
+    and the capture looks up every frame of the stack at every dropout call. A code maps to
+    None when the module is found from the frame's ``self``; an instance's own ``forward``
+    (a lambda, a function set on the instance) maps to its module.
     """
-    codes: dict[Any, tuple[str, torch.nn.Module] | None] = {}
+    codes: dict[int, tuple[str, torch.nn.Module] | None] = {}
     paths: dict[int, tuple[str, torch.nn.Module]] = {}
+    held: list[Any] = []
     for name, module in named:
         paths[id(module)] = (name, module)
         own = module.__dict__.get("forward")
@@ -157,12 +163,13 @@ def forward_codes(named: Iterable[tuple[str, torch.nn.Module]]
             fn = fns.pop()
             fn = getattr(fn, "__func__", fn)
             code = getattr(fn, "__code__", None)
-            if code is not None:
-                codes.setdefault(code, (name, module) if own is not None else None)
+            if code is not None and id(code) not in codes:
+                codes[id(code)] = (name, module) if own is not None else None
+                held.append(code)
             inner = getattr(fn, "__wrapped__", None)
             if inner is not None:
                 fns.append(inner)
-    return codes, paths
+    return codes, paths, held
 
 
 class Capture:
@@ -187,9 +194,9 @@ class Capture:
         if model is not None:
             from dropspy.frameworks.torch.distributed import named_modules
 
-            self.codes, self.paths = forward_codes(named_modules(model))
+            self.codes, self.paths, self._code_refs = forward_codes(named_modules(model))
         else:
-            self.codes, self.paths = {}, {}
+            self.codes, self.paths, self._code_refs = {}, {}, []
         self.root: torch.nn.Module | None = model
         self.thread: int | None = None
         self.depth = 0  # top-level forwards of the model running (re-entrant calls count)
@@ -198,7 +205,7 @@ class Capture:
         self.applied_in_group = False
         self.draws_seen = 0
         self.draw_log: list[Draw] | None = None  # the RNG audit's view, off by default
-        self.taint: dict[tuple[int, str], tuple[torch.Tensor, Entry]] = {}
+        self.taint: dict[int, tuple[torch.Tensor, Entry]] = {}  # by data_ptr
         self.mode: FunctionMode | None = None
         self.mode_pushed = False
         # Dropout-like modules that make their own masks: path -> {key: last entry}, so a
@@ -238,12 +245,10 @@ class Capture:
         codes, paths = self.codes, self.paths
         while f is not None:
             code = f.f_code
-            if where is None:
-                name = code.co_filename
-                if not name.startswith(_TORCH_DIR) and not name.startswith(_DROPSPY_DIR):
-                    where = (code, f.f_lasti, code.co_name)
-            if code in codes:
-                found = codes[code]
+            if where is None and _user_code(code):
+                where = (code, f.f_lasti, code.co_name)
+            if id(code) in codes:
+                found = codes[id(code)]
                 if found is None:
                     found = paths.get(id(f.f_locals.get("self")))
                 if found is not None:
@@ -264,9 +269,8 @@ class Capture:
         """
         while f is not None:
             code = f.f_code
-            name = code.co_filename
-            if not name.startswith(_TORCH_DIR) and not name.startswith(_DROPSPY_DIR):
-                if code in self.codes:
+            if _user_code(code):
+                if id(code) in self.codes:
                     return where_of(code, f.f_lasti, code.co_name)
                 return None
             f = f.f_back
@@ -362,7 +366,7 @@ class Capture:
             self.note_once(f"rate:{key}", f"{loc.path or type(module).__name__}: dropout rate "
                            f"changed from {known.rate} to {p} while recording; each record "
                            f"keeps the rate it was drawn with")
-        if isinstance(x, torch.nn.Parameter):
+        if _is_parameter(x):
             _mark_parameter(self.sites.facts(key), x.dim())
         if isinstance(mask, Grabber):
             self.log(mask.draws)
@@ -397,8 +401,8 @@ class Capture:
         f: Any = sys._getframe(1)
         while f is not None:
             code = f.f_code
-            if code in self.codes:
-                if self.codes[code] is not None or id(f.f_locals.get("self")) in self.paths:
+            if id(code) in self.codes:
+                if self.codes[id(code)] is not None or id(f.f_locals.get("self")) in self.paths:
                     return True
             f = f.f_back
         return False
@@ -461,7 +465,7 @@ class Capture:
         key = SiteKey(loc.path, "attention", None if isinstance(
             loc.module, torch.nn.MultiheadAttention) else loc.where, loc.use)
         try:
-            batch = tuple(torch.broadcast_shapes(q.shape[:-2], k.shape[:-2]))
+            batch = broadcast_shapes(q.shape[:-2], k.shape[:-2])
         except RuntimeError:  # grouped-query attention: fewer key heads than query heads
             batch = tuple(q.shape[:-2])
         shape = batch + (q.shape[-2], k.shape[-2])
@@ -526,7 +530,8 @@ class Capture:
             own=dropout_like,
             extra={"mask_source": f"bernoulli draw in {loc.function or 'forward'}, 1 = kept; "
                    "applied shape from the first multiplication by the mask"}))
-        self.log([Draw(op, mask, p, out.dtype)])
+        if self.draw_log is not None:
+            self.draw_log.append(Draw(op, mask, p, out.dtype))
         for f in self.stack:
             if f.module is module:
                 f.drew = True
@@ -538,50 +543,48 @@ class Capture:
 
     def taint_tensor(self, t: torch.Tensor, entry: Entry) -> None:
         if t.numel() > 0:
-            self.taint[(t.data_ptr(), t.device.type)] = (t, entry)
+            self.taint[t.data_ptr()] = (t, entry)
 
-    def _tainted(self, t: torch.Tensor) -> tuple[torch.Tensor, Entry] | None:
-        if t.numel() == 0:
-            return None
-        try:
-            return self.taint.get((t.data_ptr(), t.device.type))
-        except RuntimeError:  # tensors without storage (sparse, nested, functional)
-            return None
-
-    def propagate(self, func: Callable, args: tuple, kwargs: dict, out: Any) -> None:
+    def propagate(self, func: Callable, args: tuple, out: Any) -> None:
         """Follow a hand-made mask to the multiplication that applies it (its applied shape).
 
         Tensors that share the mask's memory (``Variable(m)``, ``m.data``, ``m.detach()``,
         ``torch.Tensor(m)``, views and ``expand``) are the mask by address; results of
         elementwise calls on it (``m / (1 - p)``, ``m.clone()``, ``m.to(dtype)``) inherit it.
+        Runs for every torch call while the mode is on the stack: kept lean.
         """
+        taint = self.taint
         tainted: Entry | None = None
         source: torch.Tensor | None = None
         others: list[torch.Tensor] = []
         for a in args:
-            if isinstance(a, torch.Tensor):
-                hit = self._tainted(a)
-                if hit is not None:
-                    tainted, source = hit[1], a
-                else:
-                    others.append(a)
+            if not isinstance(a, torch.Tensor):
+                continue
+            try:
+                hit = taint.get(a.data_ptr())
+            except RuntimeError:  # tensors without storage (sparse, nested, functional)
+                hit = None
+            if hit is not None and a.numel() > 0 and a.device == hit[0].device:
+                tainted, source = hit[1], a
+            else:
+                others.append(a)
         if tainted is None or source is None:
             return
         if func in _MUL and any(o.numel() > 1 for o in others):
             # Multiplying by data (not by a scale held in a tensor) applies the mask.
-            shape = tuple(torch.broadcast_shapes(source.shape, *(o.shape for o in others)))
+            shape = broadcast_shapes(source.shape, *(o.shape for o in others))
             noise = tainted.noise
             if noise is not None and noise.dtype == torch.bool and len(shape) > noise.dim():
                 tainted.noise = noise.reshape((1,) * (len(shape) - noise.dim())
                                               + tuple(noise.shape))
                 tainted.noise_shape = tuple(tainted.noise.shape)
             tainted.shape = shape
-            if any(isinstance(o, torch.nn.Parameter) for o in others):
+            if any(_is_parameter(o) for o in others):
                 _mark_parameter(self.sites.facts(tainted.key), len(shape))
-            for k in [k for k, (_, e) in self.taint.items() if e is tainted]:
-                del self.taint[k]
+            for k in [k for k, (_, e) in taint.items() if e is tainted]:
+                del taint[k]
             return
-        if isinstance(out, torch.Tensor) and (out.numel() == source.numel() or func in _EXPAND):
+        if isinstance(out, torch.Tensor) and (func in _EXPAND or out.numel() == source.numel()):
             # Elementwise ops, copies, dtype casts and expand keep the mask's values;
             # anything else that changes the element count (indexing, reductions) does not.
             self.taint_tensor(out, tainted)
@@ -589,9 +592,7 @@ class Capture:
     def push_mode(self) -> None:
         """Put the function mode on the stack until the forward ends (follows taint)."""
         if self.mode is not None and not self.mode_pushed:
-            from torch.overrides import _push_mode
-
-            _push_mode(self.mode)
+            torch._C._push_on_torch_function_stack(self.mode)
             self.mode_pushed = True
 
     def end_module(self, frame: Frame) -> None:
@@ -604,7 +605,7 @@ class Capture:
 
     # -- random draws that are not masks -------------------------------------------------------
 
-    def on_random(self, func: Callable) -> None:
+    def on_random(self, name: str) -> None:
         """A random draw that is no Bernoulli mask, inside a dropout-looking module."""
         if not self.active() or not self.stack:
             return
@@ -612,7 +613,6 @@ class Capture:
         module = frame.module
         if not looks_like_dropout(module):
             return
-        name = getattr(func, "__name__", str(func))
         loc = self.locate()
         key = SiteKey(frame.path, "untracked", loc.where if loc else None)
         if self.sites.facts(key) is None:
@@ -678,6 +678,27 @@ def _layer_output_shape(output: Any, module: torch.nn.RNNBase) -> tuple[int, ...
     return tuple(out.shape)
 
 
+def _user_code(code: Any) -> bool:
+    """Whether ``code`` is the user's (not torch's or dropspy's own); cached by code object."""
+    hit = _USER_CODE.get(id(code))
+    if hit is not None and hit[0] is code:
+        return hit[1]
+    name = code.co_filename
+    user = not name.startswith(_TORCH_DIR) and not name.startswith(_DROPSPY_DIR)
+    if len(_USER_CODE) < 65536:
+        _USER_CODE[id(code)] = (code, user)
+    return user
+
+
+# By id (see forward_codes), holding the code so the id stays its own.
+_USER_CODE: dict[int, tuple[Any, bool]] = {}
+
+
+def _is_parameter(t: torch.Tensor) -> bool:
+    """``isinstance(t, nn.Parameter)`` without the Parameter metaclass's Python check."""
+    return issubclass(type(t), torch.nn.Parameter) or bool(getattr(t, "_is_param", False))
+
+
 def _mark_parameter(facts: SiteFacts | None, rank: int) -> None:
     """A mask applied to a parameter (weight dropout, DropConnect, embedding dropout).
 
@@ -691,38 +712,55 @@ def _mark_parameter(facts: SiteFacts | None, rank: int) -> None:
     facts.extra["applied_to"] = "parameter"
 
 
-def _thread_id() -> int:
-    import threading
+def broadcast_shapes(*shapes: Sequence[int]) -> tuple[int, ...]:
+    """``torch.broadcast_shapes`` without its cost (~28 us per call: it runs torch's Python
+    reference implementation); raises RuntimeError where torch's does."""
+    rank = max(len(s) for s in shapes)
+    out = [1] * rank
+    for s in shapes:
+        for i, n in enumerate(s, rank - len(s)):
+            m = out[i]
+            if n == m or n == 1:
+                continue
+            if m == 1:
+                out[i] = n
+            else:
+                raise RuntimeError(f"shapes {[tuple(s) for s in shapes]} do not broadcast")
+    return tuple(int(n) for n in out)
 
-    return threading.get_ident()
+
+_thread_id = threading.get_ident
 
 
 class FunctionMode(TorchFunctionMode):
-    """Follows hand-made masks and sees random draws; on the stack only where needed.
+    """Follows hand-made masks to their multiplication; on the stack only where needed.
 
-    It is pushed by a Bernoulli draw in a recorded forward (until that forward ends) and by
-    the pre-hook of a dropout-looking user module (for its call), never for the whole model:
-    every torch call under a function mode pays a Python round trip, and fast paths that
-    check ``has_torch_function`` would turn off.
+    It is pushed by a Bernoulli draw in a recorded forward and taken off at the first module
+    hook after every such mask met its multiplication (or when the forward ends), never for
+    the whole model: every torch call under a function mode pays a Python round trip, and
+    fast paths that check ``has_torch_function`` would turn off.
     """
 
     def __init__(self, capture: Capture) -> None:
         super().__init__()
         self.capture = capture
         self.dead = False
+        self.inside = 0  # calls of this mode running now (torch takes it off the stack then)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         if kwargs is None:
             kwargs = {}
-        out = func(*args, **kwargs)
+        self.inside += 1
+        try:
+            out = func(*args, **kwargs)
+        finally:
+            self.inside -= 1
         if self.dead:
             return out
         cap = self.capture
         try:
             if cap.taint:
-                cap.propagate(func, args, kwargs, out)
-            if func in _RANDOM:
-                cap.on_random(func)
+                cap.propagate(func, args, out)
         except Exception as exc:  # never into the user's call
             cap.failed("following a hand-made mask", exc)
         return out

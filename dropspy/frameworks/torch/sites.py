@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from dropspy.records import SiteInfo
 
@@ -25,8 +25,7 @@ ALPHA = frozenset({"alpha_dropout", "feature_alpha_dropout"})
 ALPHA_CONSTANT = 1.7580993408473766
 
 
-@dataclass(frozen=True)
-class SiteKey:
+class SiteKey(NamedTuple):
     """What identifies one site: module path, kind of call, and where it was made.
 
     ``where`` is None for a call a module makes on its own behalf (an ``nn.Dropout`` calling
@@ -34,6 +33,10 @@ class SiteKey:
     a user's ``forward`` it is ``"file.py:line"``, so two ``F.dropout`` calls in one
     ``forward`` are two sites. ``use`` is the line that called the module: one module called
     from several lines (AWD-LSTM's one ``LockedDropout`` at four places) is several sites.
+
+    A named tuple, not a frozen dataclass: a key is made and hashed at every dropout call,
+    and a tuple's construction and hash run in C (a dataclass's ``__init__`` and ``__hash__``
+    in Python, ~3 us a call together).
     """
 
     path: str
@@ -94,7 +97,15 @@ def rate_of_keep(p: Any) -> float | None:
 
 def clean_rate(rate: float) -> float:
     """``rate`` without the binary noise of ``1 - keep`` (12 significant digits)."""
-    return float(f"{rate:.12g}")
+    clean = _CLEAN.get(rate)
+    if clean is None:
+        clean = float(f"{rate:.12g}")
+        if len(_CLEAN) < 4096:  # a model uses a handful of rates; bounded if it varies them
+            _CLEAN[rate] = clean
+    return clean
+
+
+_CLEAN: dict[float, float] = {}
 
 
 def axes_for(kind: str, rank: int, layout3: tuple[str, ...] | None) -> tuple[tuple[str, ...], str]:

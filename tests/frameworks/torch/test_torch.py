@@ -743,3 +743,60 @@ def test_dropout_modules_never_sampled_are_named_in_the_run(tmp_path):
         model(torch.ones(3, 8, 4)).sum().backward()
         opt.step()
     assert not any("dropout module(s)" in n for n in dropspy.load(tmp_path / "all.h5").notes)
+
+
+def test_function_mode_leaves_once_a_hand_made_mask_met_its_multiplication(tmp_path):
+    # AWD-LSTM's embedded_dropout draws in the model's own forward: every torch call made
+    # under dropspy's function mode pays a Python round trip, so it must be gone by the next
+    # hooked module's call (a dropout-looking one), and not outlive a mask's multiplication.
+    seen: dict[str, int] = {}
+
+    class Probe(nn.Module):
+        def __init__(self, name: str) -> None:
+            super().__init__()
+            self.name = name
+
+        def forward(self, x):
+            seen[self.name] = _function_modes()
+            return x
+
+    class HandLockDropout(nn.Module):
+        def forward(self, x):
+            seen["lockdrop_before_draw"] = _function_modes()
+            m = x.new_empty(1, x.size(1), x.size(2)).bernoulli_(0.5)
+            return x * m / 0.5
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(5, 4))
+            self.drop, self.last = HandLockDropout(), Probe("last")
+
+        def forward(self, x):
+            mask = self.weight.new_empty(5, 1).bernoulli_(0.5)
+            w = mask * self.weight  # applied: the mode has nothing left to follow
+            return self.last(self.drop(x @ w))
+
+    modes = _function_modes()
+    model = Model()
+    with dropspy.record(model, tmp_path / "run.h5"):
+        model(torch.randn(3, 2, 5))
+    assert seen == {"lockdrop_before_draw": modes, "last": modes}
+    run = dropspy.load(tmp_path / "run.h5")
+    shapes = {name: tuple(run[name].shapes[0]) for name in run.sites}
+    assert sorted(shapes.values()) == [(3, 2, 4), (5, 4)]
+
+
+def test_random_draws_by_tensor_methods_in_a_dropout_like_module_are_untracked(tmp_path):
+    class UniformDropout(nn.Module):
+        def forward(self, x):
+            return x * (torch.empty_like(x).uniform_() > 0.5)
+
+    model = nn.Sequential(nn.Linear(4, 4), UniformDropout())
+    with dropspy.record(model, tmp_path / "run.h5"):
+        model(torch.randn(2, 4))
+        # outside any forward: nn.init draws are nobody's mask
+        nn.init.uniform_(model[0].weight)
+    run = dropspy.load(tmp_path / "run.h5")
+    (name,) = run.sites
+    assert name.startswith("1") and "uniform_" in run[name].opaque
