@@ -38,12 +38,14 @@ from typing import Any
 import h5py
 import numpy as np
 
+from dropspy import _isolate
+from dropspy._isolate import watched
 from dropspy._text import safe
 from dropspy.errors import RunFileError
 
 __all__ = ["open_file", "fail", "safe", "guard", "member", "dataset", "backed_rows", "read",
            "attr", "attrs", "text_attr", "number_attr", "json_attr", "loads", "parse_json",
-           "read_status", "check_rows",
+           "read_status", "check_rows", "dim_labels",
            "MAX_DIM", "INDEX_KINDS", "read_site_attrs", "read_site_index"]
 
 MAX_ATTR_BYTES = 1 << 20      # one attribute (the writer's largest is a site's `extra`, ~1 kB)
@@ -78,9 +80,14 @@ def fail(path: Path, where: str, what: str) -> RunFileError:
 
 @contextlib.contextmanager
 def guard(path: Path, where: str, doing: str = "cannot be read") -> Iterator[None]:
-    """Turn any error h5py or numpy raises while reading ``where`` into a RunFileError."""
+    """Turn any error h5py or numpy raises while reading ``where`` into a RunFileError.
+
+    In an isolated child (:mod:`dropspy._isolate`) the call is also watched: one that hangs
+    inside HDF5 is stopped, and a crash names ``where``.
+    """
     try:
-        yield
+        with watched(path, where):
+            yield
     except RunFileError:
         raise
     except (OSError, RuntimeError, ValueError, TypeError, KeyError, IndexError, OverflowError,
@@ -156,20 +163,23 @@ def open_file(path: Path) -> h5py.File:
     if st.st_size == 0:
         raise RunFileError(f"{path}: file is empty, expected an HDF5 run file")
     try:
-        is_hdf5 = h5py.is_hdf5(path)
+        with watched(path, "opening"):
+            is_hdf5 = h5py.is_hdf5(path)
     except OSError as exc:
         raise RunFileError(f"{path}: cannot read: {_reason(exc)}") from exc
     if not is_hdf5:
         raise RunFileError(f"{path}: not an HDF5 file, expected a dropspy run file")
     try:
-        return h5py.File(path, "r")
+        with watched(path, "opening"):
+            return h5py.File(path, "r")
     except (OSError, RuntimeError, ValueError) as exc:
         first: BaseException = exc
     if "open for write" in str(first):
         # A writer that died outside SWMR mode leaves its status flag set; an SWMR reader
         # ignores it (with a bound on retries, see SWMR_READ_ATTEMPTS).
         try:
-            return _open_swmr(path)
+            with watched(path, "opening (SWMR)"):
+                return _open_swmr(path)
         except (OSError, RuntimeError, ValueError) as exc:
             first = exc
     raise RunFileError(
@@ -328,18 +338,39 @@ def attr(obj: Any, name: str, path: Path, where: str, *, required: bool = True,
     if size > MAX_ATTR_BYTES:
         raise fail(path, here, f"is {size} bytes, more than the {MAX_ATTR_BYTES} a run file's "
                    f"attribute may hold")
-    with guard(path, here):
-        if shape is not None and (dtype.kind == "S" or (
-                dtype.kind in "iuf" and dtype.metadata is None)):
+    if shape is not None and (dtype.kind == "S" or (
+            dtype.kind in "iuf" and dtype.metadata is None)):
+        with guard(path, here):
             # Numbers and fixed-length text read straight from the open attribute: h5py's
             # mapping would open it again (opening dominated the cost of 2000-site files).
             value = np.empty(shape, dtype)
             aid.read(value)
-            if value.ndim == 0:
-                value = value[()]
-        else:
+        return _plain(value[()] if value.ndim == 0 else value, path, here)
+
+    def read_whole() -> Any:
+        with guard(path, here):
             value = obj.attrs[name]
-    return _plain(value, path, here)
+        return _plain(value, path, here)
+
+    # Anything else (variable-length text above all) lives in a global heap collection,
+    # which HDF5 parses trusting its sizes: read where a crash or hang cannot reach us.
+    return _isolate.call(read_whole, str(path))
+
+
+def dim_labels(dsets: list[h5py.Dataset], path: Path) -> list[str]:
+    """The label of each dataset's first dimension ("" when none), read isolated.
+
+    Labels are variable-length text in a global heap collection: one flipped byte of its
+    sizes crashed or hung HDF5 (see :mod:`dropspy._isolate`). One child reads them all.
+    """
+    def read_all() -> list[str]:
+        out = []
+        for d in dsets:
+            with guard(path, f"{d.name} dimension 0 label"):
+                out.append(str(d.dims[0].label) if len(d.shape) else "")
+        return out
+
+    return _isolate.call(read_all, str(path))
 
 
 def attrs(obj: Any, path: Path, where: str) -> dict[str, Any]:

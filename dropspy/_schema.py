@@ -129,6 +129,7 @@ def check_run_layout(f: h5py.File, path: Path | None = None) -> list[str]:
     except RunFileError as exc:
         return problems + [_problem(exc, path)]
     names: set[str] = set()
+    steps: list[tuple[str, h5py.Dataset]] = []  # (site, its step dataset): labels read last
     for done, key in enumerate(keys):
         if len(problems) >= MAX_PROBLEMS:
             # 100,000 empty groups took validate past 20 s and printed 400,000 lines.
@@ -156,14 +157,23 @@ def check_run_layout(f: h5py.File, path: Path | None = None) -> list[str]:
         names.add(str(name))
         try:
             problems += _check_site_data(g, where, schema["site_datasets"]["properties"], path,
-                                         complete)
+                                         complete, steps)
         except RunFileError as exc:
             problems.append(_problem(exc, path))
+    if steps:
+        try:
+            labels = _h5.dim_labels([d for _, d in steps], path)
+        except RunFileError as exc:
+            return problems + [_problem(exc, path)]
+        for (where, _), label in zip(steps, labels):
+            if label != "record":
+                problems.append(f"{where}/step: dimension 0 labelled {_h5.safe(repr(label))}, "
+                                f"expected 'record'")
     return problems
 
 
 def _check_site_data(g: h5py.Group, where: str, spec: dict[str, Any], path: Path,
-                     complete: bool) -> list[str]:
+                     complete: bool, steps: list[tuple[str, h5py.Dataset]]) -> list[str]:
     problems: list[str] = []
     lengths = {}
     version = g.file.attrs.get("format_version", 1)
@@ -203,8 +213,5 @@ def _check_site_data(g: h5py.Group, where: str, spec: dict[str, Any], path: Path
         problems.append(f"{where}: {damage}")
     if overlap is not None:
         problems.append(f"{where}/offset: records overlap in bits (record {overlap})")
-    labels = [dim.label for dim in g["step"].dims]
-    if labels and labels[0] != "record":
-        problems.append(f"{where}/step: dimension 0 labelled {_h5.safe(repr(labels[0]))}, "
-                        f"expected 'record'")
+    steps.append((where, g["step"]))
     return problems

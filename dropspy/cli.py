@@ -12,9 +12,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Optional, TypeVar
 
 import typer
 from rich.console import Console
@@ -62,6 +62,9 @@ ThresholdOpt = Annotated[float, typer.Option(
     min=1e-300, max=0.5)]
 
 
+T = TypeVar("T")
+
+
 class _UserError(Exception):
     """An error the user can fix: printed as one line, exit status 2."""
 
@@ -87,6 +90,37 @@ def _errors() -> Iterator[None]:
         raise
 
 
+def _isolated(fn: Callable[[], T], what: str) -> T:
+    """``fn()``, which reads run files, in a child process (:mod:`dropspy._isolate`).
+
+    A file that crashes or hangs the HDF5 library itself then ends the command with one line
+    naming it (exit 2), never a dead or frozen process.
+    """
+    from dropspy._isolate import call
+
+    if not Console(stderr=True).is_terminal:
+        return call(fn, what)
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
+
+    # The child's analysis reports the bytes it read; the bar is drawn here, where the
+    # terminal (or a test runner's stream) is.
+    bar = Progress("analysing", BarColumn(), DownloadColumn(), TimeRemainingColumn(),
+                   console=Console(stderr=True), transient=True)
+    task: list[Any] = []
+
+    def show(done: int, total: int) -> None:
+        if not task:
+            bar.start()
+            task.append(bar.add_task("masks", total=total))
+        bar.update(task[0], completed=done, total=total)
+
+    try:
+        return call(fn, what, show)
+    finally:
+        if task:
+            bar.stop()
+
+
 def _die(message: str, code: int = 2) -> None:
     line = safe(" ".join(message.split()))
     typer.echo(f"dropspy: error: {line}", err=True)
@@ -105,8 +139,15 @@ def _analyze(run: Any, sites: list[str] | None, threshold: float) -> RunAnalysis
     names = select_sites(list(run.sites), sites)
     # The stored bytes, not the index: the bar must not cost a read of every record's row.
     total = sum(int(getattr(run[n], "stored_bytes", 0)) for n in names)
+    if total < _PROGRESS_BYTES:
+        return analyze_run(run, sites=sites, threshold=threshold)
+    from dropspy._isolate import progress
+
+    advance = progress(total)  # in the isolated child: the parent draws the bar
+    if advance is not None:
+        return analyze_run(run, sites=sites, threshold=threshold, progress=advance)
     err = Console(stderr=True)
-    if total < _PROGRESS_BYTES or not err.is_terminal:
+    if not err.is_terminal:
         return analyze_run(run, sites=sites, threshold=threshold)
     from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
 
@@ -185,10 +226,12 @@ def inspect(
             if len(paths) != 1 or paths[0].endswith(".json"):
                 raise _UserError(f"--summary takes one run file, got {len(paths)} argument(s): "
                                  f"{' '.join(paths)}; run it where each file lies")
-            typer.echo(summary_json(summarize_file(paths[0], site or None)))
+            typer.echo(_isolated(lambda: summary_json(summarize_file(paths[0], site or None)),
+                                 paths[0]))
         return
     with _errors():
-        result = _report(paths, site or None, threshold, jobs, force)
+        result = _isolated(lambda: _report(paths, site or None, threshold, jobs, force),
+                           " ".join(paths))
     code = 1 if _unreadable_members(result) else 0
     if as_json:
         from dropspy.report import to_json
@@ -237,7 +280,8 @@ def check(
             loaded = load_spec(spec)
             exps += loaded.expectations
             spec_fail = loaded.fail_on_errors
-        result = _report(paths, None, threshold, jobs, force)
+        result = _isolated(lambda: _report(paths, None, threshold, jobs, force),
+                           " ".join(paths))
         if not exps and fail_on_errors is not True:
             # A CI gate whose expectations went missing must fail, not pass on nothing.
             raise _UserError("nothing to check: give --expect 'SITE: ...', --spec FILE, "
@@ -308,8 +352,8 @@ def diff_cmd(
     Either side can be a run set: its verdicts are those over all its ranks.
     """
     with _errors():
-        ra = _report([a], None, threshold, jobs, force)
-        rb = _report([b], None, threshold, jobs, force)
+        ra, rb = _isolated(lambda: (_report([a], None, threshold, jobs, force),
+                                    _report([b], None, threshold, jobs, force)), f"{a} {b}")
         chosen = _present(site, ra, rb)
     diffs = [d for d in diff(ra, rb, facts=facts) if chosen is None or d.site in chosen]
     header = f"A = {a} ({_framework(ra)})   B = {b} ({_framework(rb)})"
@@ -366,32 +410,40 @@ def plot(
     """Image of one record's applied mask (named axes) and keep rate along each axis."""
     with _errors():
         try:
-            from dropspy.plot import plot_site, png_path
+            from dropspy.plot import png_path
         except ImportError as exc:
             raise _UserError(f"plot needs matplotlib (pip install 'dropspy[plot]'): {exc}") from exc
         try:
             png_path(output)  # refused before the file is read
         except ValueError as exc:
             raise _UserError(str(exc)) from None
-        from dropspy.runset import load
-
-        with load(path, force=force) as loaded:
-            from dropspy.analysis import select_sites
-            from dropspy.runset import RunSet
-
-            if isinstance(loaded, RunSet):
-                run = loaded.rank(loaded.ranks[0] if rank is None else rank)
-            elif rank is not None and int(loaded.attrs.get("rank", 0)) != rank:
-                raise _UserError(f"--rank {rank}: {path} holds rank "
-                                 f"{loaded.attrs.get('rank', 0)} (give the run set)")
-            else:
-                run = loaded
-            names = select_sites(list(run.sites), site)
-            if len(names) != 1:
-                raise _UserError(f"--site {site!r} matches {len(names)} sites "
-                                 f"({', '.join(names)}); give one")
-            written = plot_site(run, names[0], output, step=step, call=call, samples=samples)
+        written = _isolated(lambda: _plot(path, site, output, step, call, samples, rank, force),
+                            path)
     typer.echo(safe(f"wrote {written}"))
+
+
+def _plot(path: str, site: str, output: Path, step: int | None, call: int | None,
+          samples: int, rank: int | None, force: bool) -> Any:
+    """Load the run (set) and draw one record: what ``plot`` does in its child process."""
+    from dropspy.plot import plot_site
+    from dropspy.runset import load
+
+    with load(path, force=force) as loaded:
+        from dropspy.analysis import select_sites
+        from dropspy.runset import RunSet
+
+        if isinstance(loaded, RunSet):
+            run = loaded.rank(loaded.ranks[0] if rank is None else rank)
+        elif rank is not None and int(loaded.attrs.get("rank", 0)) != rank:
+            raise _UserError(f"--rank {rank}: {path} holds rank "
+                             f"{loaded.attrs.get('rank', 0)} (give the run set)")
+        else:
+            run = loaded
+        names = select_sites(list(run.sites), site)
+        if len(names) != 1:
+            raise _UserError(f"--site {site!r} matches {len(names)} sites "
+                             f"({', '.join(names)}); give one")
+        return plot_site(run, names[0], output, step=step, call=call, samples=samples)
 
 
 @app.command()
@@ -400,7 +452,7 @@ def validate(path: RunPath) -> None:
     from dropspy.store import validate_file
 
     with _errors():
-        problems = validate_file(path)
+        problems = _isolated(lambda: validate_file(path), str(path))
     for p in problems:
         typer.echo(safe(p))
     if problems:

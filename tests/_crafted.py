@@ -20,6 +20,7 @@ import numpy as np
 from dropspy.records import FORMAT_NAME, FORMAT_VERSION, SiteInfo, _attr_value
 
 AXES = ("batch", "feature")
+FIFO_NAME = "dropspy-test-fifo"  # the target of external-link-fifo.h5, beside the file
 
 
 def tiny_run(path: Path, *, records: int = 4, sites: int = 1, complete: bool = True,
@@ -109,10 +110,11 @@ def _external_link(f: h5py.File) -> None:
 
 
 def _fifo_link(f: h5py.File) -> None:
-    # An external link to a FIFO hung every command before the reader refused links.
+    # An external link to a FIFO hung every command before the reader refused links. The
+    # name is relative: HDF5 looks for it next to the file, where each test makes its FIFO.
     bits = _site(f)
     del bits["bits"]
-    bits["bits"] = h5py.ExternalLink("/tmp/dropspy-test-fifo", "/x")
+    bits["bits"] = h5py.ExternalLink(FIFO_NAME, "/x")
 
 
 def _soft_link(f: h5py.File) -> None:

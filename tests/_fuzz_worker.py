@@ -21,10 +21,14 @@ resource.setrlimit(resource.RLIMIT_AS, (LIMIT, LIMIT))
 from typer.testing import CliRunner
 
 import dropspy
+import dropspy._isolate
 from dropspy.cli import app
 from dropspy.errors import DropspyError
 
 runner = CliRunner()
+# A hang inside HDF5 is stopped after this long (10 s by default, for large files on slow
+# disks); every legitimate HDF5 call on these few-KB files takes milliseconds.
+dropspy._isolate.HDF5_CALL_SECONDS = 2.0
 
 
 def _cli(args: list[str]) -> dict:
