@@ -78,21 +78,26 @@ _INDEX_CHUNK_ROWS = 512
 _BITS_CHUNK = 1 << 16
 
 
-def _check_record(rec: Record, rank: int) -> tuple[tuple[int, ...], np.ndarray]:
-    """Validate one record and return (noise_shape, packed bytes)."""
-    shape = tuple(int(s) for s in rec.shape)
+def _check_record(rec: Record, rank: int
+                  ) -> tuple[tuple[int, ...], tuple[int, ...], np.ndarray]:
+    """Validate one record and return (applied shape, noise_shape, packed bytes).
+
+    Runs on the writer thread for every record with the GIL held (training waits for it):
+    kept to a few numpy calls.
+    """
+    shape = tuple(map(int, rec.shape))
     if len(shape) != rank:
         raise ValueError(
             f"Record for site {rec.site!r}: applied shape {shape} has rank {len(shape)}, "
             f"expected rank {rank} (the site's axes)"
         )
     if rec.noise is None and rec.packed is None:
-        return (0,) * rank, np.empty(0, np.uint8)
+        return shape, (0,) * rank, _NO_BITS
     if rec.packed is not None:
         if rec.noise_shape is None:
             raise ValueError(
                 f"Record for site {rec.site!r}: packed noise given without noise_shape")
-        nshape = tuple(int(s) for s in rec.noise_shape)
+        nshape = tuple(map(int, rec.noise_shape))
         packed = np.ascontiguousarray(rec.packed, dtype=np.uint8).ravel()
         need = (math.prod(nshape) + 7) // 8
         if packed.size != need:
@@ -103,15 +108,17 @@ def _check_record(rec: Record, rank: int) -> tuple[tuple[int, ...], np.ndarray]:
     else:
         noise = np.asarray(rec.noise)
         nshape = noise.shape
-        if noise.dtype != np.bool_:
-            noise = noise != 0
-        packed = np.packbits(noise.ravel())
+        packed = np.packbits(noise if noise.dtype == np.bool_ else noise != 0, axis=None)
     if len(nshape) != rank or any(n != 1 and n != s for n, s in zip(nshape, shape)):
         raise ValueError(
             f"Record for site {rec.site!r}: noise shape {nshape} does not broadcast to the "
             f"applied shape {shape} at the same rank"
         )
-    return nshape, packed
+    return shape, nshape, packed
+
+
+_NO_BITS = np.empty(0, np.uint8)
+_NO_BITS.flags.writeable = False
 
 
 class _DiskFull(OSError):
@@ -491,7 +498,7 @@ class RunWriter:
                     raise ValueError(
                         f"Record for undeclared site {rec.site!r}: declare_site() it first"
                     )
-                nshape, packed = _check_record(rec, buf.rank)
+                shape, nshape, packed = _check_record(rec, buf.rank)
             except ValueError:
                 self.count_dropped("write_error", len(batch) - k)
                 self._bytes += added
@@ -501,8 +508,7 @@ class RunWriter:
                 continue
             applied = rec.noise is not None or rec.packed is not None
             buf.rows.append((int(rec.step), int(rec.call), int(bool(rec.training)),
-                             int(applied), tuple(int(s) for s in rec.shape), nshape,
-                             int(rec.replica),
+                             int(applied), shape, nshape, int(rec.replica),
                              float("nan") if rec.rate is None else float(rec.rate)))
             if packed.size:
                 buf.chunks.append(packed)
