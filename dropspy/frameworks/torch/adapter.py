@@ -348,6 +348,8 @@ class TorchAdapter:
 
         def hook(module: torch.nn.Module, args: Any) -> None:
             cap = self._cap
+            if not cap.capturing and not cudnn_off:
+                return  # a step nobody samples: no frame (its post-hook finds none)
             try:
                 frame = Frame(path, module)
                 cap.stack.append(frame)

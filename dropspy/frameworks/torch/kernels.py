@@ -160,7 +160,7 @@ def _guarded(original: Callable, *args: Any, **kwargs: Any) -> tuple[Any, bool]:
 
 
 def _bernoulli_(self: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    if not ACTIVE:
+    if _STATE["lib"] is None:  # no open recording samples this step
         return ORIGINAL["bernoulli_"](self, *args, **kwargs)
     out, outer = _guarded(ORIGINAL["bernoulli_"], self, *args, **kwargs)
     if outer:
@@ -170,7 +170,7 @@ def _bernoulli_(self: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
 
 
 def _bernoulli_method(self: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    if not ACTIVE:
+    if _STATE["lib"] is None:
         return ORIGINAL["bernoulli"](self, *args, **kwargs)
     out, outer = _guarded(ORIGINAL["bernoulli"], self, *args, **kwargs)
     if outer:
@@ -181,7 +181,7 @@ def _bernoulli_method(self: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Te
 
 
 def _bernoulli_fn(input: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    if not ACTIVE:
+    if _STATE["lib"] is None:
         return ORIGINAL["torch.bernoulli"](input, *args, **kwargs)
     out, outer = _guarded(ORIGINAL["torch.bernoulli"], input, *args, **kwargs)
     if outer:
@@ -281,7 +281,7 @@ def _random(owner: Any, name: str) -> Callable:
 
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         out = original(*args, **kwargs)
-        if ACTIVE and not _REENTRY.on:
+        if _STATE["lib"] is not None and not _REENTRY.on:
             _observe(lambda cap: cap.on_random(name))
         return out
     wrapper.__wrapped__ = original  # type: ignore[attr-defined]
