@@ -24,6 +24,7 @@ from typing import Any
 
 from dropspy.errors import UnsupportedModelError
 from dropspy.frameworks.keras.draws import DrawRouter, _static_bool
+from dropspy.frameworks.keras.kept import KeepsVariant
 from dropspy.frameworks.keras_base import KerasAdapterBase
 
 __all__ = ["KerasAdapter"]
@@ -58,7 +59,7 @@ def _is_tf_keras_model(model: Any) -> bool:
     return module.startswith(("tf_keras.", "keras.engine.", "tensorflow.python.keras."))
 
 
-class KerasAdapter(DrawRouter, KerasAdapterBase):
+class KerasAdapter(KeepsVariant, DrawRouter, KerasAdapterBase):
     """Records a Keras 3 model (TensorFlow, JAX or torch backend): ``fit``, ``train_on_batch``,
     ``evaluate``,
     ``predict``, and eager custom loops (each ``model(x, training=True)`` is one step).
@@ -133,6 +134,7 @@ class KerasAdapter(DrawRouter, KerasAdapterBase):
         cap = _capture()
         self._cap = cap
         self._sites = find_sites(self.model)
+        self._adopt_kept()   # the recording functions of an earlier record(), if still valid
         for spec in self._sites.all_specs():
             if spec.rank is not None:
                 self._declare(spec, spec.rank)
@@ -245,6 +247,8 @@ class KerasAdapter(DrawRouter, KerasAdapterBase):
 
         def make_function(step_function: Any, concatenate_outputs: bool = False) -> Any:
             kind = self._making or "train"
+            # The jitted step of an earlier record(), if still valid (see kept.py).
+            step_function = self._kept_function(kind, lambda: step_function)
             return original(self._host_wrapper(step_function, kind, pair=True),
                             concatenate_outputs=concatenate_outputs)
 
@@ -260,13 +264,9 @@ class KerasAdapter(DrawRouter, KerasAdapterBase):
         if pair and "_make_function" not in model.__dict__:
             self._wrap_jax_make_function()
 
-        if pair:
-            def step_fn(state: Any, data: Any) -> Any:
-                return self._traced_step(lambda d: original_step(state, d), data, kind,
-                                         pair=True)
-        else:
-            def step_fn(data: Any) -> Any:  # type: ignore[misc]
-                return self._traced_step(original_step, data, kind)
+        # One step object per model and kind across record() contexts, so the functions
+        # compiled from it can be kept (kept.py); each trace goes to the adapter of the day.
+        step_fn = self._kept_step(kind, original_step, pair=pair)
 
         def make_function(force: bool = False) -> Any:
             self._check_compiled_options()
@@ -280,8 +280,13 @@ class KerasAdapter(DrawRouter, KerasAdapterBase):
                 finally:
                     self._making = None
                 return getattr(model, attr)
-            original_make(force=True)
-            setattr(model, attr, self._host_wrapper(getattr(model, attr), kind))
+
+            def build() -> Any:
+                original_make(force=True)
+                return getattr(model, attr)
+
+            inner = self._kept_function(kind, build)
+            setattr(model, attr, self._host_wrapper(inner, kind))
             return getattr(model, attr)
 
         if self._cap.name == "tensorflow" and self._steps_per_execution()[0] > 1 \
