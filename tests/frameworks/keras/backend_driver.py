@@ -18,6 +18,9 @@ Scenarios:
     mirrored: (TensorFlow) MirroredStrategy over 2 logical CPUs: fit bit-identical with and
            without dropspy, masks per replica, and Monte Carlo dropout in predict checked
            per replica against each replica's half of the batch.
+    reattach: three record() contexts on one model with un-recorded fits between: train
+           step traces per context (the kept recording functions), bit-identical training,
+           masks equal to those of a model traced afresh in every context.
 """
 
 from __future__ import annotations
@@ -396,6 +399,69 @@ def dataparallel(workdir):
     }
 
 
+def _counting_model(seed=5):
+    """A small model whose ``traces()`` counts train_step bodies run (once per jit trace)."""
+    keras.utils.set_random_seed(seed)
+    inp = keras.Input((T, F))
+    x = L.Dense(4)(L.SpatialDropout1D(0.3, name="sd")(inp))
+    out = L.Dense(1)(L.Dropout(0.4, name="out")(L.Flatten()(x)))
+    counter = [0]
+
+    class Counting(keras.Model):
+        def train_step(self, *args):
+            counter[0] += 1
+            return super().train_step(*args)
+
+    model = Counting(inp, out)
+    model.compile(optimizer="adam", loss="mse", jit_compile=BACKEND == "jax")
+    return model, lambda: counter[0]
+
+
+def reattach(workdir):
+    """Three record() contexts on one model, un-recorded fits between: traces per context,
+    bit-identical training, and masks equal to a model traced afresh in every context."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(8, T, F)).astype(np.float32)
+    y = rng.normal(size=(8, 1)).astype(np.float32)
+    models, inside, runs = {}, {}, {}
+    for mode in ("plain", "kept", "fresh"):
+        model, traces = models[mode] = _counting_model()
+        model.fit(x, y, batch_size=4, shuffle=False, verbose=0)
+        inside[mode], runs[mode] = [], []
+        for i in range(3):
+            before = traces()
+            if mode == "plain":
+                model.fit(x, y, batch_size=4, shuffle=False, verbose=0)
+            else:
+                if mode == "fresh":   # as every context was before the functions were kept
+                    model.__dict__.pop("_dropspy_kept", None)
+                path = os.path.join(workdir, f"reattach_{mode}{i}.h5")
+                with dropspy.record(model, path):
+                    model.fit(x, y, batch_size=4, shuffle=False, verbose=0)
+                runs[mode].append(dropspy.load(path))
+            inside[mode].append(traces() - before)
+            model.fit(x, y, batch_size=4, shuffle=False, verbose=0)
+            model.train_on_batch(x[:4], y[:4])
+    plain, kept = models["plain"][0], models["kept"][0]
+    weights = [_np(a.value).tobytes() == _np(b.value).tobytes()
+               for a, b in zip(plain.weights + plain.optimizer.variables,
+                               kept.weights + kept.optimizer.variables)]
+    sa, sb = _seed_states(plain), _seed_states(kept)
+    same = [all(len(a[n]) == len(b[n]) and all(np.array_equal(a[n].noise(k), b[n].noise(k))
+                                                 for k in range(len(a[n]))) for n in a)
+            and set(a) == set(b) for a, b in zip(runs["kept"], runs["fresh"])]
+    return {
+        "traces": {"kept": inside["kept"], "fresh": inside["fresh"]},
+        "weights_equal": all(weights), "n_weights": len(weights),
+        "seed_states_equal": len(sa) == len(sb) > 0 and all(
+            np.array_equal(a, b) for a, b in zip(sa, sb)),
+        "masks_equal_fresh": same,
+        "steps": [{n: r[n].steps.tolist() for n in r} for r in runs["kept"]],
+        "differ_between_contexts": not np.array_equal(runs["kept"][0]["out"].mask(0),
+                                                      runs["kept"][1]["out"].mask(0)),
+    }
+
+
 def _mirrored_model(strategy, seed=3):
     with strategy.scope():
         return _model(seed)
@@ -474,5 +540,5 @@ def mirrored(workdir):
 if __name__ == "__main__":
     scenarios, workdir = sys.argv[1].split(","), sys.argv[2]
     table = {"fit": fit, "exact": exact, "mirrored": mirrored, "spe": spe,
-             "dataparallel": dataparallel}
+             "dataparallel": dataparallel, "reattach": reattach}
     print("DRIVER-RESULT " + json.dumps({name: table[name](workdir) for name in scenarios}))

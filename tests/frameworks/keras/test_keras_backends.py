@@ -40,8 +40,8 @@ def run_driver(backend: str, scenarios: str, workdir: Path, **env: str) -> dict:
 
 
 # What each subprocess runs (Keras' torch backend has no steps_per_execution > 1).
-SCENARIOS = {"jax": "fit,exact,spe", "torch": "fit,exact", "tensorflow": "mirrored,spe",
-             "jax-dp": "dataparallel"}
+SCENARIOS = {"jax": "fit,exact,spe,reattach", "torch": "fit,exact,reattach",
+             "tensorflow": "mirrored,spe", "jax-dp": "dataparallel"}
 _RESULTS: dict[str, dict] = {}
 
 
@@ -100,6 +100,34 @@ def test_jax_train_on_batch_reuses_the_traced_step(backend_result):
     # fit traces once per batch shape (full, partial); train_on_batch once more (Keras feeds
     # it another data structure, x, y, None) and then never again: its 2 calls share 1 trace.
     assert result["fit"]["traces"] == 3
+
+
+def test_second_and_third_record_reuse_the_jitted_train_step(backend_result):
+    backend, result = backend_result
+    traces = result["reattach"]["traces"]
+    if backend == "torch":   # eager: the step body runs at every step, kept or not
+        assert traces["kept"] == traces["fresh"] == [2, 2, 2]
+        return
+    # train_step bodies run per context: once, then never (a model that drops its kept
+    # functions before each context traces every time: the counter sees traces).
+    assert traces["kept"] == [1, 0, 0] and traces["fresh"] == [1, 1, 1]
+
+
+def test_training_across_record_contexts_with_unrecorded_fits_is_bit_identical(
+        backend_result):
+    _, result = backend_result
+    reattach = result["reattach"]
+    assert reattach["weights_equal"] and reattach["n_weights"] >= 10   # + optimizer state
+    assert reattach["seed_states_equal"]
+
+
+def test_masks_of_kept_functions_equal_a_fresh_trace_and_go_to_each_context_file(
+        backend_result):
+    _, result = backend_result
+    reattach = result["reattach"]
+    assert reattach["masks_equal_fresh"] == [True, True, True]
+    assert reattach["steps"] == [{"sd": [0, 1], "out": [0, 1]}] * 3
+    assert reattach["differ_between_contexts"]
 
 
 @pytest.mark.parametrize("site", ["plain", "spatial", "seeded"])
