@@ -13,9 +13,15 @@ as ``attach_s``.
 The JAX ``dataparallel`` case runs over 2 host devices
 (``XLA_FLAGS=--xla_force_host_platform_device_count=2``, set for its child process only).
 
+``--reattach`` measures instead what entering ``record()`` costs the first, second and third
+time on one model whose train function exists (each context: enter, one ``fit``, exit; its
+time minus the same model's plain ``fit`` just before), median over ``--rounds`` fresh models:
+the first context traces the recording functions, later ones reuse them (``kept.py``).
+
 Run:
     python benchmarks/bench_keras_backends.py [--rounds 7] [--steps 10] [--smoke]
         [--only jax:fit,jax:dataparallel]
+    python benchmarks/bench_keras_backends.py --reattach [--rounds 3] [--steps 10]
 """
 
 from __future__ import annotations
@@ -37,7 +43,53 @@ from _common import ROOT, machine, print_table, ratio_summary, write_json
 SEQ, FEATURES, BATCH = 40, 32, 64
 
 
+def _reattach(rounds: int, steps: int, workdir: str, jit: bool) -> dict:
+    """The cost of the 1st, 2nd and 3rd record() context on one model (see module doc)."""
+    if os.environ.get("KERAS_BACKEND") == "torch":
+        import torch  # noqa: F401  (torch before tensorflow)
+    import statistics
+
+    import keras
+    import numpy as np
+
+    import dropspy
+
+    backend = keras.backend.backend()
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(steps * BATCH, SEQ, FEATURES)).astype("float32")
+    y = rng.normal(size=(steps * BATCH, 1)).astype("float32")
+
+    def fit(model: keras.Model) -> float:
+        t0 = time.perf_counter()
+        model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
+        return time.perf_counter() - t0
+
+    costs: list[list[float]] = [[], [], []]
+    for r in range(rounds):
+        keras.utils.set_random_seed(r)
+        model = keras.Sequential([
+            keras.Input((SEQ, FEATURES)), keras.layers.SpatialDropout1D(0.2),
+            keras.layers.LSTM(32, dropout=0.2, recurrent_dropout=0.2),
+            keras.layers.Dropout(0.2), keras.layers.Dense(1)])
+        model.compile(optimizer="adam", loss="mse", jit_compile=jit)
+        fit(model)                 # the model's own train function exists
+        plain = fit(model)
+        for i in range(3):
+            t0 = time.perf_counter()
+            with dropspy.record(model, os.path.join(workdir, f"re_{backend}_{r}_{i}.h5")):
+                fit(model)
+            costs[i].append(time.perf_counter() - t0 - plain)
+            plain = fit(model)     # un-recorded steps between, and the next baseline
+    return {"backend": backend, "variant": "reattach" + ("-xla" if jit else ""),
+            "steps": steps, "rounds": rounds,
+            "first_s": statistics.median(costs[0]), "second_s": statistics.median(costs[1]),
+            "third_s": statistics.median(costs[2]), "costs_s": costs}
+
+
 def _child(variant: str, rounds: int, steps: int, workdir: str) -> dict:
+    if variant.startswith("reattach"):
+        return _reattach(rounds, steps, workdir, jit=variant.endswith("xla")
+                         or os.environ.get("KERAS_BACKEND") == "jax")
     if os.environ.get("KERAS_BACKEND") == "torch":
         import torch  # noqa: F401  (torch before tensorflow)
     if variant == "mirrored":
@@ -107,6 +159,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--smoke", action="store_true", help="1 round of 2 steps")
+    parser.add_argument("--reattach", action="store_true",
+                        help="cost of the 1st/2nd/3rd record() context on one model")
     parser.add_argument("--out", type=Path, default=ROOT / "out" / "bench_keras_backends.json")
     parser.add_argument("--dir", type=Path, default=None, help="folder for the run files")
     parser.add_argument("--only", default=None,
@@ -120,6 +174,9 @@ def main() -> int:
         return 0
     cases = [("tensorflow", "fit"), ("jax", "fit"), ("torch", "fit"), ("tensorflow", "spe4"),
              ("jax", "spe4"), ("tensorflow", "mirrored"), ("jax", "dataparallel")]
+    if args.reattach:
+        cases = [("tensorflow", "reattach"), ("tensorflow", "reattach-xla"), ("jax", "reattach"),
+                 ("torch", "reattach")]
     if args.only:
         wanted = {tuple(c.split(":", 1)) for c in args.only.split(",")}
         cases = [c for c in cases if c in wanted]
@@ -140,6 +197,14 @@ def main() -> int:
                             "error": proc.stderr[-500:]})
             continue
         results.append(json.loads(line[-1][len("BENCH-RESULT "):]))
+    if args.reattach:
+        print_table(["backend", "variant", "1st record() s", "2nd s", "3rd s"],
+                    [[r["backend"], r["variant"], "error", "", ""] if "error" in r else
+                     [r["backend"], r["variant"], r["first_s"], r["second_s"], r["third_s"]]
+                     for r in results])
+        write_json(args.out.with_name("bench_keras_reattach.json"),
+                   {"machine": machine(), "rounds": rounds, "steps": steps, "results": results})
+        return 0 if all("error" not in r for r in results) else 1
     rows = []
     for r in results:
         if "error" in r:
