@@ -132,6 +132,8 @@ class KeptVariant:
         model = adapter.model
         if self.key is not None and self._matches(compile_key(model)):
             self.weights = _weights(model)
+        for tid in [t for t, meta in self.traces.items() if getattr(meta, "eager", False)]:
+            del self.traces[tid]   # an eager step's metadata, left by a step that raised
         for buffer in self.inner_buffers.values():
             try:   # an execution that raised may have left payloads: never hand them on
                 buffer.drain()
