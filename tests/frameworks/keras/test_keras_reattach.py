@@ -31,14 +31,16 @@ def _data(seed=0):
     return rng.normal(size=(N, T, F)).astype(np.float32), rng.normal(size=(N, 1)).astype(np.float32)
 
 
-def _model(jit=False, seed=0):
-    """SpatialDropout1D, LSTM(dropout, recurrent_dropout) (graph only: XLA compiles of LSTM
-    loops take ~15 s here), Dropout, Dense; ``model.traces`` counts train_step bodies run."""
+def _model(jit=False, seed=0, spe=1, rnn=None):
+    """SpatialDropout1D, LSTM(dropout, recurrent_dropout) (``rnn``, by default in graph mode
+    only: XLA compiles of LSTM loops take ~15 s here), Dropout, Dense; ``model.traces()``
+    counts train_step bodies run."""
+    rnn = not jit if rnn is None else rnn
     keras.utils.set_random_seed(seed)
     inp = keras.Input((T, F))
     x = L.SpatialDropout1D(0.3, name="sd")(inp)
     x = L.Dense(4, name="proj")(x)
-    x = L.Flatten()(x) if jit else L.LSTM(4, dropout=0.3, recurrent_dropout=0.2, name="lstm")(x)
+    x = L.Flatten()(x) if not rnn else L.LSTM(4, dropout=0.3, recurrent_dropout=0.2, name="lstm")(x)
     out = L.Dense(1, name="head")(L.Dropout(0.5, name="out")(x))
     counter = [0]
 
@@ -48,7 +50,7 @@ def _model(jit=False, seed=0):
             return super().train_step(data)
 
     model = Counting(inp, out)
-    model.compile(optimizer="adam", loss="mse", jit_compile=jit)
+    model.compile(optimizer="adam", loss="mse", jit_compile=jit, steps_per_execution=spe)
     object.__setattr__(model, "traces", lambda: counter[0])
     return model
 
@@ -150,6 +152,14 @@ def test_masks_of_the_second_context_are_exact_and_go_to_the_second_file(jit, tm
         logs = model.train_on_batch(x, zeros, return_dict=True)
         logs2 = model.train_on_batch(x, zeros, return_dict=True)
     assert model._dropspy_kept.traced == traced >= 1     # no new trace in the second context
+    with dropspy.record(model, tmp_path / "c.h5"):
+        # Another batch size: the kept function traces again, for the adapter of this context.
+        logs3 = model.train_on_batch(x[:5], zeros[:5], return_dict=True)
+    assert model._dropspy_kept.traced > traced
+    site3 = dropspy.load(tmp_path / "c.h5")["drop"]
+    assert site3.steps.tolist() == [0]
+    assert_dropout_exact(np.asarray(logs3["x"]), np.asarray(logs3["y"]), site3.mask(0),
+                         site3.scale)
     a, b = dropspy.load(tmp_path / "a.h5"), dropspy.load(tmp_path / "b.h5")
     assert len(a["drop"]) == 1 and b["drop"].steps.tolist() == [0, 1]
     site = b["drop"]
@@ -209,3 +219,25 @@ def test_leaving_record_keeps_no_session_writer_or_adapter_alive(tmp_path):
     with dropspy.record(model, tmp_path / "b.h5"):   # the kept function, a new file
         model.fit(x, y, batch_size=4, shuffle=False, verbose=0)
     assert dropspy.load(tmp_path / "b.h5")["out"].steps.tolist() == [0, 1]
+
+
+def test_steps_per_execution_2_records_every_inner_step_of_each_context_without_retrace(
+        tmp_path):
+    x, y = _data()
+    plain, model = _model(spe=2, rnn=False), _model(spe=2, rnn=False)
+    for m in (plain, model):   # 4 steps of 2 samples: 2 executions of 2 inner steps
+        m.fit(x, y, batch_size=2, shuffle=False, verbose=0)
+    traces, masks = [], []
+    for i in range(2):
+        before = model.traces()
+        with dropspy.record(model, tmp_path / f"{i}.h5"):
+            model.fit(x, y, batch_size=2, shuffle=False, verbose=0)
+        plain.fit(x, y, batch_size=2, shuffle=False, verbose=0)
+        traces.append(model.traces() - before)
+        run = dropspy.load(tmp_path / f"{i}.h5")
+        assert set(run) == {"sd", "out"} and sum(run.records_dropped.values()) == 0
+        assert all(site.steps.tolist() == [0, 1, 2, 3] for site in run.values())
+        masks.append(run["out"].mask(0))
+    assert traces[0] >= 1 and traces[1] == 0
+    assert not np.array_equal(masks[0], masks[1])
+    _same_training_state(plain, model)
