@@ -82,7 +82,8 @@ def _reattach(rounds: int, steps: int, workdir: str, jit: bool) -> dict:
             costs[i].append(time.perf_counter() - t0 - plain)
             plains.append(plain)
             plain = fit(model)     # un-recorded steps between, and the next baseline
-    return {"backend": backend, "variant": "reattach" + ("-xla" if jit else ""),
+    xla = jit and backend == "tensorflow"
+    return {"backend": backend, "variant": "reattach-xla" if xla else "reattach",
             "steps": steps, "rounds": rounds,
             "first_s": statistics.median(costs[0]), "second_s": statistics.median(costs[1]),
             "third_s": statistics.median(costs[2]), "plain_fit_s": statistics.median(plains),
