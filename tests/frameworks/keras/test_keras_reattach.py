@@ -241,3 +241,27 @@ def test_steps_per_execution_2_records_every_inner_step_of_each_context_without_
     assert traces[0] >= 1 and traces[1] == 0
     assert not np.array_equal(masks[0], masks[1])
     _same_training_state(plain, model)
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["graph", "xla"])
+def test_monte_carlo_predict_in_a_second_context_is_exact_with_no_new_trace(jit, tmp_path):
+    class MCDropout(L.Dropout):
+        def call(self, inputs, training=None):
+            return super().call(inputs, training=True)
+
+    inp = keras.Input((16,))
+    model = keras.Model(inp, MCDropout(0.5, name="mc")(inp))
+    model.compile(optimizer="sgd", loss="mse", jit_compile=jit)
+    x = planted((6, 16), seed=2)
+    with dropspy.record(model, tmp_path / "a.h5"):
+        model.predict(x, batch_size=3, verbose=0)
+    kept = model._dropspy_kept
+    traced, function = kept.traced, kept.compiled["predict"]
+    model.predict(x, batch_size=3, verbose=0)          # the model's own function between
+    with dropspy.record(model, tmp_path / "b.h5"):
+        y = model.predict(x, batch_size=3, verbose=0)
+    assert kept.traced == traced and kept.compiled["predict"] is function
+    site = dropspy.load(tmp_path / "b.h5")["mc"]
+    assert len(site) == 2 and site.applied.all()
+    for i in range(2):
+        assert_dropout_exact(x[3 * i:3 * i + 3], y[3 * i:3 * i + 3], site.mask(i), site.scale)
