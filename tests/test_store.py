@@ -312,3 +312,30 @@ def test_replica_of_each_record_round_trips_and_version_1_files_read_as_replica_
         assert run["drop"].replicas.tolist() == [0, 0, 0]
         assert run["drop"].steps.tolist() == [0, 0, 1]
     assert validate_file(path) == []
+
+
+@pytest.mark.parametrize("bad_row", [100, 4999])
+def test_damage_far_from_the_end_is_read_up_to_and_named(tmp_path, monkeypatch, bad_row):
+    # A bad row more than 4096 rows from the end used to pass the length check (only the
+    # tail was looked at) and stop the analysis with an error (exit 2) when reached.
+    import dropspy.store as store
+    from _crafted import tiny_run
+    from typer.testing import CliRunner
+
+    from dropspy.cli import app
+
+    monkeypatch.setattr(store, "_BLOCK_ROWS", 1024)  # several blocks, as in a large file
+    path = tiny_run(tmp_path / "far.h5", records=5000)
+    with h5py.File(path, "r+") as f:
+        f["sites/000000/shape"][bad_row] = [-1, 6]
+    with load(path) as run:
+        site = run["site0"]
+        assert len(site) == bad_row
+        assert f"record {bad_row}: applied shape (-1, 6)" in site.damage
+        assert site.mask(bad_row - 1).shape == (4, 6)
+        assert sum(1 for _ in site.iter_noise()) == bad_row
+    result = CliRunner().invoke(app, ["inspect", str(path), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    damaged = [f for f in report["findings"] if f["code"] == "file-damaged"]
+    assert damaged and f"record {bad_row}" in json.dumps(damaged)
