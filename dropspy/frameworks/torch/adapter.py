@@ -345,6 +345,8 @@ class TorchAdapter:
 
     def _pre_hook(self, path: str, module: torch.nn.Module | None = None) -> Callable:
         cudnn_off = self.cudnn_rnn == "exact"
+        target = module if module is not None else self.model.get_submodule(path)
+        leaf = looks_like_dropout(target) and next(target.children(), None) is None
 
         def hook(module: torch.nn.Module, args: Any) -> None:
             cap = self._cap
@@ -356,7 +358,18 @@ class TorchAdapter:
                 if cudnn_off and isinstance(module, torch.nn.RNNBase):
                     frame.cudnn = torch.backends.cudnn.flags(enabled=False)
                     frame.cudnn.__enter__()
-                if cap.mode_pushed and not cap.taint:
+                mode = cap.mode
+                if mode is None:
+                    return
+                if leaf and path not in cap.probed and module.training and cap.active():
+                    # The first sampled call of a leaf dropout-looking module runs under the
+                    # mode, which sees a random draw made through a name the wrappers miss
+                    # (``from torch import rand_like``); later calls run without it.
+                    cap.probed.add(path)
+                    cap.push_mode()
+                    frame.probe = True
+                    mode.probing += 1
+                elif cap.mode_pushed and not cap.taint and not mode.probing:
                     # Every hand-made mask met its multiplication before this call: nothing
                     # left to follow (AWD's embedded_dropout, drawn in the model's forward).
                     self._pop_mode()
@@ -377,7 +390,10 @@ class TorchAdapter:
                     cap.rnn_done(frame, output)
                 else:
                     cap.end_module(frame)
-                if cap.mode_pushed and not cap.taint:
+                mode = cap.mode
+                if frame.probe and mode is not None:
+                    mode.probing -= 1
+                if cap.mode_pushed and not cap.taint and not (mode and mode.probing):
                     # Every hand-made mask met its multiplication: the mode has nothing left
                     # to follow, and every torch call under it pays a Python round trip.
                     self._pop_mode()

@@ -60,6 +60,18 @@ _DROPSPY_DIR += os.sep
 # accumulation) must not double the activation memory dropout already keeps.
 PACK_EARLY_BYTES = 256 << 20
 
+# Random draws seen by the function mode during a dropout-looking module's first call (the
+# wrappers in kernels.py see those made through ``torch.<name>``; this also catches a name
+# imported before recording started, ``from torch import rand_like``).
+_RANDOM = {
+    _VF.rand: "rand", _VF.rand_like: "rand_like", _VF.randn: "randn",
+    _VF.randn_like: "randn_like", _VF.randint: "randint", _VF.randint_like: "randint_like",
+    _VF.normal: "normal", _VF.multinomial: "multinomial", _VF.poisson: "poisson",
+    _VF.randperm: "randperm", torch.Tensor.uniform_: "uniform_", torch.Tensor.normal_: "normal_",
+    torch.Tensor.random_: "random_", torch.Tensor.exponential_: "exponential_",
+    torch.Tensor.geometric_: "geometric_", torch.Tensor.cauchy_: "cauchy_",
+    torch.Tensor.log_normal_: "log_normal_", torch.Tensor.multinomial: "multinomial",
+}
 _MUL = {torch.Tensor.mul, torch.Tensor.mul_, _VF.mul, torch.Tensor.multiply,
         torch.Tensor.multiply_, _VF.multiply, torch.Tensor.__mul__, torch.Tensor.__rmul__,
         torch.Tensor.__imul__, torch.Tensor.where, _VF.where, torch.Tensor.masked_fill,
@@ -118,12 +130,13 @@ class Loc:
 class Frame:
     """A hooked module's running call (dropout-looking user modules and stacked RNNs)."""
 
-    __slots__ = ("path", "module", "drew", "cudnn")
+    __slots__ = ("path", "module", "drew", "probe", "cudnn")
 
     def __init__(self, path: str, module: torch.nn.Module) -> None:
         self.path = path
         self.module = module
         self.drew = False
+        self.probe = False  # this call runs under the mode to see its random draws
         self.cudnn: Any = None  # cudnn.flags(enabled=False) held for this call
 
 
@@ -211,6 +224,9 @@ class Capture:
         # Dropout-like modules that make their own masks: path -> {key: last entry}, so a
         # call that draws nothing (eval) is recorded as not applied.
         self.handmade: dict[str, dict[SiteKey, Entry]] = {}
+        # Dropout-looking modules whose first sampled call ran under the mode (it sees random
+        # draws the wrappers cannot); later calls run without it.
+        self.probed: set[str] = set()
         self.stack: list[Frame] = []  # running hooked modules (not every module)
         self.bool_bytes = 0  # bytes of bool masks held, unpacked
         self._unpacked: list[Entry] = []
@@ -319,6 +335,8 @@ class Capture:
         """A top-level forward ended: forget taint and the RNN gap counter."""
         if self.taint:
             self.taint.clear()
+        if self.mode is not None:
+            self.mode.probing = 0  # a probed call that raised never reached its post-hook
         self._rnn_gap = (None, 0)
 
     def log(self, draws: Iterable[Draw]) -> None:
@@ -736,9 +754,10 @@ class FunctionMode(TorchFunctionMode):
     """Follows hand-made masks to their multiplication; on the stack only where needed.
 
     It is pushed by a Bernoulli draw in a recorded forward and taken off at the first module
-    hook after every such mask met its multiplication (or when the forward ends), never for
-    the whole model: every torch call under a function mode pays a Python round trip, and
-    fast paths that check ``has_torch_function`` would turn off.
+    hook after every such mask met its multiplication (or when the forward ends), and for the
+    first sampled call of each dropout-looking module (to see random draws the wrappers in
+    ``kernels`` cannot), never for the whole model: every torch call under a function mode
+    pays a Python round trip, and fast paths that check ``has_torch_function`` would turn off.
     """
 
     def __init__(self, capture: Capture) -> None:
@@ -746,6 +765,7 @@ class FunctionMode(TorchFunctionMode):
         self.capture = capture
         self.dead = False
         self.inside = 0  # calls of this mode running now (torch takes it off the stack then)
+        self.probing = 0  # dropout-looking modules on their first call (see Capture.probed)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         if kwargs is None:
@@ -761,6 +781,10 @@ class FunctionMode(TorchFunctionMode):
         try:
             if cap.taint:
                 cap.propagate(func, args, out)
+            if self.probing:
+                name = _RANDOM.get(func)
+                if name is not None:
+                    cap.on_random(name)
         except Exception as exc:  # never into the user's call
             cap.failed("following a hand-made mask", exc)
         return out

@@ -780,10 +780,12 @@ def test_function_mode_leaves_once_a_hand_made_mask_met_its_multiplication(tmp_p
     modes = _function_modes()
     model = Model()
     with dropspy.record(model, tmp_path / "run.h5"):
+        model(torch.randn(3, 2, 5))  # the lockdrop's first call runs under the mode (probe)
+        seen.clear()
         model(torch.randn(3, 2, 5))
     assert seen == {"lockdrop_before_draw": modes, "last": modes}
     run = dropspy.load(tmp_path / "run.h5")
-    shapes = {name: tuple(run[name].shapes[0]) for name in run.sites}
+    shapes = {name: tuple(run[name].shapes[1]) for name in run.sites}
     assert sorted(shapes.values()) == [(3, 2, 4), (5, 4)]
 
 
@@ -800,3 +802,20 @@ def test_random_draws_by_tensor_methods_in_a_dropout_like_module_are_untracked(t
     run = dropspy.load(tmp_path / "run.h5")
     (name,) = run.sites
     assert name.startswith("1") and "uniform_" in run[name].opaque
+
+
+_RAND_LIKE = torch.rand_like  # bound before any recording: dropspy's wrapper never sees it
+
+
+def test_a_random_draw_through_a_name_bound_before_recording_is_still_untracked(tmp_path):
+    class ImportedRandDropout(nn.Module):
+        def forward(self, x):
+            return x * (_RAND_LIKE(x) > 0.5)
+
+    model = nn.Sequential(ImportedRandDropout())
+    with dropspy.record(model, tmp_path / "run.h5"):
+        for _ in range(2):
+            model(torch.randn(2, 4))
+    run = dropspy.load(tmp_path / "run.h5")
+    (name,) = run.sites
+    assert "rand_like" in run[name].opaque
