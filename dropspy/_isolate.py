@@ -25,7 +25,6 @@ import gc
 import mmap
 import os
 import pickle
-import resource
 import select
 import signal
 import struct
@@ -56,6 +55,12 @@ _STATE = struct.Struct("<dIqq")
 _WHERE = 480                   # bytes of "file: object" kept for the error message
 _shared: mmap.mmap | None = None  # set in an isolated child: what the parent watches
 _depth = 0
+
+
+# Signals by which a library crashes (the rest come from outside: the OOM killer, a user).
+_CRASHES = frozenset(int(getattr(signal, name)) for name in (
+    "SIGSEGV", "SIGBUS", "SIGABRT", "SIGFPE", "SIGILL", "SIGSYS", "SIGTRAP")
+    if hasattr(signal, name))
 
 
 class IsolatedBug(Exception):
@@ -108,6 +113,8 @@ def progress(total: int) -> Callable[[int], None] | None:
 
 
 def _limit_memory() -> None:
+    import resource  # POSIX only, like fork
+
     try:
         with open("/proc/self/statm") as fh:
             current = int(fh.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
@@ -121,7 +128,7 @@ def _limit_memory() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (want, hard))
 
 
-def _child(fn: Callable[[], Any], shared: mmap.mmap, out: int) -> None:
+def _child(fn: Callable[[], Any], shared: mmap.mmap, out: int, what: str) -> None:
     global _shared, _depth
     _shared, _depth = shared, 0
     try:
@@ -135,8 +142,8 @@ def _child(fn: Callable[[], Any], shared: mmap.mmap, out: int) -> None:
             payload = ("error", exc)
         except MemoryError:
             payload = ("error", RunFileError(
-                f"reading the file needed more than {MEMORY_BYTES >> 30} GiB of memory; "
-                f"the file asks for more than its contents justify"))
+                f"{what}: reading it needed more than {MEMORY_BYTES >> 20} MiB of memory "
+                f"beyond what was in use; the file asks for more than its contents justify"))
         except BaseException as exc:
             # Exceptions the caller handles itself (the CLI's usage errors, typer's exit)
             # come back as they are when they pickle; anything else is a bug, with its text.
@@ -201,7 +208,7 @@ def call(fn: Callable[[], T], what: str,
         gc.unfreeze()
     if pid == 0:  # pragma: no cover - the child leaves through os._exit
         os.close(read_end)
-        _child(fn, shared, write_end)
+        _child(fn, shared, write_end, what)
     os.close(write_end)
     chunks: list[bytes] = []
     hung: str | None = None
@@ -235,9 +242,13 @@ def call(fn: Callable[[], T], what: str,
         raise RunFileError(f"{hung or what}: HDF5 did not answer within "
                            f"{HDF5_CALL_SECONDS:g} s (stopped); the file is damaged")
     if os.WIFSIGNALED(status):
-        raise RunFileError(f"{where}: reading it crashed the HDF5 library "
-                           f"({_signal_name(os.WTERMSIG(status))}, in a child process that "
-                           f"dropspy started for the purpose); the file is damaged")
+        number = os.WTERMSIG(status)
+        if number in _CRASHES:
+            raise RunFileError(f"{where}: reading it crashed the HDF5 library "
+                               f"({_signal_name(number)}, in a child process that dropspy "
+                               f"started for the purpose); the file is damaged")
+        raise RunFileError(f"{where}: the process reading it was killed "
+                           f"({_signal_name(number)}; out of memory, or stopped by a user)")
     try:
         kind, value = pickle.loads(b"".join(chunks))
     except Exception as exc:

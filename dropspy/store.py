@@ -37,11 +37,13 @@ __all__ = ["Run", "Site", "validate_file", "SiteInfo", "Record"]
 class Site:
     """The records of one site, read lazily from the run file.
 
-    Attributes mirror :class:`SiteInfo`. Opening a run reads no per-record data: the index
-    (``steps``, ``calls``, ``training``, ``applied``, ``offsets``, shapes) is read on first
-    use and held compactly (each distinct shape once, a small-int index per record, about 24
-    bytes per record instead of 80); masks are read on demand. The analysis streams the
-    index in blocks instead (:meth:`index_blocks`), so it holds no per-record array at all.
+    Attributes mirror :class:`SiteInfo`; opening a run reads only each site's name, the
+    other facts are read (and checked) together on first use. Opening reads no per-record
+    data: the index (``steps``, ``calls``, ``training``, ``applied``, ``offsets``, shapes) is
+    read on first use and held compactly (each distinct shape once, a small-int index per
+    record, about 24 bytes per record instead of 80); masks are read on demand. The analysis
+    streams the index in blocks instead (:meth:`index_blocks`), so it holds no per-record
+    array at all.
     """
 
     def __init__(self, group: h5py.Group, path: Path, complete: bool = True) -> None:

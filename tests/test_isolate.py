@@ -88,3 +88,15 @@ def test_a_bug_in_the_child_comes_back_with_its_traceback():
 
     with pytest.raises(_isolate.IsolatedBug, match="Unpicklable: boom"):
         _isolate.call(bug, "x")
+
+
+def test_memory_beyond_the_childs_limit_is_an_error_naming_the_file(monkeypatch):
+    import numpy as np
+
+    monkeypatch.setattr(_isolate, "MEMORY_BYTES", 256 << 20)
+
+    def greedy() -> int:
+        return int(np.ones(1 << 30, np.uint8).sum())  # 1 GiB: past the child's limit
+
+    with pytest.raises(RunFileError, match=r"^run.h5: reading it needed more than 256 MiB of memory"):
+        _isolate.call(greedy, "run.h5")
