@@ -66,7 +66,10 @@ def _timed(args: list[str], tree: Path) -> tuple[float, float]:
     """Wall and CPU seconds (user + system, the child's own children included)."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
-    out = subprocess.run(args, env=_env(tree), capture_output=True, text=True)
+    # Run from a neutral directory: ``python -c``/``-m`` put the working directory first on
+    # sys.path, which would import this checkout's dropspy whatever PYTHONPATH says.
+    out = subprocess.run(args, env=_env(tree), capture_output=True, text=True,
+                         cwd=tempfile.gettempdir())
     elapsed = time.perf_counter() - t
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if out.returncode not in (0, 1):

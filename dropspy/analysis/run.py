@@ -47,8 +47,9 @@ def analyze_run(
         # A run set's ranks are summarised file by file, then merged (dropspy.runset).
         return run.report(sites=sites, threshold=threshold,  # type: ignore[no-any-return]
                           confidence=confidence)
-    names = list(getattr(run, "sites", None) or list(run.keys()))
-    select_sites(names, sites, {n: getattr(run[n], "layer", n) for n in names})
+    if sites is not None:  # a pattern must match here (by name or layer); all sites need none
+        names = list(getattr(run, "sites", None) or list(run.keys()))
+        select_sites(names, sites, {n: getattr(run[n], "layer", n) for n in names})
     summary = summarize_run(run, sites=sites, max_bytes=max_bytes, progress=progress)
     return analyze_summaries([summary], sites=sites, threshold=threshold,
                              confidence=confidence, as_set=False,
