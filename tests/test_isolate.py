@@ -98,5 +98,6 @@ def test_memory_beyond_the_childs_limit_is_an_error_naming_the_file(monkeypatch)
     def greedy() -> int:
         return int(np.ones(1 << 30, np.uint8).sum())  # 1 GiB: past the child's limit
 
-    with pytest.raises(RunFileError, match=r"^run.h5: reading it needed more than 256 MiB of memory"):
+    with pytest.raises(RunFileError,
+                       match=r"^run.h5: reading it needed more than 256 MiB of memory"):
         _isolate.call(greedy, "run.h5")

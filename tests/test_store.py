@@ -318,10 +318,10 @@ def test_replica_of_each_record_round_trips_and_version_1_files_read_as_replica_
 def test_damage_far_from_the_end_is_read_up_to_and_named(tmp_path, monkeypatch, bad_row):
     # A bad row more than 4096 rows from the end used to pass the length check (only the
     # tail was looked at) and stop the analysis with an error (exit 2) when reached.
-    import dropspy.store as store
     from _crafted import tiny_run
     from typer.testing import CliRunner
 
+    import dropspy.store as store
     from dropspy.cli import app
 
     monkeypatch.setattr(store, "_BLOCK_ROWS", 1024)  # several blocks, as in a large file
