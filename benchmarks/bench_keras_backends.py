@@ -34,6 +34,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -43,6 +44,21 @@ from _common import ROOT, machine, print_table, ratio_summary, write_json
 SEQ, FEATURES, BATCH = 40, 32, 64
 
 
+def _timed_fit(steps: int) -> Any:
+    """``fit(model) -> seconds``: one epoch of ``steps`` batches of the same fixed data."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(steps * BATCH, SEQ, FEATURES)).astype("float32")
+    y = rng.normal(size=(steps * BATCH, 1)).astype("float32")
+
+    def fit(model: Any) -> float:
+        t0 = time.perf_counter()
+        model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
+        return time.perf_counter() - t0
+    return fit
+
+
 def _reattach(rounds: int, steps: int, workdir: str, jit: bool) -> dict:
     """The cost of the 1st, 2nd and 3rd record() context on one model (see module doc)."""
     if os.environ.get("KERAS_BACKEND") == "torch":
@@ -50,19 +66,11 @@ def _reattach(rounds: int, steps: int, workdir: str, jit: bool) -> dict:
     import statistics
 
     import keras
-    import numpy as np
 
     import dropspy
 
     backend = keras.backend.backend()
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(steps * BATCH, SEQ, FEATURES)).astype("float32")
-    y = rng.normal(size=(steps * BATCH, 1)).astype("float32")
-
-    def fit(model: keras.Model) -> float:
-        t0 = time.perf_counter()
-        model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
-        return time.perf_counter() - t0
+    fit = _timed_fit(steps)
 
     costs: list[list[float]] = [[], [], []]
     plains: list[float] = []
@@ -103,7 +111,6 @@ def _child(variant: str, rounds: int, steps: int, workdir: str) -> dict:
         tf.config.set_logical_device_configuration(
             cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     import keras
-    import numpy as np
 
     import dropspy
 
@@ -127,14 +134,7 @@ def _child(variant: str, rounds: int, steps: int, workdir: str) -> dict:
         import tensorflow as tf
 
         scope = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]).scope
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(steps * BATCH, SEQ, FEATURES)).astype("float32")
-    y = rng.normal(size=(steps * BATCH, 1)).astype("float32")
-
-    def fit(model: keras.Model) -> float:
-        t0 = time.perf_counter()
-        model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
-        return time.perf_counter() - t0
+    fit = _timed_fit(steps)
 
     if scope is not None:
         with scope():

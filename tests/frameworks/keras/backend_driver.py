@@ -158,6 +158,17 @@ def _probe():
     return model
 
 
+def _probe_steps(model, path):
+    """Three recorded train steps of the probe on planted inputs: (inputs, step logs)."""
+    xs = [_planted((8, T, F), s) for s in range(3)]
+    logs = []
+    with dropspy.record(model, path):
+        for x in xs:
+            out = model.train_on_batch(x, np.zeros((8, 1), np.float32), return_dict=True)
+            logs.append({k: np.asarray(v) for k, v in out.items()})
+    return xs, logs
+
+
 def _planted(shape, seed):
     rng = np.random.default_rng(seed)
     x = rng.normal(size=shape).astype(np.float32)
@@ -187,12 +198,7 @@ def _expected(x, noise, rate, formula):
 def exact(workdir):
     model = _probe()
     path = os.path.join(workdir, f"exact_{BACKEND}.h5")
-    xs = [_planted((8, T, F), s) for s in range(3)]
-    logs = []
-    with dropspy.record(model, path):
-        for x in xs:
-            out = model.train_on_batch(x, np.zeros((8, 1), np.float32), return_dict=True)
-            logs.append({k: np.asarray(v) for k, v in out.items()})
+    xs, logs = _probe_steps(model, path)
     run = dropspy.load(path)
     # Which formula each layer's draw follows on torch (see capture_torch's module doc).
     formulas = {"plain": "F.dropout", "spatial": "bernoulli", "seeded": "bernoulli"}
@@ -345,12 +351,7 @@ def dataparallel(workdir):
     keras.distribution.set_distribution(dist)
     model = _probe()
     probe_path = os.path.join(workdir, "dp_exact.h5")
-    xs = [_planted((8, T, F), s) for s in range(3)]
-    logs = []
-    with dropspy.record(model, probe_path):
-        for xb in xs:
-            out = model.train_on_batch(xb, np.zeros((8, 1), np.float32), return_dict=True)
-            logs.append({k: np.asarray(v) for k, v in out.items()})
+    xs, logs = _probe_steps(model, probe_path)
     prun = dropspy.load(probe_path)
     exact = {}
     for i, name in enumerate(("plain", "spatial", "seeded")):
