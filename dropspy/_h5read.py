@@ -397,7 +397,11 @@ def attr(obj: Any, name: str, path: Path, where: str, *, required: bool = True,
         return _plain(value, path, here)
 
     # Anything else (variable-length text above all) lives in a global heap collection,
-    # which HDF5 parses trusting its sizes: read where a crash or hang cannot reach us.
+    # which HDF5 parses trusting its sizes: read where a crash or hang cannot reach us. In
+    # a child already (every CLI command) it is read there: one fork per attribute would
+    # let a file of 10,000 sites with variable-length attributes cost minutes.
+    if _isolate.isolated():
+        return read_whole()
     return _isolate.call(read_whole, str(path))
 
 

@@ -36,7 +36,8 @@ from typing import Any, TypeVar
 
 from dropspy.errors import DropspyError, RunFileError
 
-__all__ = ["call", "watched", "progress", "HDF5_CALL_SECONDS", "IsolatedBug", "available"]
+__all__ = ["call", "watched", "progress", "isolated", "available", "HDF5_CALL_SECONDS",
+           "IsolatedBug"]
 
 T = TypeVar("T")
 
@@ -65,6 +66,11 @@ _CRASHES = frozenset(int(getattr(signal, name)) for name in (
 
 class IsolatedBug(Exception):
     """An exception in the child that is not a DropspyError: a bug, with its traceback."""
+
+
+def isolated() -> bool:
+    """Whether this process is an isolated child (what it reads cannot crash the caller)."""
+    return _shared is not None
 
 
 def available() -> bool:

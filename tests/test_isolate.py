@@ -101,3 +101,27 @@ def test_memory_beyond_the_childs_limit_is_an_error_naming_the_file(monkeypatch)
     with pytest.raises(RunFileError,
                        match=r"^run.h5: reading it needed more than 256 MiB of memory"):
         _isolate.call(greedy, "run.h5")
+
+
+def test_a_variable_length_attribute_is_read_in_a_child_outside_the_cli(tmp_path, monkeypatch):
+    import h5py
+
+    from dropspy import _h5read
+
+    path = tmp_path / "v.h5"
+    with h5py.File(path, "w") as f:
+        f.attrs["framework"] = "torch"  # h5py's default: variable-length, in the global heap
+    calls: list[str] = []
+    real = _isolate.call
+
+    def spy(fn, what, on_progress=None):
+        calls.append(what)
+        return real(fn, what, on_progress)
+
+    monkeypatch.setattr(_isolate, "call", spy)
+    with h5py.File(path, "r") as f:
+        assert _h5read.attr(f, "framework", path, "/") == "torch"
+        assert calls == [str(path)]
+        # Inside a child (a CLI command) it is read in place: no fork per attribute.
+        value, seen = real(lambda: (_h5read.attr(f, "framework", path, "/"), list(calls)), "x")
+    assert (value, seen) == ("torch", [str(path)])
