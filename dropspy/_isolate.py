@@ -45,6 +45,16 @@ T = TypeVar("T")
 #: one block of at most 16 MiB of mask bits or 65536 index rows (milliseconds); a damaged
 #: global heap looped for ever.
 HDF5_CALL_SECONDS = 10.0
+#: Environment variable that overrides it (storage so slow that one 16 MiB read takes longer).
+DEADLINE_ENV = "DROPSPY_HDF5_CALL_SECONDS"
+
+
+def _deadline() -> float:
+    try:
+        value = float(os.environ.get(DEADLINE_ENV, ""))
+    except ValueError:
+        return HDF5_CALL_SECONDS
+    return value if value > 0 and value == value else HDF5_CALL_SECONDS
 #: Address space a child may add to its parent's: a file that makes HDF5 allocate without
 #: bound fails an allocation there instead of exhausting the machine.
 MEMORY_BYTES = 8 << 30
@@ -218,6 +228,7 @@ def call(fn: Callable[[], T], what: str,
     os.close(write_end)
     chunks: list[bytes] = []
     hung: str | None = None
+    deadline = _deadline()
     shown = (0, 0)
     try:
         while True:
@@ -232,7 +243,7 @@ def call(fn: Callable[[], T], what: str,
             if on_progress is not None and total and (done, total) != shown:
                 shown = (done, total)
                 on_progress(done, total)
-            if started and time.monotonic() - started > HDF5_CALL_SECONDS:
+            if started and time.monotonic() - started > deadline:
                 hung = bytes(shared[_STATE.size:_STATE.size + n]).decode("utf-8", "replace")
                 os.kill(pid, signal.SIGKILL)
                 break
@@ -245,8 +256,9 @@ def call(fn: Callable[[], T], what: str,
         where = bytes(shared[_STATE.size:_STATE.size + n]).decode("utf-8", "replace") or what
         shared.close()
     if hung is not None:
-        raise RunFileError(f"{hung or what}: HDF5 did not answer within "
-                           f"{HDF5_CALL_SECONDS:g} s (stopped); the file is damaged")
+        raise RunFileError(f"{hung or what}: HDF5 did not answer within {deadline:g} s "
+                           f"(stopped); the file is damaged, or its storage slower than "
+                           f"{DEADLINE_ENV} allows")
     if os.WIFSIGNALED(status):
         number = os.WTERMSIG(status)
         if number in _CRASHES:

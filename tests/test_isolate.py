@@ -41,6 +41,21 @@ def test_a_hang_inside_a_watched_call_is_stopped_at_the_deadline(monkeypatch):
     assert time.monotonic() - start < 10
 
 
+def test_the_deadline_can_be_raised_for_slow_storage(monkeypatch):
+    monkeypatch.setattr(_isolate, "HDF5_CALL_SECONDS", 0.2)
+    monkeypatch.setenv(_isolate.DEADLINE_ENV, "30")
+
+    def slow_read() -> str:
+        with _isolate.watched("run.h5", "/sites/000000/bits"):
+            time.sleep(0.6)  # a network filesystem's hiccup, not a hang
+        return "read"
+
+    assert _isolate.call(slow_read, "run.h5") == "read"
+    monkeypatch.setenv(_isolate.DEADLINE_ENV, "not a number")  # ignored: the default holds
+    with pytest.raises(RunFileError, match="did not answer within 0.2 s"):
+        _isolate.call(slow_read, "run.h5")
+
+
 def test_slow_python_work_outside_hdf5_calls_has_no_deadline(monkeypatch):
     monkeypatch.setattr(_isolate, "HDF5_CALL_SECONDS", 0.2)
 
