@@ -30,6 +30,7 @@ import signal
 import struct
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -216,7 +217,12 @@ def call(fn: Callable[[], T], what: str,
     # them would write to (and so copy) most of the parent's pages.
     gc.freeze()
     try:
-        pid = os.fork()
+        with warnings.catch_warnings():
+            # Python 3.12+ warns on fork in a threaded process (numpy's BLAS pool is one):
+            # the child runs only the read (no thread of the parent is needed there), and a
+            # lock left held would stall a watched HDF5 call, which the deadline stops.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pid = os.fork()
     except BaseException:
         gc.unfreeze()
         raise
