@@ -33,6 +33,7 @@ the user's call returns the framework's result unchanged.
 
 from __future__ import annotations
 
+import inspect
 import threading
 import warnings
 from collections.abc import Callable
@@ -316,13 +317,38 @@ _PATCHES: list[tuple[Any, str, Callable]] = [
 ]
 
 
+def _script_as_original(wrapper: Callable, original: Any) -> None:
+    """Make TorchScript compile a call of ``wrapper`` as a call of ``original``.
+
+    While a recording is open, ``torch.jit.script`` of code calling a wrapped name (an
+    ``nn.Dropout`` module, ``F.dropout``, ``torch.rand_like``, ...) would find dropspy's Python
+    wrapper and fail to compile it. A wrapped ATen builtin is registered as that same builtin;
+    a wrapped Python function carries the marks ``torch.jit.script`` follows to the function
+    it should compile instead (the ones ``torch.jit._script_if_tracing`` sets).
+    """
+    from torch.jit import _builtins
+
+    op = _builtins._find_builtin(original)
+    if op is not None:
+        _builtins._register_builtin(wrapper, op)
+    elif inspect.isfunction(original):
+        setattr(wrapper, "__script_if_tracing_wrapper", True)
+        setattr(wrapper, "__original_fn", original)
+        # TorchScript names the compiled function after the wrapper and checks that name
+        # against the definition it compiles: the original's.
+        wrapper.__name__ = original.__name__
+
+
 def install(cap: Capture) -> None:
     """Put the wrappers in place (once for every open recording), the kernels when sampling."""
     with _LOCK:
         if not ACTIVE:
             saved = []
             for owner, name, fn in _PATCHES:
-                saved.append((owner, name, owner.__dict__.get(name, _MISSING)))
+                original = owner.__dict__.get(name, _MISSING)
+                saved.append((owner, name, original))
+                if owner is not torch.Tensor and original is not _MISSING:
+                    _script_as_original(fn, original)
                 setattr(owner, name, fn)
             _STATE["patches"] = saved
         ACTIVE.append(cap)

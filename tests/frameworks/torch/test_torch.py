@@ -819,3 +819,43 @@ def test_a_random_draw_through_a_name_bound_before_recording_is_still_untracked(
     run = dropspy.load(tmp_path / "run.h5")
     (name,) = run.sites
     assert "rand_like" in run[name].opaque
+
+
+def _scripted_dropout(x: torch.Tensor) -> torch.Tensor:
+    return F.dropout(x, 0.5, True) + F.alpha_dropout(x, 0.2, True)
+
+
+def _scripted_draws(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.rand_like(x) + torch.bernoulli(torch.full_like(x, 0.5))
+
+
+def _scripted_attention(x: torch.Tensor) -> torch.Tensor:
+    return F.scaled_dot_product_attention(x, x, x)
+
+
+class _ScriptedBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.drop = nn.Dropout(0.3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(x) * x.bernoulli(0.5)
+
+
+def test_torch_jit_script_works_while_a_recording_is_open(tmp_path):
+    # dropspy's wrappers of F.dropout, torch.rand_like, ... must never reach TorchScript: it
+    # compiles the functions they stand for, and the scripted code computes what it would
+    # without dropspy.
+    model = _mlp()
+    x = torch.randn(2, 3, 4, 5)
+    with dropspy.record(model, tmp_path / "run.h5"):
+        model(torch.randn(2, 4))
+        scripted = [torch.jit.script(fn) for fn in (_scripted_dropout, _scripted_draws,
+                                                    _scripted_attention, _ScriptedBlock())]
+        torch.manual_seed(3)
+        inside = [fn(x) for fn in scripted]
+    torch.manual_seed(3)
+    eager = [fn(x) for fn in (_scripted_dropout, _scripted_draws, _scripted_attention,
+                              _ScriptedBlock())]
+    for got, want in zip(inside, eager):
+        assert torch.equal(got, want)
