@@ -249,5 +249,19 @@ WORKLOADS = {
 }
 
 
+def train_state(model: nn.Module, loop: Any, path: Any = None) -> tuple[list[torch.Tensor],
+                                                                         torch.Tensor]:
+    """Run ``loop()`` (plain, or inside ``dropspy.record(model, path)`` when a path is given);
+    return the model's weights and the global RNG state after it (zero-perturbation tests)."""
+    import dropspy
+
+    if path is None:
+        loop()
+    else:
+        with dropspy.record(model, path):
+            loop()
+    return [p.detach().clone() for p in model.parameters()], torch.get_rng_state()
+
+
 def count_params(model: nn.Module) -> int:
     return sum(math.prod(p.shape) for p in model.parameters())

@@ -25,7 +25,6 @@ write the same per-step state; the kernels and the site registry live apart.
 
 from __future__ import annotations
 
-import os
 import sys
 import threading
 import warnings
@@ -38,7 +37,7 @@ from torch.overrides import TorchFunctionMode
 
 from dropspy.errors import DropspyWarning
 from dropspy.frameworks.torch import kernels
-from dropspy.frameworks.torch.grab import Draw, Grabber, where_of
+from dropspy.frameworks.torch.grab import Draw, Grabber, user_code, where_of
 from dropspy.frameworks.torch.pack import pack_early
 from dropspy.frameworks.torch.sites import (
     ALPHA,
@@ -52,9 +51,6 @@ from dropspy.frameworks.torch.sites import (
 )
 
 _VF = torch._C._VariableFunctions
-_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
-_DROPSPY_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-_DROPSPY_DIR += os.sep
 # Past this many bytes of bool masks held in one step, the held masks are bit-packed at once
 # (8x smaller) instead of at the step's end: a long step (big attention masks, gradient
 # accumulation) must not double the activation memory dropout already keeps.
@@ -261,7 +257,7 @@ class Capture:
         codes, paths = self.codes, self.paths
         while f is not None:
             code = f.f_code
-            if where is None and _user_code(code):
+            if where is None and user_code(code):
                 where = (code, f.f_lasti, code.co_name)
             if id(code) in codes:
                 found = codes[id(code)]
@@ -285,7 +281,7 @@ class Capture:
         """
         while f is not None:
             code = f.f_code
-            if _user_code(code):
+            if user_code(code):
                 if id(code) in self.codes:
                     return where_of(code, f.f_lasti, code.co_name)
                 return None
@@ -694,22 +690,6 @@ def _layer_output_shape(output: Any, module: torch.nn.RNNBase) -> tuple[int, ...
     if out.dim() == 2:  # unbatched input: ATen adds a batch dim of 1
         return (out.shape[0], 1, out.shape[1])
     return tuple(out.shape)
-
-
-def _user_code(code: Any) -> bool:
-    """Whether ``code`` is the user's (not torch's or dropspy's own); cached by code object."""
-    hit = _USER_CODE.get(id(code))
-    if hit is not None and hit[0] is code:
-        return hit[1]
-    name = code.co_filename
-    user = not name.startswith(_TORCH_DIR) and not name.startswith(_DROPSPY_DIR)
-    if len(_USER_CODE) < 65536:
-        _USER_CODE[id(code)] = (code, user)
-    return user
-
-
-# By id (see forward_codes), holding the code so the id stays its own.
-_USER_CODE: dict[int, tuple[Any, bool]] = {}
 
 
 def _is_parameter(t: torch.Tensor) -> bool:

@@ -85,6 +85,27 @@ class Grabber(TorchDispatchMode):
 
 # By (id(code), lasti), holding the code so the id stays its own: hashing a code object
 # hashes its bytecode and constants (~0.9 us for torch's Module._call_impl) at every lookup.
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+_DROPSPY_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_DROPSPY_DIR += os.sep
+
+
+def user_code(code: Any) -> bool:
+    """Whether ``code`` is the user's (not torch's or dropspy's own); cached by code object."""
+    hit = _USER_CODE.get(id(code))
+    if hit is not None and hit[0] is code:
+        return hit[1]
+    name = code.co_filename
+    user = not name.startswith(_TORCH_DIR) and not name.startswith(_DROPSPY_DIR)
+    if len(_USER_CODE) < 65536:
+        _USER_CODE[id(code)] = (code, user)
+    return user
+
+
+# By id, holding the code so the id stays its own (hashing a code object is slow: see _WHERE).
+_USER_CODE: dict[int, tuple[Any, bool]] = {}
+
+
 _WHERE: dict[tuple[int, int], tuple[Any, str]] = {}
 
 

@@ -14,6 +14,8 @@ torch = pytest.importorskip("torch")
 nn = torch.nn
 F = torch.nn.functional
 
+import _torch_models as M
+
 import dropspy
 
 
@@ -166,12 +168,7 @@ def test_cpu_autocast_training_is_bit_identical(tmp_path):
                 out.float().sum().backward()
                 opt.step()
 
-        if path is None:
-            loop()
-        else:
-            with dropspy.record(model, path):
-                loop()
-        return [p.detach().clone() for p in model.parameters()], torch.get_rng_state()
+        return M.train_state(model, loop, path)
 
     (plain, plain_rng), (rec, rec_rng) = train(), train(tmp_path / "run.h5")
     assert torch.equal(plain_rng, rec_rng)

@@ -31,12 +31,7 @@ def _train(model, steps, path=None, seed=0, data=None):
         for tokens, targets in data:
             M.lm_step(model, opt, tokens, targets)
 
-    if path is None:
-        loop()
-    else:
-        with dropspy.record(model, path):
-            loop()
-    return [p.detach().clone() for p in model.parameters()], torch.get_rng_state()
+    return M.train_state(model, loop, path)
 
 
 def _assert_same_training(make, tmp_path, steps=2):
